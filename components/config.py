@@ -1,0 +1,327 @@
+"""Typed models of params.yaml.
+
+Every stage reads exactly one section. Unknown keys and bad values are errors that name the key
+(``train.editors.prefix.rank``) and the type that was expected, so a typo in params.yaml can never
+silently fall back to a default. Nothing happens at import time: call :func:`load_params`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid. The message names the key and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data / validate
+# ---------------------------------------------------------------------------------------------
+class DataParams(_Section):
+    source: Literal["embedded", "visionflan"] = "embedded"
+    out_dir: str = "data/visionflan-mini"
+    seed: int = 0
+    image_size: int = Field(64, ge=16, le=1024)
+    train_per_task: int = Field(120, ge=1)
+    heldout_per_task: int = Field(40, ge=1)
+    align_size: int = Field(3000, ge=1)
+    text_per_type: int = Field(80, ge=1)
+    mme_images_per_subtask: int = Field(20, ge=1)
+    visionflan_annotation: str | None = None
+    visionflan_images: str | None = None
+    heldout_tasks: list[str] = Field(default_factory=list)
+    mme_root: str | None = None
+
+    @model_validator(mode="after")
+    def _real_source_needs_paths(self) -> "DataParams":
+        if self.source == "visionflan" and not (self.visionflan_annotation and self.visionflan_images):
+            raise ValueError(
+                "source 'visionflan' needs data.visionflan_annotation and data.visionflan_images"
+            )
+        return self
+
+
+class ValidateParams(_Section):
+    data_dir: str = "data/visionflan-mini"
+    report: str = "reports/validation.json"
+    min_answer_chars: int = Field(1, ge=0)
+    max_answer_chars: int = Field(64, ge=1)
+    min_image_side: int = Field(8, ge=1)
+    max_image_side: int = Field(4096, ge=1)
+    max_image_bytes: int = Field(20_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "ValidateParams":
+        if self.min_answer_chars > self.max_answer_chars:
+            raise ValueError("min_answer_chars must not exceed max_answer_chars")
+        if self.min_image_side > self.max_image_side:
+            raise ValueError("min_image_side must not exceed max_image_side")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# align (the frozen base)
+# ---------------------------------------------------------------------------------------------
+class TinyModelParams(_Section):
+    """Shape of the embedded tiny LLaVA (CLIP-style vision tower + Llama LM), built from config."""
+
+    patch_size: int = Field(8, ge=1)
+    vision_hidden: int = Field(96, ge=8)
+    vision_layers: int = Field(4, ge=2)
+    vision_heads: int = Field(4, ge=1)
+    lm_hidden: int = Field(192, ge=8)
+    lm_layers: int = Field(4, ge=1)
+    lm_heads: int = Field(4, ge=1)
+    lm_intermediate: int = Field(512, ge=8)
+    vocab_size: int = Field(1024, ge=64)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelParams":
+        if self.vision_hidden % self.vision_heads:
+            raise ValueError("vision_hidden must be divisible by vision_heads")
+        if self.lm_hidden % self.lm_heads:
+            raise ValueError("lm_hidden must be divisible by lm_heads")
+        return self
+
+
+class AlignParams(_Section):
+    backbone: Literal["tiny", "llava", "composed"] = "tiny"
+    model: str | None = None  # llava: HF id or local folder of a LlavaForConditionalGeneration
+    vision_model: str | None = None  # composed: a CLIP vision checkpoint (id or folder)
+    language_model: str | None = None  # composed: a causal LM (id or folder)
+    language_model_gguf: str | None = None  # composed: GGUF file name inside language_model
+    data_dir: str = "data/visionflan-mini"
+    out_dir: str = "models/base"
+    report: str = "reports/align.json"
+    tiny: TinyModelParams = Field(default_factory=TinyModelParams)
+    seed: int = 0
+    steps: int = Field(1500, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    text_ratio: float = Field(0.5, ge=0, le=1)  # share of batches that are text-only instructions
+    max_length: int = Field(128, ge=16)
+    eval_size: int = Field(200, ge=1)  # held-back alignment images for caption accuracy
+    train_language_model: bool = True  # tiny: learns its language here; composed: keep False (frozen LM)
+
+    @model_validator(mode="after")
+    def _sources_named(self) -> "AlignParams":
+        if self.backbone == "llava" and not self.model:
+            raise ValueError("backbone 'llava' needs align.model (an HF id or a local folder)")
+        if self.backbone == "composed" and not (self.vision_model and self.language_model):
+            raise ValueError("backbone 'composed' needs align.vision_model and align.language_model")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# train (editors and baselines)
+# ---------------------------------------------------------------------------------------------
+_LAYER_WORDS = ("all", "odd", "even", "none", "first_half", "second_half")
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def _check_layer_spec(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("layers must be a list of ints, a range 'a-b' or one of " + ", ".join(_LAYER_WORDS))
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise ValueError("a layer list must hold non-negative ints")
+        return sorted(set(value))
+    if isinstance(value, str):
+        m = _RANGE.match(value)
+        if value in _LAYER_WORDS:
+            return value
+        if m and int(m.group(1)) <= int(m.group(2)):
+            return f"{int(m.group(1))}-{int(m.group(2))}"
+    raise ValueError("layers must be a list of ints, a range 'a-b' or one of " + ", ".join(_LAYER_WORDS))
+
+
+LayerSpec = list[int] | str
+
+
+class LayerGroupParams(_Section):
+    layers: LayerSpec = "all"
+    rank: int = Field(4, ge=1)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_valid(cls, value: Any) -> Any:
+        return _check_layer_spec(value)
+
+
+class ProjectorGroupParams(_Section):
+    enabled: bool = True
+    rank: int = Field(6, ge=1)
+
+
+class PositionGroupParams(LayerGroupParams):
+    length: int = Field(4, ge=1)
+
+
+class EditorParams(_Section):
+    """Where the editors sit (METHOD.md's four groups). `layers: none` switches a group off."""
+
+    visual: LayerGroupParams = Field(default_factory=lambda: LayerGroupParams(layers="all", rank=6))
+    projector: ProjectorGroupParams = Field(default_factory=ProjectorGroupParams)
+    prefix: PositionGroupParams = Field(default_factory=PositionGroupParams)
+    suffix: PositionGroupParams = Field(default_factory=PositionGroupParams)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class LoraParams(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+
+
+class TrainParams(_Section):
+    method: Literal["mrt", "lora", "full", "frozen"] = "mrt"
+    base_dir: str = "models/base"
+    data_dir: str = "data/visionflan-mini"
+    out_dir: str = "models/editors"
+    report: str = "reports/train.json"
+    curve: str = "reports/train_curve.csv"
+    seed: int = 0
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(6e-4, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    save_every: int = Field(100, ge=1)
+    max_length: int = Field(128, ge=16)
+    eval_per_task: int = Field(20, ge=1)  # held-out records per task for the post-training check
+    editors: EditorParams = Field(default_factory=EditorParams)
+    lora: LoraParams = Field(default_factory=LoraParams)
+
+
+class PredictParams(_Section):
+    max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class Params(_Section):
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    align: AlignParams = Field(default_factory=AlignParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    predict: PredictParams = Field(default_factory=PredictParams)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @property
+    def validate_section(self) -> ValidateParams:
+        return self.validate_
+
+    def section(self, name: str) -> _Section:
+        return self.validate_ if name == "validate" else getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and overrides
+# ---------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` (DVC's -S syntax) → (path, YAML-parsed value)."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ParamsError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _expected(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """The annotation of the field at `loc`, for error messages ("expected int")."""
+    current: Any = model
+    ann: Any = None
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            break
+        fields = {f.alias or n: f for n, f in current.model_fields.items()}
+        fields.update(current.model_fields)
+        field = fields.get(str(part))
+        if field is None:
+            return ""
+        ann = field.annotation
+        current = ann
+    if ann is None:
+        return ""
+    name = getattr(ann, "__name__", None) or str(ann)
+    return str(name).replace("typing.", "")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+            continue
+        exp = _expected(Params, loc)
+        got = err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
+        exp_txt = f" (expected {exp})" if exp else ""
+        lines.append(f"{source}: bad value for '{key}'{exp_txt}: {msg}; got {got!r}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (missing file → defaults), apply `-S` overrides, validate."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ParamsError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    elif str(path) != "params.yaml":
+        raise ParamsError(f"{path}: params file not found")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(exc, str(path))) from None

@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate `components` (pipeline, ablation, scheduled retraining)."""

@@ -56,6 +56,7 @@ class ValidateParams(_Section):
     report: str = "reports/validation.json"
     min_answer_chars: int = Field(1, ge=0)
     max_answer_chars: int = Field(64, ge=1)
+    max_caption_chars: int = Field(512, ge=1)  # align split: captions are whole scene descriptions
     min_image_side: int = Field(8, ge=1)
     max_image_side: int = Field(4096, ge=1)
     max_image_bytes: int = Field(20_000_000, ge=1)

@@ -37,7 +37,7 @@ class RecordError:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}: record {self.record}"
+        where = f"{self.file}: record {self.record}" if self.record else self.file
         if self.field:
             where += f", field '{self.field}'"
         return f"{where}: {self.message}"

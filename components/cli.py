@@ -1,0 +1,173 @@
+"""`mrt`: one command per pipeline stage. Each reads its params section, takes paths, writes outputs.
+
+Heavy libraries (torch, transformers, great-expectations) are imported inside the commands so that
+`mrt --help` and `mrt params` answer instantly. Errors a user can fix (bad params, bad data, a wrong
+editor file) print one clear message and exit non-zero; set MRT_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from components.offline import set_offline_env
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
+EXIT_BAD_PARAMS = 2
+EXIT_FAILED = 1
+
+ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file (a profile)")
+SetOpt = typer.Option(None, "--set", "-S", help="override: section.key=value (DVC syntax); repeatable")
+
+
+def _err(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Turn user-fixable errors into one message and an exit code instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from components.config import ParamsError
+        from components.data.records import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except ParamsError as exc:
+            _err(f"params error:\n{exc}")
+            raise typer.Exit(EXIT_BAD_PARAMS) from None
+        except (DataError, OSError, ValueError, KeyError) as exc:
+            if os.environ.get("MRT_DEBUG"):
+                raise
+            kind = "data error" if isinstance(exc, DataError) else "error"
+            _err(f"{kind}: {exc}")
+            raise typer.Exit(EXIT_FAILED) from None
+
+    return wrapper
+
+
+def _load(params: str, overrides: Optional[List[str]]):
+    from components.config import load_params
+
+    return load_params(params, overrides or [])
+
+
+@app.command("params")
+@_friendly
+def params_cmd(
+    params: str = ParamsOpt,
+    set_: Optional[List[str]] = SetOpt,
+    count: bool = typer.Option(False, "--count", help="count editor parameters instead of printing params"),
+    model: str = typer.Option(
+        "llava-1.5-7b",
+        "--model",
+        help="with --count: 'llava-1.5-7b' (built on the meta device, the paper's placement) or a base folder "
+        "(the placement in params)",
+    ),
+) -> None:
+    """Print the resolved params (after -S overrides), or count editor parameters with --count."""
+    import yaml
+
+    cfg = _load(params, set_)
+    if not count:
+        typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return
+    from components.editors.count import count_report
+
+    report = count_report(model, cfg.train.editors)
+    typer.echo(json.dumps(report, indent=2))
+
+
+@app.command("data")
+@_friendly
+def data_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Write the data set (embedded visionflan-mini, or the real Vision-Flan/MME pointed at by params)."""
+    from components.data.generate import write_dataset
+
+    cfg = _load(params, set_)
+    manifest = write_dataset(cfg.data)
+    typer.echo(f"wrote {manifest}")
+
+
+@app.command("validate")
+@_friendly
+def validate_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Validate the data (great-expectations suite, file checks, leakage); non-zero exit on failure."""
+    from components.validation import validate_dataset
+
+    cfg = _load(params, set_)
+    report = validate_dataset(cfg.validate_)
+    typer.echo(report.summary())
+    typer.echo(f"report: {cfg.validate_.report}")
+    if not report.success:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("align")
+@_friendly
+def align_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Build the frozen base: stage-one alignment (tiny/composed) or load a LLaVA checkpoint."""
+    from components.backbone import align
+
+    cfg = _load(params, set_)
+    result = align(cfg.align)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command("train")
+@_friendly
+def train_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Train editors (mrt) or a baseline (lora, full, frozen) on the frozen base."""
+    from components.training import train
+
+    cfg = _load(params, set_)
+    result = train(cfg.train)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command("predict")
+@_friendly
+def predict_cmd(
+    prompt: List[str] = typer.Option(..., "--prompt", help="instruction; repeat for a batch"),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="image file; one per --prompt"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model folder (default: train.base_dir)"),
+    editors: Optional[str] = typer.Option(
+        None, "--editors", help="editors/adapter folder (default: train.out_dir; 'none' for the bare base)"
+    ),
+    params: str = ParamsOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Answer prompts about images with greedy decoding, with or without editors."""
+    from components.inference import predict
+
+    cfg = _load(params, set_)
+    images = list(image or [])
+    if images and len(images) != len(prompt):
+        raise ValueError(f"got {len(images)} --image and {len(prompt)} --prompt; give one image per prompt")
+    adapter = None if editors == "none" else (editors or cfg.train.out_dir)
+    answers = predict(
+        base_dir=base or cfg.train.base_dir,
+        adapter_dir=adapter,
+        images=images or [None] * len(prompt),
+        prompts=list(prompt),
+        params=cfg.predict,
+    )
+    for q, a in zip(prompt, answers):
+        typer.echo(json.dumps({"prompt": q, "answer": a}, ensure_ascii=False))
+
+
+def main() -> None:
+    set_offline_env()
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

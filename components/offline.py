@@ -1,0 +1,23 @@
+"""Turn off everything that phones home. Called by the CLI, the flows and the tests before heavy imports."""
+
+from __future__ import annotations
+
+import os
+
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+def set_offline_env() -> None:
+    """Set the offline variables unless the user already chose a value."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)

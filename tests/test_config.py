@@ -1,0 +1,83 @@
+"""Config parsing: defaults, -S overrides, and errors that name the key and the expected type."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from components.cli import app
+from components.config import ParamsError, load_params, parse_override
+
+runner = CliRunner()
+
+
+def test_repo_params_yaml_is_valid_and_complete():
+    cfg = load_params("params.yaml")
+    raw = yaml.safe_load(open("params.yaml"))
+    # every section in the file is a known stage section and round-trips
+    assert set(raw) <= set(cfg.to_dict())
+    assert cfg.data.image_size == raw["data"]["image_size"]
+
+
+def test_override_uses_dvc_syntax_and_yaml_types():
+    cfg = load_params("params.yaml", ["train.steps=7", "train.editors.prefix.layers=[0, 2]", "data.seed=3"])
+    assert cfg.train.steps == 7
+    assert cfg.train.editors.prefix.layers == [0, 2]
+    assert cfg.data.seed == 3
+
+
+@pytest.mark.parametrize("spec, expected", [("all", "all"), ("1-22", "1-22"), ("odd", "odd"), ([3, 1, 3], [1, 3]), (5, [5])])
+def test_layer_specs(spec, expected):
+    cfg = load_params("params.yaml", [f"train.editors.visual.layers={spec}"])
+    assert cfg.train.editors.visual.layers == expected
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ParamsError, match=r"unknown key 'train\.stepz'"):
+        load_params("params.yaml", ["train.stepz=3"])
+
+
+def test_bad_value_names_key_and_type():
+    with pytest.raises(ParamsError) as exc:
+        load_params("params.yaml", ["train.editors.prefix.rank=abc"])
+    msg = str(exc.value)
+    assert "train.editors.prefix.rank" in msg and "expected int" in msg and "'abc'" in msg
+
+
+def test_out_of_range_value_is_named():
+    with pytest.raises(ParamsError, match=r"train\.lr"):
+        load_params("params.yaml", ["train.lr=-1"])
+
+
+def test_bad_layer_word_lists_the_choices():
+    with pytest.raises(ParamsError, match=r"train\.editors\.suffix\.layers.*first_half"):
+        load_params("params.yaml", ["train.editors.suffix.layers=middle"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ParamsError, match="section.key=value"):
+        parse_override("train.steps")
+    with pytest.raises(ParamsError, match="not found"):
+        load_params("nope/params.yaml")
+
+
+def test_broken_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match=str(bad)):
+        load_params(bad)
+
+
+def test_cli_params_prints_resolved_config():
+    res = runner.invoke(app, ["params", "-S", "train.steps=11"])
+    assert res.exit_code == 0, res.output
+    printed = yaml.safe_load(res.output)
+    assert printed["train"]["steps"] == 11
+    assert "validate" in printed
+
+
+def test_cli_bad_param_exits_2_naming_key():
+    res = runner.invoke(app, ["params", "-S", "data.image_size=big"])
+    assert res.exit_code == 2
+    assert "data.image_size" in res.output and "expected int" in res.output

@@ -81,3 +81,19 @@ def test_cli_bad_param_exits_2_naming_key():
     res = runner.invoke(app, ["params", "-S", "data.image_size=big"])
     assert res.exit_code == 2
     assert "data.image_size" in res.output and "expected int" in res.output
+
+
+def test_params_yaml_spells_out_every_key():
+    """DVC tracks what is in the file: a default missing from params.yaml would change runs untracked."""
+    cfg = load_params("params.yaml")
+    raw = yaml.safe_load(open("params.yaml"))
+
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    assert keys(cfg.to_dict()) == keys(raw)

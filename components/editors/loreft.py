@@ -1,0 +1,337 @@
+"""The LoReFT representation editor ψ(h) = h + Uᵀ(W h + b − U h) (METHOD.md, "The editor ψ").
+
+Why this shape: U spans an r-dimensional subspace of the hidden space; the edit replaces the
+projection of h onto that subspace (U h) by a learned affine function of h (W h + b) and leaves the
+orthogonal complement untouched. That only holds while U has orthonormal rows, so U is kept
+orthonormal by re-orthogonalising the stored parameter with a sign-fixed QR before use (the
+reference code's method; pyreft's `parametrizations.orthogonal` is slower and has no bf16/fp16).
+
+Cost control: the reference re-orthogonalises on every call. Here the orthonormal basis is cached
+for the duration of one *pass* (one forward of the whole model, opened and closed by the owner, see
+`sites.MRTEditors`) and keyed on the parameter's `_version` counter, so repeated calls in one pass
+share one QR — and its autograd graph, so gradients still flow through the QR. Outside a pass (a
+stand-alone editor, gradient-checkpoint recomputation) every call computes a fresh QR, which is
+always correct. With gradients on, the cache never outlives a pass: reusing a graph across passes
+would break gradient accumulation ("backward through the graph a second time") and no_grad → grad
+transitions. With gradients off (inference) there is no graph, so a basis is kept across passes
+until `U` changes (its version or storage): generation orthonormalises nothing.
+
+GPU speed (measured on LLaVA-7B shapes, benchmarks/RESULTS.md): the costs that mattered were not
+arithmetic but host synchronisations and many small copies. Hence:
+- the owner orthonormalises all editors of one shape in one batched, sync-free Cholesky-QR
+  (`orthonormal_rows_batched`; `torch.linalg.qr` on CUDA spent ~4.6 ms of host time per call);
+- ψ over whole tensors (`_Edit`) saves the hidden states in their own dtype (bf16), not an fp32
+  copy, and folds W and U into one r×d matrix A = W − U, so the forward is cast, two addmm, cast;
+- ψ at a few rows (`edit_rows_`, the prefix/suffix sites) edits the layer output in place and
+  its backward copies the incoming gradient once, instead of out-of-place `index_put` plus the
+  zero-filled, full-size gradients of advanced indexing; rows are addressed by flat indices with
+  a validity mask, so no boolean indexing (a host sync) is needed anywhere in a training step.
+
+Initialisation follows the reference code: U orthogonal (`torch.nn.init.orthogonal_`), W the
+default `nn.Linear` init (uniform ±1/√d), b zeros. The editor is then NOT the identity (an identity
+init, W = U and b = 0, would make every editor start as a no-op with a gradient that is the same
+for all of them), but close to it: the relative change ‖ψ(h) − h‖/‖h‖ of a random h is about
+√(4r / 3d) — 0.09 for the visual editors of LLaVA-7B (d=1024, r=6), 0.04 for its LM editors.
+
+Numerics: parameters are fp32; the edit is computed in fp32 and the *result* is cast back to the
+hidden dtype once (one rounding), whatever the backbone's dtype. Dropout acts on the delta only
+(the reference applies it to the whole output, which would also drop the untouched residual).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def orthonormal_rows(u: torch.Tensor) -> torch.Tensor:
+    """Rows of `u` (r×d, r ≤ d) made orthonormal: sign-fixed QR of uᵀ, so the result is unique
+    (R's diagonal made positive) and equals `u` when `u` already has orthonormal rows."""
+    q, r = torch.linalg.qr(u.t(), mode="reduced")  # q: d×r
+    diag = torch.diagonal(r)
+    signs = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
+    return (q * signs).t()
+
+
+def _cholesky_qr_pass(v: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """One Cholesky-QR pass on column blocks v [n, d, r]: Q = V R⁻¹ with RᵀR = VᵀV (+ shift·I)."""
+    gram = v.mT @ v  # [n, r, r]
+    if shift is not None:
+        gram = gram + shift[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    lower, _ = torch.linalg.cholesky_ex(gram)  # no error check: checking would sync with the host
+    return torch.linalg.solve_triangular(lower, v.mT, upper=False).mT  # (L⁻¹ Vᵀ)ᵀ = V L⁻ᵀ
+
+
+def orthonormal_rows_batched(us: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`orthonormal_rows` of several same-shape matrices in one batched, host-sync-free computation.
+
+    Why: `torch.linalg.qr` on CUDA loops over the batch in the solver and cost ~4.6 ms of host time
+    per call on LLaVA-7B's shapes, stalling the launch queue. Shifted Cholesky-QR3 (Fukaya et al.
+    2020) needs only r×r Gram matrices, a batched Cholesky and a triangular solve: the first pass,
+    with a small diagonal shift, cannot fail even for a badly conditioned (or rank-deficient) U and
+    leaves a well-conditioned factor; two more passes make it orthonormal to working precision. (A
+    rank-deficient U has no unique basis; the result then stays finite but not orthonormal.)
+    R = R₃R₂R₁ is upper triangular with a positive diagonal, so the result IS the sign-fixed QR
+    factor of `orthonormal_rows` (same values up to rounding, same gradients through autograd).
+    """
+    if not us:
+        return []
+    v = torch.stack(us).transpose(1, 2)  # [n, d, r]
+    n_rows, r = v.shape[-2], v.shape[-1]
+    info = torch.finfo(v.dtype)
+    unit = info.eps / 2
+    norm2 = v.detach().square().sum(dim=(-2, -1))  # ‖V‖_F² ≥ ‖V‖₂²
+    shift = (11.0 * (n_rows * r + r * (r + 1)) * unit * norm2).clamp_min(info.tiny)
+    q = _cholesky_qr_pass(v, shift)
+    # A shift of r·u (relative, for a near-orthonormal factor: far below the result's rounding)
+    # keeps a rank-deficient U finite instead of NaN; it does not move a full-rank result.
+    tiny = torch.full_like(shift, r * unit)
+    q = _cholesky_qr_pass(q, tiny)
+    q = _cholesky_qr_pass(q, tiny)
+    return list(q.transpose(1, 2).unbind(0))
+
+
+def _compute_dtype(hidden: torch.dtype, param: torch.dtype) -> torch.dtype:
+    """fp32 at least (bf16/fp16 hidden states are edited in fp32), fp64 when anything is fp64."""
+    return torch.promote_types(torch.promote_types(hidden, param), torch.float32)
+
+
+class _Edit(torch.autograd.Function):
+    """ψ(h) = h + (h Aᵀ + b) U with A = W − U, over every row of h [..., d] (hand-written backward).
+
+    Saves h in its own dtype and z = h Aᵀ + b (r per row) instead of autograd's fp32 copy of h.
+    """
+
+    @staticmethod
+    def forward(ctx, h, u, w, b):
+        d = h.shape[-1]
+        ct = _compute_dtype(h.dtype, u.dtype)
+        h2 = h.reshape(-1, d)
+        h32 = h2.to(ct)
+        a = (w - u).to(ct)
+        uc = u.to(ct)
+        z = torch.addmm(b.to(ct), h32, a.t())  # [N, r]
+        out = torch.addmm(h32, z, uc).to(h.dtype).view(h.shape)
+        ctx.save_for_backward(h, z, uc, a)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, z, u, a = ctx.saved_tensors
+        d = h.shape[-1]
+        g = grad.reshape(-1, d).to(z.dtype)
+        gz = g @ u.t()  # ∂L/∂z [N, r]
+        grad_h = torch.addmm(g, gz, a).to(h.dtype).view(h.shape) if ctx.needs_input_grad[0] else None
+        da = gz.t() @ h.reshape(-1, d).to(z.dtype)  # ∂L/∂A = ∂L/∂W; A = W − U also gives −∂L/∂A to U
+        du = z.t() @ g - da
+        return grad_h, du, da, gz.sum(0)
+
+
+class _EditRows(torch.autograd.Function):
+    """In place: rows `idx` of hidden [N, d] (flat) ← ψ_g(row) where `valid`, for each group g.
+
+    Inputs after `hidden` and the group count: per group (idx [S], valid [S], u, w, b). Invalid
+    slots point at a row that no group edits and are written back unchanged (so duplicates among
+    them are harmless); valid slots of different groups never coincide (positions.py).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, n_groups, *tensors):
+        d = hidden.shape[-1]
+        flat = hidden.view(-1, d)
+        saved, updates = [], []
+        for i in range(n_groups):
+            idx, valid, u, w, b = tensors[5 * i : 5 * i + 5]
+            ct = _compute_dtype(hidden.dtype, u.dtype)
+            rows = flat.index_select(0, idx)
+            r32 = rows.to(ct)
+            a = (w - u).to(ct)
+            uc = u.to(ct)
+            z = torch.addmm(b.to(ct), r32, a.t()) * valid[:, None]
+            updates.append((idx, torch.addmm(r32, z, uc).to(hidden.dtype)))
+            saved += [rows, z, uc, a, idx, valid]
+        for idx, new in updates:  # after every gather: groups read the unedited layer output
+            flat.index_copy_(0, idx, new)
+        ctx.mark_dirty(hidden)
+        ctx.n_groups = n_groups
+        ctx.save_for_backward(*saved)
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        d = grad.shape[-1]
+        g2 = grad.reshape(-1, d)
+        grad_hidden = g2.clone() if ctx.needs_input_grad[0] else None  # the one full-size copy
+        grads: list = [None]  # n_groups
+        for i in range(ctx.n_groups):
+            rows, z, u, a, idx, valid = saved[6 * i : 6 * i + 6]
+            g = g2.index_select(0, idx).to(z.dtype)
+            gz = (g @ u.t()) * valid[:, None]
+            if grad_hidden is not None:
+                grad_hidden.index_copy_(0, idx, torch.addmm(g, gz, a).to(grad.dtype))
+            da = gz.t() @ rows.to(z.dtype)
+            grads += [None, None, z.t() @ g - da, da, gz.sum(0)]
+        return (None if grad_hidden is None else grad_hidden.view_as(grad), *grads)
+
+
+def _edit_no_grad(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ψ for inference: the same arithmetic as `_Edit.forward` with A precomputed, no autograd."""
+    d = h.shape[-1]
+    h32 = h.reshape(-1, d).to(_compute_dtype(h.dtype, u.dtype))
+    return torch.addmm(h32, torch.addmm(b, h32, a.t()), u).to(h.dtype).view(h.shape)
+
+
+def edit_rows_(hidden: torch.Tensor, edits: list[tuple["LoReFT", torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Apply several editors to chosen rows of `hidden` [B, T, d], in place where autograd allows.
+
+    `edits`: (editor, flat row index [S] into B·T, valid [S] bool). Invalid slots are left as they
+    are. Returns the edited tensor (the same object unless a copy was unavoidable: a view or a
+    leaf that requires grad cannot be modified in place). Editors with active dropout take the
+    plain autograd path (dropout is off in the paper's setting).
+    """
+    if not edits:
+        return hidden
+    d = hidden.shape[-1]
+    if any(ed.dropout.p > 0 and ed.training for ed, _, _ in edits):
+        flat = hidden.reshape(-1, d)
+        out = flat.clone() if torch.is_grad_enabled() else flat
+        updates = [(idx, torch.where(valid[:, None], ed(flat.index_select(0, idx)), flat.index_select(0, idx)))
+                   for ed, idx, valid in edits]
+        for idx, new in updates:
+            out = out.index_copy(0, idx, new) if torch.is_grad_enabled() else out.index_copy_(0, idx, new)
+        return out.view(hidden.shape)
+    if torch.is_grad_enabled() and (hidden._is_view() or (hidden.is_leaf and hidden.requires_grad)):
+        hidden = hidden.clone()
+    elif not hidden.is_contiguous():
+        hidden = hidden.contiguous()
+    if not torch.is_grad_enabled():  # inference: no autograd node, cached U and A = W − U per editor
+        flat = hidden.view(-1, d)
+        updates = []
+        for ed, idx, valid in edits:
+            if ed.d != d:
+                raise ValueError(f"LoReFT(d={ed.d}) got hidden states of size {d}")
+            u, a, b = ed.inference_params()
+            r32 = flat.index_select(0, idx).to(_compute_dtype(hidden.dtype, u.dtype))
+            z = torch.addmm(b, r32, a.t()).mul_(valid[:, None])
+            updates.append((idx, torch.addmm(r32, z, u).to(hidden.dtype)))
+        for idx, new in updates:
+            flat.index_copy_(0, idx, new)
+        return hidden
+    tensors: list[torch.Tensor] = []
+    for ed, idx, valid in edits:
+        if ed.d != d:
+            raise ValueError(f"LoReFT(d={ed.d}) got hidden states of size {d}")
+        tensors += [idx, valid, ed.basis(), ed.W.weight, ed.W.bias]
+    return _EditRows.apply(hidden, len(edits), *tensors)
+
+
+class LoReFT(nn.Module):
+    """One editor ψ over hidden size `d` with rank `r`. Parameter count 2·d·r + r.
+
+    Parameters (all fp32): `U` (r×d, the subspace, orthonormalised before use), `W` (an
+    `nn.Linear(d, r)`: weight r×d and bias b ∈ ℝʳ).
+    """
+
+    def __init__(self, d: int, r: int, dropout: float = 0.0):
+        super().__init__()
+        if d < 1 or r < 1:
+            raise ValueError(f"LoReFT needs d ≥ 1 and r ≥ 1, got d={d}, r={r}")
+        if r > d:
+            raise ValueError(f"LoReFT rank r={r} exceeds the hidden size d={d}: U cannot have orthonormal rows")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoReFT dropout must be in [0, 1), got {dropout}")
+        self.d, self.r = d, r
+        self.U = nn.Parameter(torch.empty(r, d, dtype=torch.float32))
+        self.W = nn.Linear(d, r, bias=True, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout)
+        self._in_pass = False
+        self._cache: tuple[int, torch.Tensor] | None = None
+        self._inference_cache: tuple[tuple, torch.Tensor] | None = None  # no-grad bases, across passes
+        self._inference_params: tuple[tuple, tuple] | None = None  # no-grad (U, A = W − U, b)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference init: U orthogonal, W `nn.Linear`'s default, b zeros (see module docstring)."""
+        with torch.no_grad():
+            nn.init.orthogonal_(self.U)
+            nn.init.kaiming_uniform_(self.W.weight, a=math.sqrt(5))  # nn.Linear's default
+            self.W.bias.zero_()
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, r={self.r}, dropout={self.dropout.p}"
+
+    # -- the pass-scoped basis cache ---------------------------------------------------------
+    def begin_pass(self) -> None:
+        """Open a pass: calls until `end_pass` share one orthonormalised basis per `U` version."""
+        self._in_pass = True
+        self._cache = None
+
+    def end_pass(self) -> None:
+        self._in_pass = False
+        self._cache = None
+
+    def set_pass_basis(self, basis: torch.Tensor) -> None:
+        """Seed this pass's cache with a basis computed elsewhere (a batched QR over many editors)."""
+        if self._in_pass:
+            self._cache = (self.U._version, basis)
+        if not torch.is_grad_enabled():
+            self._inference_cache = (self._inference_key(), basis)
+
+    def _inference_key(self) -> tuple:
+        return (self.U._version, self.U.data_ptr(), self.U.device, self.U.dtype)
+
+    def inference_basis(self) -> torch.Tensor | None:
+        """The basis kept from an earlier no-grad pass, if `U` has not changed since (else None)."""
+        if torch.is_grad_enabled() or self._inference_cache is None:
+            return None
+        key, basis = self._inference_cache
+        return basis if key == self._inference_key() else None
+
+    def inference_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U orthonormal, A = W − U, b) for no-grad use, kept while U, W and b are unchanged."""
+        w, b = self.W.weight, self.W.bias
+        key = (self._inference_key(), w._version, w.data_ptr(), b._version, b.data_ptr(), w.dtype)
+        if self._inference_params is None or self._inference_params[0] != key:
+            with torch.no_grad():
+                u = self.basis()
+                self._inference_params = (key, (u, (w - u).to(u.dtype), b.to(u.dtype)))
+        return self._inference_params[1]
+
+    def basis(self) -> torch.Tensor:
+        """The orthonormal U (r×d, fp32) used by `forward`, differentiable w.r.t. `self.U`."""
+        if not torch.is_grad_enabled():  # no graph to keep apart: reuse across passes while U is unchanged
+            kept = self.inference_basis()
+            if kept is None:
+                kept = self._cache[1] if self._in_pass and self._cache and self._cache[0] == self.U._version else None
+                kept = orthonormal_rows(self.U) if kept is None else kept
+                self._inference_cache = (self._inference_key(), kept)
+            return kept
+        if not self._in_pass:
+            return orthonormal_rows(self.U)
+        version = self.U._version
+        if self._cache is None or self._cache[0] != version:
+            self._cache = (version, orthonormal_rows(self.U))
+        return self._cache[1]
+
+    # -- the edit ----------------------------------------------------------------------------
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """ψ(h) for h of shape (..., d), any float dtype; returns h's dtype and shape."""
+        if h.shape[-1] != self.d:
+            raise ValueError(f"LoReFT(d={self.d}) got hidden states of size {h.shape[-1]}")
+        dropping = self.dropout.p > 0 and self.training
+        if not torch.is_grad_enabled() and not dropping:
+            return _edit_no_grad(h, *self.inference_params())
+        u = self.basis()
+        if dropping:
+            h32 = h.to(_compute_dtype(h.dtype, u.dtype))
+            delta = (self.W(h32) - h32 @ u.t()) @ u  # (..., d): Uᵀ(W h + b − U h), rows as vectors
+            return (h32 + self.dropout(delta)).to(h.dtype)
+        return _Edit.apply(h, u, self.W.weight, self.W.bias)
+
+    @staticmethod
+    def parameter_count(d: int, r: int) -> int:
+        return 2 * d * r + r

@@ -180,8 +180,9 @@ class _EditRows(torch.autograd.Function):
 def _edit_no_grad(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """ψ for inference: the same arithmetic as `_Edit.forward` with A precomputed, no autograd."""
     d = h.shape[-1]
-    h32 = h.reshape(-1, d).to(_compute_dtype(h.dtype, u.dtype))
-    return torch.addmm(h32, torch.addmm(b, h32, a.t()), u).to(h.dtype).view(h.shape)
+    ct = _compute_dtype(h.dtype, u.dtype)
+    h32 = h.reshape(-1, d).to(ct)
+    return torch.addmm(h32, torch.addmm(b.to(ct), h32, a.to(ct).t()), u.to(ct)).to(h.dtype).view(h.shape)
 
 
 def edit_rows_(hidden: torch.Tensor, edits: list[tuple["LoReFT", torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -214,9 +215,10 @@ def edit_rows_(hidden: torch.Tensor, edits: list[tuple["LoReFT", torch.Tensor, t
             if ed.d != d:
                 raise ValueError(f"LoReFT(d={ed.d}) got hidden states of size {d}")
             u, a, b = ed.inference_params()
-            r32 = flat.index_select(0, idx).to(_compute_dtype(hidden.dtype, u.dtype))
-            z = torch.addmm(b, r32, a.t()).mul_(valid[:, None])
-            updates.append((idx, torch.addmm(r32, z, u).to(hidden.dtype)))
+            ct = _compute_dtype(hidden.dtype, u.dtype)
+            r32 = flat.index_select(0, idx).to(ct)
+            z = torch.addmm(b.to(ct), r32, a.to(ct).t()).mul_(valid[:, None])
+            updates.append((idx, torch.addmm(r32, z, u.to(ct)).to(hidden.dtype)))
         for idx, new in updates:
             flat.index_copy_(0, idx, new)
         return hidden

@@ -1,0 +1,227 @@
+"""Generation latency with and without MRT editors at LLaVA-1.5-7B scale (issue 7).
+
+Why: MRT edits only the prompt pass (the KV cache carries the edit to generated tokens), so its
+editors should cost next to nothing at inference — target: at most 2% added latency for a prompt
+plus 8 generated tokens (the paper's decoding length). The hooks still run on every decode step
+(to see that it is one and step aside), so both the prompt pass alone ("prefill") and the whole
+generate() call are timed.
+
+Same model as `gpu_train_step.py` (7B config in bf16, built and initialised on the device, eval
+mode, SDPA attention, dynamic KV cache), prompts `BOS USER: <image>×576 instruction ASSISTANT:`
+of ~96 text tokens, left-padded with varying lengths when batched. Greedy decoding with exactly
+8 new tokens (min_new_tokens = max_new_tokens = 8). Base and MRT are timed in interleaved
+rounds (base, mrt, base, mrt, …) so that clock drift hits both alike; medians are reported.
+Latency is host wall-clock after a device synchronize: it is what a caller waits for.
+
+Run (GPU):   python benchmarks/gpu_generate.py --json out.json --markdown out.md
+Check (CPU): python benchmarks/gpu_generate.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(_HERE.parent))
+
+from gpu_train_step import (  # noqa: E402
+    _sync,
+    _write_json,
+    build_model,
+    environment,
+    free_memory,
+    n_image_tokens,
+    tiny_config,
+    tiny_placement,
+)
+
+TARGET_MAX_OVERHEAD = 1.02
+
+
+def make_prompts(config, batch: int, text_tokens: int, device, dtype, seed: int = 0) -> dict[str, Any]:
+    """Left-padded prompts (text lengths text_tokens, −4, −8, −12, …) and their images."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n_img = n_image_tokens(config)
+    image_id = config.image_token_id
+    pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
+    vocab_hi = min(image_id, config.text_config.vocab_size, pad if pad > 2 else config.text_config.vocab_size)
+    seq = n_img + text_tokens
+    ids = torch.full((batch, seq), pad, dtype=torch.long)
+    mask = torch.zeros((batch, seq), dtype=torch.long)
+    for i in range(batch):
+        text_len = max(12, text_tokens - 4 * (i % 4))
+        words = torch.randint(3, vocab_hi, (text_len - 1,), generator=g)
+        row = torch.cat([torch.tensor([1]), words[:3], torch.full((n_img,), image_id), words[3:]])
+        ids[i, seq - row.numel():] = row
+        mask[i, seq - row.numel():] = 1
+    size = config.vision_config.image_size
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "pixel_values": torch.randn((batch, 3, size, size), generator=g).to(device=device, dtype=dtype),
+    }
+
+
+def _timed(fn, device) -> tuple[float, Any]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement) -> dict[str, Any]:
+    """Interleaved base/MRT rounds of (prefill, generate). Returns medians and the ratios."""
+    import torch
+
+    from components.editors import attach
+
+    def prefill():
+        return model(**prompts, use_cache=True, logits_to_keep=1)
+
+    def generate():
+        return model.generate(
+            **prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            use_cache=True, pad_token_id=model.config.text_config.pad_token_id,
+        )
+
+    # One set of editor weights, hooked in for the MRT rounds only (attach/detach are hooks, not
+    # weights); the base rounds run the stock model with no hook at all.
+    editors = attach(model, placement)
+    state = {k: v.clone() for k, v in editors.state_dict().items()}
+    editors.detach()
+    times: dict[str, dict[str, list[float]]] = {a: {"prefill": [], "generate": []} for a in ("base", "mrt")}
+    tokens: dict[str, Any] = {}
+    edits: dict[str, int] = {}
+    with torch.no_grad():
+        for i in range(warmup + rounds):
+            for arm in ("base", "mrt"):
+                if arm == "mrt":
+                    editors = attach(model, placement)
+                    editors.load_state_dict(state)
+                    editors.eval()
+                try:
+                    t_pre, _ = _timed(prefill, device)
+                    t_gen, out = _timed(generate, device)
+                finally:
+                    if arm == "mrt":
+                        editors.detach()
+                        edits = dict(editors.edit_counts)  # one round: prefill + generate
+                if i >= warmup:
+                    times[arm]["prefill"].append(t_pre)
+                    times[arm]["generate"].append(t_gen)
+                tokens[arm] = out[:, prompts["input_ids"].shape[1]:].tolist()
+    res: dict[str, Any] = {"batch": int(prompts["input_ids"].shape[0]), "seq": int(prompts["input_ids"].shape[1])}
+    for arm in ("base", "mrt"):
+        for kind in ("prefill", "generate"):
+            res[f"{arm}_{kind}_ms"] = statistics.median(times[arm][kind])
+            res[f"{arm}_{kind}_ms_min"] = min(times[arm][kind])
+    res["prefill_ratio"] = res["mrt_prefill_ms"] / res["base_prefill_ms"]
+    res["generate_ratio"] = res["mrt_generate_ms"] / res["base_generate_ms"]
+    res["met_generate"] = res["generate_ratio"] <= TARGET_MAX_OVERHEAD
+    res["new_tokens"] = len(tokens["base"][0])
+    res["outputs_differ"] = tokens["base"] != tokens["mrt"]  # random editors should change something
+    res["edit_calls"] = edits
+    return res
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"Device: {summary['env'].get('device')}; prompt = {summary['image_tokens']} image + ≤{summary['text_tokens']} "
+        f"text tokens, {summary['new_tokens']} new tokens, greedy; median of {summary['rounds']} interleaved rounds.",
+        "",
+        "| batch | prefill base ms | prefill MRT ms | ratio | generate base ms | generate MRT ms | ratio | ≤1.02 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in summary["results"]:
+        lines.append(
+            f"| {r['batch']} | {r['base_prefill_ms']:.1f} | {r['mrt_prefill_ms']:.1f} | {r['prefill_ratio']:.3f} | "
+            f"{r['base_generate_ms']:.1f} | {r['mrt_generate_ms']:.1f} | {r['generate_ratio']:.3f} | "
+            f"{'yes' if r['met_generate'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (or GPU): a logic check, not a benchmark")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    ap.add_argument("--text-tokens", type=int, default=None, help="prompt text length (default 96; smoke 24)")
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--label", default="")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+    from components.offline import set_offline_env
+
+    set_offline_env()
+    args = parse_args(argv)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("gpu_generate.py: no CUDA device; use --smoke for a CPU logic check")
+    if args.smoke:
+        config, placement = tiny_config(), tiny_placement()
+        batch_sizes, text_tokens = args.batch_sizes or [1, 3], args.text_tokens or 24
+        rounds, warmup = args.rounds or 2, args.warmup if args.warmup is not None else 1
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        from components.editors import llava_7b_config, paper_placement_7b
+
+        config, placement = llava_7b_config(), paper_placement_7b()
+        batch_sizes, text_tokens = args.batch_sizes or [1, 8], args.text_tokens or 96
+        rounds, warmup = args.rounds or 10, args.warmup if args.warmup is not None else 2
+        dtype = torch.bfloat16
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = build_model(config, device, dtype)
+    model.config.use_cache = True
+    model.eval()
+    summary: dict[str, Any] = {
+        "label": args.label,
+        "env": environment(device),
+        "smoke": args.smoke,
+        "build_s": time.perf_counter() - t0,
+        "image_tokens": n_image_tokens(config),
+        "text_tokens": text_tokens,
+        "new_tokens": args.new_tokens,
+        "rounds": rounds,
+        "warmup": warmup,
+        "results": [],
+    }
+    for b in batch_sizes:
+        prompts = make_prompts(config, b, text_tokens, device, dtype, seed=b)
+        r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement)
+        summary["results"].append(r)
+        print(json.dumps(r), flush=True)
+        if args.json:
+            _write_json(args.json, summary)
+        del prompts
+        free_memory(device)
+    if args.json:
+        _write_json(args.json, summary)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(summary))
+    print(markdown(summary))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The GPU benchmarks' logic on a tiny model (CPU): every arm runs, numbers are sane, the floor
+trains nothing, MRT trains exactly its editors, and generation edits only the prompt pass."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def train_summary(tmp_path_factory):
+    bench = _load("gpu_train_step")
+    out = tmp_path_factory.mktemp("train")
+    summary = bench.main(["--smoke", "--batch-sizes", "2", "--steps", "2", "--warmup", "1",
+                          "--json", str(out / "s.json"), "--markdown", str(out / "s.md")])
+    return bench, summary, out
+
+
+def test_every_arm_runs_and_reports_finite_numbers(train_summary):
+    _, summary, out = train_summary
+    results = {r["arm"]: r for r in summary["results"]}
+    assert set(results) == {"floor", "mrt", "lora", "lora_fp32", "full"}
+    for arm, r in results.items():
+        assert r["status"] == "ok", (arm, r)
+        assert r["finite"], arm
+        assert r["step_ms"] > 0 and math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+    assert summary["gradient_checkpointing"] is False
+    assert json.loads((out / "s.json").read_text())["results"][0]["arm"] == "floor"
+    assert "| 2 | mrt |" in (out / "s.md").read_text()
+
+
+def test_trainable_parameters_match_each_method(train_summary):
+    bench, summary, _ = train_summary
+    from components.editors import count_parameters
+
+    results = {r["arm"]: r for r in summary["results"]}
+    assert results["floor"]["trainable_params"] == 0
+    assert results["mrt"]["trainable_params"] == count_parameters(bench.tiny_config(), bench.tiny_placement())["total"]
+    # LoRA r128 on q,k,v,o,gate,up,down of a 3-layer LM (hidden 128, mlp 256): r·(in+out) each.
+    h, m, r, layers = 128, 256, 128, 3
+    assert results["lora"]["trainable_params"] == layers * r * (4 * (h + h) + 2 * (h + m) + (m + h))
+    assert results["full"]["trainable_params"] > results["lora"]["trainable_params"] / 10
+    # Only the trainable arms learn: the floor's loss cannot move, the others' can.
+    assert results["floor"]["loss_first"] == results["floor"]["loss_last"]
+
+
+def test_the_model_is_left_clean_between_arms(train_summary):
+    """The arms share one model: after the run no editor hook, no LoRA layer, no trainable weight."""
+    bench, _, _ = train_summary
+    import torch
+
+    model = bench.build_model(bench.tiny_config(), torch.device("cpu"), torch.float32)
+    batch = bench.make_batch(bench.tiny_config(), 2, 24, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        model(**batch)  # transformers installs its own output-capturing hooks on first use
+    hooks = {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for arm in ("floor", "mrt", "lora"):
+        bench.run_arm(arm, model, batch, torch.device("cpu"), bench.tiny_placement(), warmup=0, steps=1)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_batch_layout_supervises_only_answers():
+    bench = _load("gpu_train_step")
+    import torch
+
+    config = bench.tiny_config()
+    b = bench.make_batch(config, 4, 32, torch.device("cpu"), torch.float32)
+    n_img = bench.n_image_tokens(config)
+    assert b["input_ids"].shape == (4, n_img + 32)
+    assert ((b["input_ids"] == config.image_token_id).sum(1) == n_img).all()
+    lengths = b["attention_mask"].sum(1)
+    assert lengths.tolist() == [n_img + 32, n_img + 28, n_img + 24, n_img + 20]
+    supervised = b["labels"] != -100
+    assert (supervised.sum(1) == 8).all()  # min(32, 32 // 4) answer tokens each
+    last = lengths - 1  # the EOS closes every answer and is supervised
+    assert (b["labels"][torch.arange(4), last] == b["input_ids"][torch.arange(4), last]).all()
+    assert not (supervised & (b["attention_mask"] == 0)).any()
+
+
+def test_generation_edits_only_the_prompt_pass():
+    gen = _load("gpu_generate")
+    summary = gen.main(["--smoke", "--batch-sizes", "2", "--rounds", "1", "--warmup", "0"])
+    (r,) = summary["results"]
+    assert r["new_tokens"] == 8
+    # One round = one prefill + one generate(): two prompt passes, no decode step edited.
+    bench = _load("gpu_train_step")
+    from components.editors.placement import resolve_placement
+
+    layers = resolve_placement(bench.tiny_config(), bench.tiny_placement())
+    assert r["edit_calls"]["visual"] == 2 * len(layers["visual"])
+    assert r["edit_calls"]["prefix"] == 2 * len(layers["prefix"])
+    assert r["edit_calls"]["suffix"] == 2 * len(layers["suffix"])
+    assert r["base_generate_ms"] > 0 and r["mrt_generate_ms"] > 0

@@ -76,14 +76,14 @@ class ValidateParams(_Section):
 class TinyModelParams(_Section):
     """Shape of the embedded tiny LLaVA (CLIP-style vision tower + Llama LM), built from config."""
 
-    patch_size: int = Field(8, ge=1)
+    patch_size: int = Field(16, ge=1)
     vision_hidden: int = Field(96, ge=8)
     vision_layers: int = Field(4, ge=2)
     vision_heads: int = Field(4, ge=1)
-    lm_hidden: int = Field(192, ge=8)
+    lm_hidden: int = Field(128, ge=8)
     lm_layers: int = Field(4, ge=1)
     lm_heads: int = Field(4, ge=1)
-    lm_intermediate: int = Field(512, ge=8)
+    lm_intermediate: int = Field(384, ge=8)
     vocab_size: int = Field(1024, ge=64)
 
     @model_validator(mode="after")
@@ -106,13 +106,15 @@ class AlignParams(_Section):
     report: str = "reports/align.json"
     tiny: TinyModelParams = Field(default_factory=TinyModelParams)
     seed: int = 0
-    steps: int = Field(1500, ge=0)
+    steps: int = Field(1800, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     text_ratio: float = Field(0.5, ge=0, le=1)  # share of batches that are text-only instructions
     max_length: int = Field(128, ge=16)
     eval_size: int = Field(200, ge=1)  # held-back alignment images for caption accuracy
+    save_every: int = Field(250, ge=1)  # checkpoints while aligning; dropped once the base is saved
+    image_size: int | None = Field(None, ge=16)  # tiny base on data without a fixed size (real Vision-Flan)
     train_language_model: bool = True  # tiny: learns its language here; composed: keep False (frozen LM)
 
     @model_validator(mode="after")
@@ -206,6 +208,8 @@ class TrainParams(_Section):
     save_every: int = Field(100, ge=1)
     max_length: int = Field(128, ge=16)
     eval_per_task: int = Field(20, ge=1)  # held-out records per task for the post-training check
+    eval_batch_size: int = Field(32, ge=1)
+    eval_max_new_tokens: int = Field(8, ge=1)
     editors: EditorParams = Field(default_factory=EditorParams)
     lora: LoraParams = Field(default_factory=LoraParams)
 

@@ -55,3 +55,27 @@ def tiny_model(tmp_path: Path, seed: int = 0):
     processor = build_tiny_processor(tiny_corpus(rows), IMAGE_SIZE, TINY)
     model = build_tiny_model(processor, TINY, IMAGE_SIZE, max_length=64, seed=seed)
     return model, processor, rows, root
+
+
+def write_clip_and_llama(tmp_path: Path):
+    """A tiny CLIP vision folder and a tiny Llama folder whose tokenizer lacks <image> and a pad token."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    clip_dir, lm_dir = tmp_path / "clip", tmp_path / "lm"
+    CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=16, patch_size=8)
+    ).save_pretrained(clip_dir)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["hello world what color red blue"] * 10, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    lm_tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    lm_tok.save_pretrained(lm_dir)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(lm_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512))
+    lm.save_pretrained(lm_dir)
+    return clip_dir, lm_dir, lm, lm_tok

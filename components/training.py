@@ -1,0 +1,722 @@
+"""One trainer for every method — mrt | lora | full | frozen — and for stage-one alignment.
+
+Read it top to bottom like nanoGPT: `train` (and `run_align`) build a model, decide what trains, and
+hand a batch source to `run_loop`, the one optimisation loop. The loop runs on `accelerate`, so
+`accelerate launch --num_processes N -m components.cli train` gives DDP unchanged.
+
+Batches: `p.batch_size` is the GLOBAL micro-batch; each process takes `batch_size // num_processes`
+rows of it (the rest, if it does not divide, are dropped — say so in params). One optimiser step sees
+`batch_size * grad_accum` rows. Which rows form step s is a pure function of (seed, s), so a resumed
+run sees exactly the batches an uninterrupted run sees.
+
+Checkpoints: every `save_every` steps under out_dir/checkpoints/step-N: `trainable.safetensors` (the
+trainable tensors only) + `state.pt` (optimizer, scheduler, RNG, step, a fingerprint of the run's
+settings; loaded with weights_only=True). The last two are kept. A run resumes from the newest one
+whose fingerprint matches; a checkpoint from different settings is never resumed from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from components.batching import ChatFormatter, Encoded, collate, pad_token_id
+from components.config import AlignParams, TrainParams
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+DEFAULT_NUM_THREADS = 2  # torch CPU threads when MRT_NUM_THREADS is unset (the CI machine has 2 cores)
+TEXT_EVAL_MAX_NEW_TOKENS = 8  # text-only answers are a word, a number, yes/no or a letter
+TINY_IMAGE_SIZE_FALLBACK = 64  # tiny base on data without a fixed image size and no align.image_size
+
+
+# ---------------------------------------------------------------------------------------------
+# batches: a step-addressable sampler over one or more sources
+# ---------------------------------------------------------------------------------------------
+class StepSampler:
+    """Yields (source, global row indices) per micro-step; a pure function of (seed, micro-step).
+
+    Each source is walked in seeded per-epoch permutations; at each micro-step source k is chosen
+    with probability weights[k] (one seeded draw per step), so e.g. half the align batches are
+    text-only. `skip(n)` replays n micro-steps without building batches (resume).
+    """
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int):
+        if not sizes or any(n <= 0 for n in sizes):
+            raise ValueError(f"every batch source needs at least one row; got sizes {list(sizes)}")
+        total = float(sum(weights))
+        self.cum = np.cumsum([w / total for w in weights])
+        self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
+        self.cursor = [0] * len(sizes)
+        self.epoch = [0] * len(sizes)
+        self.perm = [self._perm(k) for k in range(len(sizes))]
+        self.step = 0
+
+    def _perm(self, k: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, k, self.epoch[k]]).permutation(self.sizes[k])
+
+    def _source(self) -> int:
+        if len(self.sizes) == 1:
+            return 0
+        u = np.random.default_rng([self.seed, 7919, self.step]).random()
+        return int(min(np.searchsorted(self.cum, u, side="right"), len(self.sizes) - 1))
+
+    def next(self) -> tuple[int, list[int]]:
+        k = self._source()
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            if self.cursor[k] >= self.sizes[k]:
+                self.epoch[k] += 1
+                self.perm[k] = self._perm(k)
+                self.cursor[k] = 0
+            take = min(self.batch_size - len(out), self.sizes[k] - self.cursor[k])
+            out.extend(int(i) for i in self.perm[k][self.cursor[k] : self.cursor[k] + take])
+            self.cursor[k] += take
+        self.step += 1
+        return k, out
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self.next()
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LoopSpec:
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    save_every: int = 100
+    ckpt_dir: str | None = None  # None: no checkpoints
+    curve: str | None = None
+    desc: str = "train"
+    fingerprint: dict = field(default_factory=dict)  # settings a resumed checkpoint must share
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    losses: list[float]
+    wall_s: float
+    resumed_from: int | None
+
+
+def _wrapper_class():
+    import torch
+
+    class _Wrapper(torch.nn.Module):
+        """Holds the model and any side modules (editors) so DDP sees and syncs every trainable tensor."""
+
+        def __init__(self, model, extra=None):
+            super().__init__()
+            self.model = model
+            self.extra = extra
+
+        def forward(self, **batch):
+            return self.model(**batch)
+
+    return _Wrapper
+
+
+def set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MRT_NUM_THREADS", DEFAULT_NUM_THREADS)))
+
+
+def _fingerprint_hash(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for d in ckpt_dir.glob("step-*"):
+        if (d / "state.pt").is_file() and (d / "trainable.safetensors").is_file():
+            try:
+                found.append((int(d.name.split("-", 1)[1]), d))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler, fp_hash: str, losses) -> Path:
+    """Write step-N atomically (tmp dir, then rename) and prune to the last KEEP_CHECKPOINTS."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step}"
+    tmp = ckpt_dir / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "fingerprint": fp_hash,
+        "losses": torch.tensor(losses, dtype=torch.float64),
+    }
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for _, old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, named: dict, optimizer, scheduler) -> tuple[int, list[float]]:
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    missing = sorted(set(named) - set(tensors))
+    extra = sorted(set(tensors) - set(named))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: checkpoint tensors do not match the trainable ones (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(tensors[k].to(p.device, p.dtype))
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"]), [float(x) for x in state["losses"].tolist()]
+
+
+def _resume_point(ckpt_dir: Path | None, fp_hash: str, accelerator) -> Path | None:
+    import torch
+
+    if ckpt_dir is None:
+        return None
+    for step, d in reversed(_checkpoints(ckpt_dir)):
+        state = torch.load(d / "state.pt", weights_only=True)
+        if state.get("fingerprint") == fp_hash:
+            return d
+        accelerator.print(f"{d}: saved with different settings; not resuming from it")
+    return None
+
+
+def run_loop(
+    model,
+    make_batch: Callable[[int, list[int]], dict],
+    sampler: StepSampler,
+    spec: LoopSpec,
+    extra=None,
+    accelerator=None,
+) -> LoopResult:
+    """Optimise every parameter of (model, extra) with requires_grad for `spec.steps` optimiser steps.
+
+    `make_batch(source, row_indices)` builds a model batch (with `labels`) for this process's rows.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    # Text-only batches leave the vision side (and visual editors) without gradients: DDP must allow it.
+    acc = accelerator or Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(spec.seed)
+    world, rank = acc.num_processes, acc.process_index
+    per_proc = spec.batch_size // world
+    if per_proc < 1:
+        raise ValueError(f"batch_size {spec.batch_size} is smaller than the {world} processes")
+    wrapper = _wrapper_class()(model, extra)
+    named = {n: p for n, p in wrapper.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("nothing to train: no parameter requires grad")
+    params = list(named.values())
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    warmup = math.ceil(spec.warmup_ratio * spec.steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max(spec.steps, 1))
+
+    fp_hash = _fingerprint_hash({**spec.fingerprint, "world": world, "names": sorted(named)})
+    ckpt_dir = Path(spec.ckpt_dir) if spec.ckpt_dir else None
+    start, losses, resumed = 0, [], None
+    resume = _resume_point(ckpt_dir, fp_hash, acc)
+    if resume is not None:
+        start, losses = load_checkpoint(resume, named, optimizer, scheduler)
+        resumed = start
+        acc.print(f"resuming from {resume} (step {start})")
+    sampler.skip(start * spec.grad_accum)
+
+    wrapped, optimizer = acc.prepare(wrapper, optimizer)
+    device = acc.device
+    curve_rows = _read_curve(spec.curve, start) if spec.curve and acc.is_main_process else []
+
+    t0 = time.time()
+    bar = _progress(spec, start, acc.is_main_process)
+    for step in range(start, spec.steps):
+        total = 0.0
+        for micro in range(spec.grad_accum):
+            source, idx = sampler.next()
+            mine = idx[rank * per_proc : (rank + 1) * per_proc]
+            batch = {k: v.to(device) for k, v in make_batch(source, mine).items()}
+            sync = micro == spec.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else acc.no_sync(wrapped)
+            with ctx:
+                loss = wrapped(**batch).loss / spec.grad_accum
+                if not loss.requires_grad:
+                    raise ValueError(
+                        f"step {step + 1}: this batch reaches no trainable tensor (e.g. a text-only batch when "
+                        "only vision-side parameters train); its loss has no gradient"
+                    )
+                acc.backward(loss)
+            total += loss.detach()
+        acc.clip_grad_norm_(params, spec.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = float(acc.reduce(total.reshape(1), reduction="mean").item()) if world > 1 else float(total)
+        losses.append(step_loss)
+        lr = scheduler.get_last_lr()[0]
+        if acc.is_main_process:
+            curve_rows.append((step + 1, step_loss, lr))
+            bar.update(step + 1, step_loss, lr)
+        done = step + 1
+        if ckpt_dir is not None and (done % spec.save_every == 0 or done == spec.steps):
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(ckpt_dir, done, named, optimizer, scheduler, fp_hash, losses)
+                if spec.curve:  # the curve survives a crash up to the checkpoint a resume starts from
+                    _write_curve(spec.curve, curve_rows)
+    bar.close()
+    if spec.curve and acc.is_main_process:
+        _write_curve(spec.curve, curve_rows)
+    acc.wait_for_everyone()
+    return LoopResult(steps=spec.steps, losses=losses, wall_s=time.time() - t0, resumed_from=resumed)
+
+
+class _progress:
+    """A rich progress bar with loss and lr on a terminal; plain periodic lines otherwise (CI, DVC
+    logs), since a bar that never redraws would show nothing until the end. Main process only."""
+
+    def __init__(self, spec: LoopSpec, start: int, enabled: bool):
+        self.prog = None
+        self.plain = False
+        self.spec, self.t0 = spec, time.time()
+        self.every = max(1, spec.steps // 20)
+        if not enabled or spec.steps <= start:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            self.plain = True
+            return
+        self.prog = Progress(
+            TextColumn(f"[bold]{spec.desc}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.prog.add_task(spec.desc, total=spec.steps, completed=start, loss=float("nan"), lr=0.0)
+        self.prog.start()
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        if self.prog is not None:
+            self.prog.update(self.task, completed=step, loss=loss, lr=lr)
+        elif self.plain and (step % self.every == 0 or step == self.spec.steps):
+            import sys
+
+            print(f"{self.spec.desc} step {step}/{self.spec.steps} loss {loss:.4f} lr {lr:.2e} "
+                  f"({time.time() - self.t0:.0f} s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.prog is not None:
+            self.prog.stop()
+
+
+def _read_curve(path: str, upto: int) -> list[tuple]:
+    p = Path(path)
+    if upto == 0 or not p.is_file():
+        return []
+    with p.open(newline="", encoding="utf-8") as f:
+        return [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(f) if int(r["step"]) <= upto]
+
+
+def _write_curve(path: str, rows: list[tuple]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr"])
+        w.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# data → encoded examples
+# ---------------------------------------------------------------------------------------------
+def encode_rows(fmt: ChatFormatter, rows: Sequence[Any], image_root) -> list[Encoded]:
+    """Tokenize every row once (templates render once per row, not once per step)."""
+    from components.inference import resolve_row_image
+
+    return [
+        fmt.encode(r.instruction, r.answer, r.image is not None, record=r.id, image=resolve_row_image(image_root, r))
+        for r in rows
+    ]
+
+
+class PixelCache:
+    """Processed pixel tensors per image path: the align split is revisited every few hundred steps."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.cache: dict[str, Any] = {}
+
+    def __call__(self, images: Sequence[Any]):
+        import torch
+
+        from components.batching import load_image
+
+        keyed = [str(im) for im in images if im is not None]
+        todo = [k for k in dict.fromkeys(keyed) if k not in self.cache]
+        if todo:
+            pv = self.processor.image_processor(images=[load_image(k) for k in todo], return_tensors="pt")["pixel_values"]
+            self.cache.update(zip(todo, pv))
+        return torch.stack([self.cache[k] for k in keyed]) if keyed else None
+
+
+def batch_maker(processor, sources: Sequence[Sequence[Encoded]]) -> Callable[[int, list[int]], dict]:
+    pad = pad_token_id(processor)
+    pixels = PixelCache(processor)
+
+    def make(source: int, idx: list[int]) -> dict:
+        examples = [sources[source][i] for i in idx]
+        batch = collate([Encoded(e.input_ids, e.labels, None, e.record) for e in examples], processor, pad, "right")
+        pv = pixels([e.image for e in examples])
+        if pv is not None:
+            batch["pixel_values"] = pv
+        return batch
+
+    return make
+
+
+def _load_data(data_dir: str):
+    """Every split but MME (the benchmark's business); record errors stop training before it starts."""
+    from components.data.load import load_dataset_dir
+    from components.data.records import DataError
+
+    loaded = load_dataset_dir(data_dir, splits=("train", "heldout", "align", "text"))
+    if loaded.errors:
+        raise DataError(list(loaded.errors))
+    return loaded
+
+
+def _split(rows, name: str) -> list:
+    return [r for r in rows if r.split == name]
+
+
+def data_image_size(loaded, override: int | None = None) -> int:
+    """The tiny base's square input size: align.image_size if set, else the data's size from its
+    manifest; real data (no fixed size) falls back to TINY_IMAGE_SIZE_FALLBACK, to which the
+    processor resizes every image."""
+    if override:
+        return int(override)
+    manifest = getattr(loaded, "manifest", None) or {}
+    size = manifest.get("image_size") if isinstance(manifest, dict) else None
+    return int(size) if size else TINY_IMAGE_SIZE_FALLBACK
+
+
+def _write_json(path, obj) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _count(model, extra=None) -> tuple[int, int]:
+    seen = {}
+    for mod in (model, extra):
+        if mod is None:
+            continue
+        for p in mod.parameters():
+            seen[id(p)] = p
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# stage one: align
+# ---------------------------------------------------------------------------------------------
+def run_align(p: AlignParams) -> dict:
+    """Train the tiny (or composed) base on image→caption batches alternating with text-only
+    instruction batches, save it as a LLaVA folder, and report caption/text accuracy on held-back rows."""
+    from components.backbone import load_backbone, save_base
+    from components.inference import evaluate_exact_match
+
+    set_threads()
+    t0 = time.time()
+    data = _load_data(p.data_dir)
+    align_rows, text_rows = _split(data.rows, "align"), _split(data.rows, "text")
+    if not align_rows:
+        raise ValueError(f"{p.data_dir}: no 'align' rows (image→caption); run `mrt data` first")
+    rng = np.random.default_rng(p.seed)
+    a_perm = rng.permutation(len(align_rows))
+    n_eval = min(p.eval_size, max(1, len(align_rows) // 5))
+    a_eval = [align_rows[i] for i in sorted(a_perm[:n_eval])]
+    a_train = [align_rows[i] for i in sorted(a_perm[n_eval:])]
+    t_perm = rng.permutation(len(text_rows))
+    nt_eval = min(p.eval_size, len(text_rows) // 5)
+    t_eval = [text_rows[i] for i in sorted(t_perm[:nt_eval])]
+    t_train = [text_rows[i] for i in sorted(t_perm[nt_eval:])]
+
+    image_size = data_image_size(data, p.image_size) if p.backbone == "tiny" else None
+    model, processor = load_backbone(p, rows=a_train + t_train, image_size=image_size)
+    # What trains: the projector always; the vision tower only when it is ours (tiny, random init);
+    # the LM when train_language_model (tiny: it learns its language here; composed: keep it False).
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if p.backbone == "tiny":
+        model.model.vision_tower.requires_grad_(True)
+    if p.train_language_model:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    fmt = ChatFormatter(processor, p.max_length)
+    sources = [encode_rows(fmt, a_train, data.image_root)]
+    weights = [1.0 - p.text_ratio]
+    # Text-only batches teach only the LM: with a frozen LM they would carry no gradient at all.
+    if t_train and p.text_ratio > 0 and p.train_language_model:
+        sources.append(encode_rows(fmt, t_train, None))
+        weights.append(p.text_ratio)
+    if weights[0] <= 0:
+        sources, weights = sources[1:], weights[1:]
+    sampler = StepSampler([len(s) for s in sources], weights, p.batch_size, p.seed)
+    ckpt = Path(p.out_dir) / CHECKPOINTS
+    spec = LoopSpec(
+        steps=p.steps,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        seed=p.seed,
+        warmup_ratio=p.warmup_ratio,
+        save_every=p.save_every,
+        ckpt_dir=str(ckpt),
+        desc="align",
+        fingerprint={"stage": "align", **p.model_dump(mode="json", exclude={"out_dir", "report"})},
+    )
+    model.train()
+    result = run_loop(model, batch_maker(processor, sources), sampler, spec)
+    model.eval()
+    trainable, total = _count(model)
+    model.requires_grad_(True)  # a saved base carries no training state
+    meta = {"backbone": p.backbone, "align": p.model_dump(mode="json"), "steps": result.steps}
+    save_base(model, processor, p.out_dir, meta=meta)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+    cap = evaluate_exact_match(model, processor, a_eval, data.image_root, max_new_tokens=_caption_tokens(fmt, a_eval), batch_size=p.batch_size)
+    tok_acc = token_accuracy(model, processor, fmt, a_eval, data.image_root, p.batch_size)
+    txt = evaluate_exact_match(model, processor, t_eval, None, TEXT_EVAL_MAX_NEW_TOKENS, p.batch_size) if t_eval else None
+    report = {
+        "backbone": p.backbone,
+        "trained": p.steps > 0,
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "trainable_params": trainable,
+        "total_params": total,
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_final": float(np.mean(result.losses[-20:])) if result.losses else None,
+        "train_wall_s": round(result.wall_s, 2),
+        "wall_s": round(time.time() - t0, 2),
+        "caption_exact_match": cap["mean"],
+        "caption_token_accuracy": tok_acc,
+        "caption_eval_n": len(a_eval),
+        "caption_examples": cap["examples"][:5],
+        "text_exact_match": txt["mean"] if txt else None,
+        "text_per_task": txt["per_task"] if txt else {},
+        "text_eval_n": len(t_eval),
+    }
+    _write_json(p.report, report)
+    return report
+
+
+def _caption_tokens(fmt: ChatFormatter, rows) -> int:
+    longest = max(len(fmt.tokenizer(r.answer, add_special_tokens=False)["input_ids"]) for r in rows)
+    return longest + 2
+
+
+def token_accuracy(model, processor, fmt: ChatFormatter, rows, image_root, batch_size: int = 32) -> float:
+    """Teacher-forced next-token accuracy on the answer tokens (a smoother signal than exact match)."""
+    import torch
+
+    enc = encode_rows(fmt, rows, image_root)
+    make = batch_maker(processor, [enc])
+    device = next(model.parameters()).device
+    right = count = 0
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(enc), batch_size):
+            batch = make(0, list(range(s, min(s + batch_size, len(enc)))))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            pred = logits[:, :-1].argmax(-1)
+            tgt = labels[:, 1:]
+            m = tgt != -100
+            right += int((pred[m] == tgt[m]).sum())
+            count += int(m.sum())
+    return right / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage two: train (mrt | lora | full | frozen)
+# ---------------------------------------------------------------------------------------------
+def prepare_method(model, p: TrainParams):
+    """Freeze/unfreeze for `p.method`; returns (model_to_train, extra_module_or_None)."""
+    method = p.method
+    if method == "mrt":
+        from components.editors import attach
+
+        model.requires_grad_(False)
+        model.eval()  # the backbone's dropout stays off: it is frozen, editors only
+        editors = attach(model, p.editors)
+        editors.train()
+        return model, editors
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.requires_grad_(False)
+        cfg = LoraConfig(
+            r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout, target_modules=p.lora.target_modules
+        )
+        peft_model = get_peft_model(model, cfg)
+        peft_model.train()
+        return peft_model, None
+    if method == "full":
+        model.requires_grad_(False)
+        model.model.language_model.requires_grad_(True)
+        model.model.multi_modal_projector.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        model.train()
+        model.model.vision_tower.eval()
+        return model, None
+    raise ValueError(f"train.method {method!r}: expected mrt, lora, full or frozen")
+
+
+def save_trained(model, extra, processor, p: TrainParams, base_fingerprint: str) -> None:
+    out = Path(p.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if p.method == "mrt":
+        from components.editors import save_editors
+
+        save_editors(extra, out, p.base_dir, base_fingerprint)
+    elif p.method == "lora":
+        model.save_pretrained(str(out))
+    elif p.method == "full":
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+
+
+def train(p: TrainParams) -> dict:
+    """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks."""
+    from components.backbone import load_base
+    from components.inference import FROZEN_MARKER, evaluate_exact_match, pick_per_task
+
+    set_threads()
+    t0 = time.time()
+    data = _load_data(p.data_dir)
+    model, processor = load_base(p.base_dir)
+    base_fp = _base_fingerprint(model)
+    heldout = pick_per_task(_split(data.rows, "heldout"), p.eval_per_task)
+    out = Path(p.out_dir)
+
+    if p.method == "frozen":
+        out.mkdir(parents=True, exist_ok=True)
+        marker = {"method": "frozen", "base_dir": p.base_dir, "base_fingerprint": base_fp}
+        (out / FROZEN_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        trainable, total = 0, _count(model)[1]
+        result = LoopResult(steps=0, losses=[], wall_s=0.0, resumed_from=None)
+        _write_curve(p.curve, [])
+        run_model, extra = model, None
+    else:
+        train_rows = _split(data.rows, "train")
+        if not train_rows:
+            raise ValueError(f"{p.data_dir}: no 'train' rows")
+        run_model, extra = prepare_method(model, p)
+        trainable, total = _count(run_model, extra)
+        fmt = ChatFormatter(processor, p.max_length)
+        sources = [encode_rows(fmt, train_rows, data.image_root)]
+        sampler = StepSampler([len(sources[0])], [1.0], p.batch_size, p.seed)
+        spec = LoopSpec(
+            steps=p.steps,
+            batch_size=p.batch_size,
+            lr=p.lr,
+            seed=p.seed,
+            warmup_ratio=p.warmup_ratio,
+            weight_decay=p.weight_decay,
+            max_grad_norm=p.max_grad_norm,
+            grad_accum=p.grad_accum,
+            save_every=p.save_every,
+            ckpt_dir=str(out / CHECKPOINTS),
+            curve=p.curve,
+            desc=f"train {p.method}",
+            fingerprint={
+                "stage": "train",
+                "base": base_fp,
+                **p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task"}),
+            },
+        )
+        result = run_loop(run_model, batch_maker(processor, sources), sampler, spec, extra=extra)
+        save_trained(run_model, extra, processor, p, base_fp)
+
+    if extra is not None:
+        extra.eval()
+    ev = evaluate_exact_match(run_model, processor, heldout, data.image_root, p.eval_max_new_tokens, p.eval_batch_size)
+    report = {
+        "method": p.method,
+        "base_dir": p.base_dir,
+        "base_fingerprint": base_fp,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_final": float(np.mean(result.losses[-10:])) if result.losses else None,
+        "train_wall_s": round(result.wall_s, 2),
+        "wall_s": round(time.time() - t0, 2),
+        "heldout": ev["per_task"],
+        "heldout_mean": ev["mean"],
+        "heldout_n": ev["n"],
+        "heldout_examples": ev["examples"][:10],
+    }
+    _write_json(p.report, report)
+    return report
+
+
+def _base_fingerprint(model) -> str:
+    try:
+        from components.editors import model_fingerprint
+    except ImportError:
+        return ""
+    return model_fingerprint(model)

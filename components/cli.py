@@ -54,6 +54,11 @@ def _friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _summary(result: dict) -> str:
+    """The report without its per-record examples (those stay in the report file)."""
+    return json.dumps({k: v for k, v in result.items() if not k.endswith("examples")}, indent=2, default=str)
+
+
 def _load(params: str, overrides: Optional[List[str]]):
     from components.config import load_params
 
@@ -119,7 +124,8 @@ def align_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> No
 
     cfg = _load(params, set_)
     result = align(cfg.align)
-    typer.echo(json.dumps(result, indent=2, default=str))
+    typer.echo(_summary(result))
+    typer.echo(f"report: {cfg.align.report}")
 
 
 @app.command("train")
@@ -130,7 +136,8 @@ def train_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> No
 
     cfg = _load(params, set_)
     result = train(cfg.train)
-    typer.echo(json.dumps(result, indent=2, default=str))
+    typer.echo(_summary(result))
+    typer.echo(f"report: {cfg.train.report}")
 
 
 @app.command("predict")

@@ -214,6 +214,58 @@ class TrainParams(_Section):
     lora: LoraParams = Field(default_factory=LoraParams)
 
 
+Perturbation = Literal["noise", "blur", "jitter"]
+
+
+class BenchmarkParams(_Section):
+    """mrt benchmark: one model over the held-out tasks and the MME-format set."""
+
+    data_dir: str = "data/visionflan-mini"
+    base_dir: str = "models/base"
+    model_dir: str | None = "models/editors"  # editors / LoRA / full / frozen output; null = the bare base
+    report: str = "reports/benchmark.json"
+    predictions: str = "reports/predictions.jsonl"
+    mme_results_dir: str = "reports/mme_results"
+    per_task: int | None = Field(None, ge=1)  # cap records per held-out task; null = all
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    perturbations: list[Perturbation] = Field(default_factory=list)  # robustness passes on top of the clean one
+    perturb_seed: int = 0
+
+
+class AblateParams(_Section):
+    """mrt ablate: a sweep over editor placements; each arm trains (train section + overrides) and benchmarks."""
+
+    grid: Literal["default", "full"] = "default"  # default is sized for 2 CPU cores; full = every variant
+    arms: list[str] = Field(default_factory=list)  # run only these arm names; empty = the whole grid
+    steps: int = Field(300, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    workers: int = Field(2, ge=1)  # arms in parallel (local process pool)
+    threads_per_worker: int = Field(1, ge=1)
+    out_dir: str = "models/ablation"
+    per_task: int | None = Field(20, ge=1)
+    report_csv: str = "reports/ablation.csv"
+    report_md: str = "reports/ablation.md"
+    plot: str = "reports/ablation.png"
+
+
+class CompareParams(_Section):
+    """mrt compare: MRT against LoRA, full fine-tuning and the frozen base on identical data, steps and seeds."""
+
+    methods: list[Literal["mrt", "lora", "full", "frozen"]] = Field(
+        default_factory=lambda: ["frozen", "mrt", "lora", "full"], min_length=1
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    steps: int = Field(300, ge=1)
+    workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    out_dir: str = "models/compare"
+    per_task: int | None = Field(None, ge=1)
+    report: str = "reports/comparison.json"
+    table: str = "reports/comparison.md"
+    plot: str = "reports/comparison.png"
+
+
 class PredictParams(_Section):
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -225,6 +277,9 @@ class Params(_Section):
     align: AlignParams = Field(default_factory=AlignParams)
     train: TrainParams = Field(default_factory=TrainParams)
     predict: PredictParams = Field(default_factory=PredictParams)
+    benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
+    ablate: AblateParams = Field(default_factory=AblateParams)
+    compare: CompareParams = Field(default_factory=CompareParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

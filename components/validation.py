@@ -330,6 +330,16 @@ def _check_manifest(manifest: dict, data_dir: Path, check: CheckResult) -> None:
     text_tasks = manifest.get("text_tasks")
     if text_tasks is not None and not isinstance(text_tasks, dict):
         check.failures.append(RecordError(file, "", "text_tasks", "expected a mapping of task name → task info"))
+    # A real source (Vision-Flan) is converted by `mrt data`, which drops bad records and lists them in
+    # the manifest: they must fail validation here, or they would vanish silently.
+    dropped = (manifest.get("counts") or {}).get("read_errors") or 0
+    if dropped:
+        listed = manifest.get("read_errors") or []
+        for msg in listed:
+            check.failures.append(RecordError(file, "", "read_errors", f"dropped by `mrt data`: {msg}"))
+        if len(listed) < dropped:
+            check.failures.append(RecordError(
+                file, "", "read_errors", f"{dropped - len(listed)} more records were dropped by `mrt data`"))
 
 
 def _row_stats(rows: list[Row], errors: list[RecordError]) -> dict[str, Any]:

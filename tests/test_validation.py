@@ -455,3 +455,26 @@ def test_generated_dataset_passes(tmp_path):
     assert report.success, report.summary()
     assert set(on_disk["stats"]["rows_per_split"]) == {"train", "heldout", "align", "text", "mme"}
     assert on_disk["stats"]["rows_per_split"]["mme"] == 10  # 5 subtasks × 1 image × 2 questions
+
+
+def test_records_dropped_by_the_real_source_conversion_fail_validation(tmp_path):
+    """`mrt data` on real Vision-Flan keeps only good records and lists the rest in the manifest."""
+    import json
+
+    from components.config import ValidateParams
+    from components.config import DataParams
+    from components.data.generate import write_dataset
+    from components.validation import validate_dataset
+
+    data = tmp_path / "d"
+    write_dataset(DataParams(out_dir=str(data), train_per_task=2, heldout_per_task=2, align_size=10,
+                             text_per_type=1, mme_images_per_subtask=1), progress=False)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["counts"]["read_errors"] = 3
+    manifest["read_errors"] = ["annotation.json: record vf_9, field 'conversations[1]': missing gpt turn"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    report = validate_dataset(ValidateParams(data_dir=str(data), report=str(tmp_path / "r.json")), progress=False)
+    assert not report.success
+    msgs = [str(f) for f in report.check("manifest").failures]
+    assert any("vf_9" in m and "dropped by `mrt data`" in m for m in msgs)
+    assert any("2 more records" in m for m in msgs)

@@ -140,6 +140,30 @@ def train_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> No
     typer.echo(f"report: {cfg.train.report}")
 
 
+@app.command("benchmark")
+@_friendly
+def benchmark_cmd(
+    params: str = ParamsOpt,
+    set_: Optional[List[str]] = SetOpt,
+    model_dir: Optional[str] = typer.Option(
+        None, "--model-dir", help="editors/LoRA/full/frozen folder (default: benchmark.model_dir; 'none' = bare base)"
+    ),
+) -> None:
+    """Score a model on the held-out tasks and the MME-format set (plus robustness passes)."""
+    from components.benchmark import run_benchmark
+
+    cfg = _load(params, set_)
+    bench = cfg.benchmark
+    if model_dir is not None:
+        bench = bench.model_copy(update={"model_dir": None if model_dir.lower() == "none" else model_dir})
+    report = run_benchmark(bench)
+    keys = ("heldout", "heldout_mean", "mme_perception", "mme_total", "real_image_mean", "wall_s")
+    summary = {k: report.get(k) for k in keys}
+    summary["robustness"] = {k: v.get("heldout_mean") for k, v in (report.get("robustness") or {}).items()}
+    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(f"report: {bench.report}  predictions: {bench.predictions}")
+
+
 @app.command("predict")
 @_friendly
 def predict_cmd(

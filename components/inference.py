@@ -9,14 +9,15 @@ hooks; generated tokens are not edited (the KV cache carries the effect), as in 
 from __future__ import annotations
 
 import json
-import re
-import string
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from components.batching import ChatFormatter, Encoded, collate, load_image, pad_token_id
+
+# One normalisation for the whole project: the benchmark's metric modules use the same functions.
+from components.metrics.text import exact_match, normalize_answer  # noqa: F401  (re-exported)
 
 FROZEN_MARKER = "frozen.json"
 
@@ -150,19 +151,6 @@ def predict(base_dir, adapter_dir, images: Sequence[Any], prompts: Sequence[str]
 # ---------------------------------------------------------------------------------------------
 # exact match
 # ---------------------------------------------------------------------------------------------
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD-style)."""
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(reference)
 
 
 def pick_per_task(rows: Iterable[Any], per_task: int) -> list[Any]:

@@ -57,7 +57,7 @@ def test_generate_rejects_mismatched_lengths(tmp_path):
 @pytest.mark.parametrize(
     "pred,ref,hit",
     [("Red.", "red", True), ("the cat", "Cat", True), ("An apple!", "apple", True), ("red car", "red", False),
-     ("  yes ", "Yes", True), ("3", "three", False)],
+     ("  yes ", "Yes", True), ("3", "three", True), ("4", "three", False)],
 )
 def test_exact_match_normalisation(pred, ref, hit):
     assert exact_match(pred, ref) is hit

@@ -164,6 +164,48 @@ def benchmark_cmd(
     typer.echo(f"report: {bench.report}  predictions: {bench.predictions}")
 
 
+@app.command("ablate")
+@_friendly
+def ablate_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Sweep editor placements (ablate section): each arm trains and benchmarks; CSV, Markdown table, plot."""
+    from components.ablation import run_ablation
+
+    cfg = _load(params, set_)
+    rows = run_ablation(cfg.ablate, cfg.train, cfg.benchmark)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    typer.echo(f"{len(rows) - len(failed)}/{len(rows)} arms ok; table: {cfg.ablate.report_md}, plot: {cfg.ablate.plot}")
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("compare")
+@_friendly
+def compare_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """MRT against LoRA, full fine-tuning and the frozen base on identical data, steps and seeds."""
+    from components.compare import run_compare
+
+    cfg = _load(params, set_)
+    run_compare(cfg.compare, cfg.train, cfg.benchmark)
+    typer.echo(Path(cfg.compare.table).read_text(encoding="utf-8"))
+    typer.echo(f"report: {cfg.compare.report}")
+
+
+@app.command("report")
+@_friendly
+def report_cmd(
+    params: str = ParamsOpt,
+    set_: Optional[List[str]] = SetOpt,
+    readme: str = typer.Option("README.md", "--readme", help="file with the results markers"),
+) -> None:
+    """Write README's results table from the comparison (and ablation) reports — never by hand."""
+    from components.report import write_readme_results
+
+    cfg = _load(params, set_)
+    ablation_csv = cfg.ablate.report_csv if Path(cfg.ablate.report_csv).exists() else None
+    write_readme_results(readme, cfg.compare.report, ablation_csv)
+    typer.echo(f"updated {readme} from {cfg.compare.report}" + (f" and {ablation_csv}" if ablation_csv else ""))
+
+
 @app.command("predict")
 @_friendly
 def predict_cmd(

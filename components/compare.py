@@ -1,0 +1,116 @@
+"""`mrt compare`: MRT against LoRA, full fine-tuning and the frozen base on identical data, steps and seeds.
+
+Every method is the `train` section with only `method`, `seed`, `steps` and the output folder
+changed, so the base, data, batch size, learning-rate schedule and the batches themselves (a pure
+function of the seed, see training.StepSampler) are the same for all of them; MRT uses
+`train.editors`, the paper's placement scaled to the model (the params default). Runs go through
+the ablation's executor (`ablation.run_jobs`): a process pool of spawned workers, or this process
+when workers == 1, and a failed run is recorded while the others finish.
+
+The frozen base is benchmarked once, with the first seed: it trains nothing and decoding is greedy,
+so every seed would give the same numbers (its std is reported as 0 over that one run).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from components.ablation import Reporter, print_progress, make_job, run_jobs
+from components.config import BenchmarkParams, CompareParams, TrainParams
+from components.report import mean_std, produced_by, utc_now
+
+
+def run_dir(out_dir: str | Path, method: str, seed: int) -> Path:
+    return Path(out_dir) / method / f"seed-{seed}"
+
+
+def compare_runs(cmp: CompareParams) -> list[tuple[str, int]]:
+    """(method, seed) pairs to run, methods in `cmp.methods` order; the frozen base once."""
+    runs = []
+    for method in dict.fromkeys(cmp.methods):
+        seeds = cmp.seeds[:1] if method == "frozen" else list(dict.fromkeys(cmp.seeds))
+        runs += [(method, s) for s in seeds]
+    return runs
+
+
+def _run_entry(seed: int, result: dict[str, Any], folder: Path) -> dict[str, Any]:
+    tr, bm = result.get("train") or {}, result.get("benchmark") or {}
+    model = bm.get("model") or {}
+    return {
+        "seed": seed,
+        "status": result["status"],
+        "error": result.get("error", ""),
+        "heldout_mean": bm.get("heldout_mean"),
+        "mme_total": bm.get("mme_total"),
+        "mme_perception": bm.get("mme_perception"),
+        "heldout": bm.get("heldout") or {},
+        "trainable_params": tr.get("trainable_params", model.get("trainable_params")),
+        "trainable_pct": tr.get("trainable_pct", model.get("trainable_pct")),
+        "train_wall_s": tr.get("train_wall_s"),
+        "wall_s": result.get("wall_s"),
+        "out_dir": str(folder),
+    }
+
+
+def summarize(runs: Sequence[tuple[str, int]], results: Sequence[dict[str, Any]], cmp: CompareParams,
+              out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The comparison report: per method the mean ± sample std over its successful seeds of the
+    held-out mean, MME total, every held-out task and wall time, plus its trainable parameters and
+    every run (failed ones with their error)."""
+    out_dir = cmp.out_dir if out_dir is None else out_dir
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for (method, seed), res in zip(runs, results):
+        entries.setdefault(method, []).append(_run_entry(seed, res, run_dir(out_dir, method, seed)))
+    methods = {}
+    for method, rs in entries.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        tasks = sorted({t for r in ok for t in r["heldout"]})
+        first_ok = ok[0] if ok else {}
+        methods[method] = {
+            "status": "ok" if len(ok) == len(rs) else ("failed" if not ok else "partial"),
+            "seeds": [r["seed"] for r in rs],
+            "heldout_mean": mean_std(r["heldout_mean"] for r in ok),
+            "mme_total": mean_std(r["mme_total"] for r in ok),
+            "mme_perception": mean_std(r["mme_perception"] for r in ok),
+            "per_task": {t: mean_std(r["heldout"].get(t) for r in ok) for t in tasks},
+            "trainable_params": first_ok.get("trainable_params"),
+            "trainable_pct": first_ok.get("trainable_pct"),
+            "wall_s": mean_std(r["wall_s"] for r in ok),
+            "runs": rs,
+        }
+    return {
+        "methods": methods,
+        "seeds": list(cmp.seeds),
+        "steps": cmp.steps,
+        "per_task": cmp.per_task,
+        "std": "sample standard deviation over seeds (ddof 1); 0 for a single run",
+        "produced_by": produced_by("compare"),
+        "created": utc_now(),
+    }
+
+
+def run_compare(cmp: CompareParams, train: TrainParams, bench: BenchmarkParams,
+                report: Reporter | None = print_progress) -> dict[str, Any]:
+    """Train (frozen: no training) and benchmark each method x seed; write cmp.report (JSON),
+    cmp.table (Markdown) and cmp.plot (PNG); return the report."""
+    import json
+
+    from components.report import comparison_markdown, write_comparison_plot, write_text
+
+    runs = compare_runs(cmp)
+    jobs = [
+        make_job(f"{method}/seed-{seed}", train, bench, run_dir(cmp.out_dir, method, seed), per_task=cmp.per_task,
+                 method=method, seed=seed, steps=cmp.steps)
+        for method, seed in runs
+    ]
+    t0 = time.time()
+    results = run_jobs(jobs, cmp.workers, cmp.threads_per_worker, report)
+    summary = summarize(runs, results, cmp)
+    summary.update(base_dir=train.base_dir, data_dir=train.data_dir, workers=cmp.workers,
+                   threads_per_worker=cmp.threads_per_worker, wall_s=round(time.time() - t0, 1))
+    write_text(cmp.report, json.dumps(summary, indent=2, default=str) + "\n")
+    write_text(cmp.table, comparison_markdown(summary))
+    write_comparison_plot(cmp.plot, summary)
+    return summary

@@ -1,0 +1,492 @@
+"""Tables, plots and the README results block, written from the ablation and comparison reports.
+
+Why a module of its own: the numbers in README.md must come from the report files, never be typed
+by hand, so one code path renders them for `mrt ablate`/`mrt compare` (ablation.md, comparison.md)
+and for `mrt report` (README.md between the results markers). Every file is written atomically
+(temporary file + rename): a crash never leaves half a table, and DVC never caches one.
+Plots use matplotlib's object API with the Agg canvas, so nothing touches pyplot's global backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+RESULTS_START = "<!-- results:start -->"
+RESULTS_END = "<!-- results:end -->"
+METHOD_LABELS = {"frozen": "frozen base", "mrt": "MRT", "lora": "LoRA", "full": "full fine-tuning"}
+# Fixed leading columns of ablation.csv; per-task columns `heldout/<task>` follow, then the tail.
+ABLATION_HEAD = ["arm", "seed", "family", "groups", "layers", "ranks", "lengths", "trainable_params",
+                 "heldout_mean", "mme_total", "mme_perception"]
+ABLATION_TAIL = ["train_wall_s", "wall_s", "status", "error", "out_dir"]
+_INT_FIELDS = {"seed", "trainable_params"}
+_FLOAT_FIELDS = {"heldout_mean", "mme_total", "mme_perception", "train_wall_s", "wall_s"}
+METHOD_COLORS = {"frozen": "#7f7f7f", "mrt": "#1f77b4", "lora": "#ff7f0e", "full": "#2ca02c"}
+FAMILY_COLORS = {"reference": "#1f77b4", "only": "#ff7f0e", "leave-one-out": "#2ca02c", "depth": "#9467bd",
+                 "length": "#8c564b", "rank": "#e377c2"}
+
+
+class ReportError(ValueError):
+    """A report or README cannot be read or written; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes and small formatting helpers
+# ---------------------------------------------------------------------------------------------
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write via a temporary file beside `path` and rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
+    """{"mean", "std", "values"} over the values that exist; std is the sample standard deviation
+    (ddof 1; 0.0 for a single value); mean and std are None when there is no value."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "values": []}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
+
+
+def fmt_pm(stat: dict[str, Any] | None, digits: int) -> str:
+    """"0.421 ± 0.012" (several values), "0.421" (one), "—" (none)."""
+    if not stat or stat.get("mean") is None:
+        return "—"
+    text = f"{stat['mean']:.{digits}f}"
+    if len(stat.get("values") or []) > 1:
+        text += f" ± {stat['std']:.{digits}f}"
+    return text
+
+
+def fmt_int(value: Any) -> str:
+    return "—" if value is None or value == "" else f"{int(value):,}"
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub Markdown table; `align` is one character per column: l, r or c."""
+    align = align or "l" * len(header)
+    marks = {"l": "---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
+             "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def produced_by(stage: str) -> str:
+    """Which command is producing a report: `dvc repro` sets DVC_STAGE for the stages it runs."""
+    return f"dvc repro (stage {os.environ['DVC_STAGE']})" if os.environ.get("DVC_STAGE") else f"mrt {stage}"
+
+
+# ---------------------------------------------------------------------------------------------
+# placements, in words
+# ---------------------------------------------------------------------------------------------
+def _compact(layers: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → "0-2,5,7-8"."""
+    out, run = [], []
+    for x in layers:
+        if run and x == run[-1] + 1:
+            run.append(x)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [x]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def describe_placement(editors: Any, model_config: Any = None) -> dict[str, str]:
+    """groups / layers / ranks / lengths of an EditorParams as short strings for tables.
+
+    With the base's config the layer words are resolved to indices (a group whose words select no
+    layer of this model counts as off); without it, or if the placement does not fit the model, the
+    specs are shown as written.
+    """
+    from components.editors.placement import PlacementError, resolve_placement
+
+    resolved = None
+    if model_config is not None:
+        try:
+            resolved = resolve_placement(model_config, editors)
+        except PlacementError:
+            resolved = None
+    on, layers = [], []
+    for g in ("visual", "projector", "prefix", "suffix"):
+        if g == "projector":
+            if editors.projector.enabled:
+                on.append(g)
+            continue
+        spec = getattr(editors, g).layers
+        if resolved is not None:
+            if resolved[g]:
+                on.append(g)
+                layers.append(f"{g}={_compact(resolved[g])}")
+        elif spec not in ("none", []):
+            on.append(g)
+            layers.append(f"{g}={spec if isinstance(spec, str) else _compact(spec)}")
+    return {
+        "groups": "+".join(on) or "none",
+        "layers": ";".join(layers),
+        "ranks": ";".join(f"{g}={getattr(editors, g).rank}" for g in on),
+        "lengths": ";".join(f"{g}={getattr(editors, g).length}" for g in on if g in ("prefix", "suffix")),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# ablation: CSV, Markdown, plot
+# ---------------------------------------------------------------------------------------------
+def ablation_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    tasks = sorted({k for r in rows for k in r if k.startswith("heldout/")})
+    extra = [k for r in rows for k in r if k not in ABLATION_HEAD + ABLATION_TAIL and not k.startswith("heldout/")]
+    return ABLATION_HEAD + tasks + list(dict.fromkeys(extra)) + ABLATION_TAIL
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
+
+
+def write_ablation_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """One row per arm x seed; missing values are empty cells."""
+    cols = ablation_columns(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _csv_value(r.get(c)) for c in cols})
+    return write_text(path, buf.getvalue())
+
+
+def read_ablation_csv(path: str | Path) -> list[dict[str, Any]]:
+    """ablation.csv back into rows with numbers (empty cells → None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path}: ablation CSV not found (run `mrt ablate` first)")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("arm", "seed", "heldout_mean", "status") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReportError(f"{path}: not an ablation CSV (missing columns {', '.join(missing)})")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                try:
+                    if v in ("", None):
+                        row[k] = None if (k in _INT_FIELDS or k in _FLOAT_FIELDS or k.startswith("heldout/")) else ""
+                    elif k in _INT_FIELDS:
+                        row[k] = int(float(v))
+                    elif k in _FLOAT_FIELDS or k.startswith("heldout/"):
+                        row[k] = float(v)
+                    else:
+                        row[k] = v
+                except ValueError:
+                    raise ReportError(f"{path}: line {line}, column '{k}': not a number: {v!r}") from None
+            rows.append(row)
+    return rows
+
+
+def aggregate_arms(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per arm (grid order): its rows' stats over the seeds that finished."""
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(r)
+    out = []
+    for arm, rs in by_arm.items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        first = rs[0]
+        out.append({
+            "arm": arm,
+            "family": first.get("family", ""),
+            "groups": first.get("groups", ""),
+            "layers": first.get("layers", ""),
+            "ranks": first.get("ranks", ""),
+            "lengths": first.get("lengths", ""),
+            "trainable_params": next(
+                (r["trainable_params"] for r in rs if r.get("trainable_params") is not None), None),
+            "heldout_mean": mean_std(r.get("heldout_mean") for r in ok),
+            "mme_total": mean_std(r.get("mme_total") for r in ok),
+            "wall_s": mean_std(r.get("wall_s") for r in ok),
+            "n": len(rs),
+            "failed": [r for r in rs if r.get("status") != "ok"],
+        })
+    return out
+
+
+def _status(agg: dict[str, Any]) -> str:
+    k = len(agg["failed"])
+    return "ok" if k == 0 else "failed" if k == agg["n"] else f"{k}/{agg['n']} failed"
+
+
+def ablation_table(rows: Sequence[dict[str, Any]], *, detailed: bool = True) -> str:
+    aggs = aggregate_arms(rows)
+    ref = next((a for a in aggs if a["arm"] == "all"), None)
+    ref_mean = ref["heldout_mean"]["mean"] if ref else None
+
+    def delta(a: dict[str, Any]) -> str:
+        m = a["heldout_mean"]["mean"]
+        if a is ref or m is None or ref_mean is None:
+            return "—"
+        return f"{round(m - ref_mean, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000" from float noise
+
+    if detailed:
+        header = ["arm", "groups", "layers", "ranks", "lengths", "trainable params", "held-out mean", "Δ vs all",
+                  "MME total", "wall s", "status"]
+        body = [[a["arm"], a["groups"], a["layers"] or "—", a["ranks"] or "—", a["lengths"] or "—",
+                 fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a), fmt_pm(a["mme_total"], 1),
+                 fmt_pm(a["wall_s"], 0), _status(a)] for a in aggs]
+        return md_table(header, body, "lllllrrrrrl")
+    header = ["arm", "groups", "trainable params", "held-out mean", "Δ vs all", "MME total"]
+    body = [[a["arm"], a["groups"], fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a),
+             fmt_pm(a["mme_total"], 1)] for a in aggs]
+    return md_table(header, body, "llrrrr")
+
+
+def _failures(items: Iterable[tuple[str, str]]) -> str:
+    lines = [f"- `{key}`: {(err or 'unknown error').splitlines()[0]}" for key, err in items]
+    return ("\n\nFailed runs (the others are unaffected):\n\n" + "\n".join(lines)) if lines else ""
+
+
+def ablation_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """ablation.md: what was swept, how, and the per-arm table (mean ± std over seeds)."""
+    seeds = meta.get("seeds", [])
+    lines = [
+        "# Editor placement ablation",
+        "",
+        f"Grid `{meta.get('grid')}`, {meta.get('steps')} training steps per arm, seeds {seeds}, "
+        f"{meta.get('per_task') or 'all'} records per held-out task; base `{meta.get('base_dir')}`, "
+        f"data `{meta.get('data_dir')}`; {meta.get('workers')} worker(s) × {meta.get('threads_per_worker')} "
+        f"thread(s), sweep wall time {meta.get('wall_s')} s. Written by {produced_by('ablate')} on {utc_now()}.",
+        "",
+        "Held-out mean: exact match / option letter over the held-out tasks (zero-shot); "
+        + ("mean ± sample std over seeds. " if len(seeds) > 1 else "")
+        + "Δ vs all: difference to the reference placement (`train.editors`).",
+        "",
+        ablation_table(rows),
+    ]
+    failed = [(f"{r['arm']}/seed-{r['seed']}", r.get("error", "")) for r in rows if r.get("status") != "ok"]
+    return "\n".join(lines) + _failures(failed) + "\n"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return write_bytes(path, buf.getvalue())
+
+
+def write_ablation_plot(path: str | Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
+    """Horizontal bars: held-out mean per arm (± std over seeds), trainable parameters written at
+    each bar, a dashed line at the reference placement, colour by family."""
+    meta = meta or {}
+    aggs = aggregate_arms(rows)
+    fig = _figure(8.0, 1.2 + 0.38 * max(len(aggs), 1))
+    ax = fig.add_subplot(1, 1, 1)
+    names = [a["arm"] for a in aggs]
+    means = [a["heldout_mean"]["mean"] for a in aggs]
+    stds = [a["heldout_mean"]["std"] if len(a["heldout_mean"]["values"]) > 1 else 0.0 for a in aggs]
+    y = list(range(len(aggs)))
+    colors = [FAMILY_COLORS.get(a["family"], "#7f7f7f") for a in aggs]
+    ax.barh(y, [m or 0.0 for m in means], xerr=stds if any(stds) else None, color=colors, capsize=3)
+    top = max([m + sd for m, sd in zip(means, stds) if m is not None] + [0.05])
+    for yi, a, m, sd in zip(y, aggs, means, stds):
+        label = "failed" if m is None else f"{m:.3f} · {fmt_int(a['trainable_params'])} params"
+        ax.text((m or 0.0) + sd + top * 0.02, yi, label, va="center", fontsize=8)
+    ref = next((a for a in aggs if a["arm"] == "all"), None)
+    if ref and ref["heldout_mean"]["mean"] is not None:
+        ax.axvline(ref["heldout_mean"]["mean"], color="black", linestyle="--", linewidth=0.8)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.45)
+    ax.set_xlabel("held-out mean (zero-shot)")
+    ax.set_title(f"Editor placement ablation — grid {meta.get('grid', '?')}, {meta.get('steps', '?')} steps, "
+                 f"seeds {meta.get('seeds', '?')}", fontsize=10)
+    return _save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison: Markdown, plot
+# ---------------------------------------------------------------------------------------------
+def _trainable(m: dict[str, Any]) -> str:
+    n = m.get("trainable_params")
+    if n is None:
+        return "—"
+    pct = m.get("trainable_pct")
+    return fmt_int(n) + (f" ({pct:.2f}%)" if pct is not None and n else "")
+
+
+def comparison_table(summary: dict[str, Any]) -> str:
+    """method | trainable params | held-out mean ± std | MME total ± std | wall s."""
+    header = ["method", "trainable params", "held-out mean ± std", "MME total ± std", "wall s", "runs"]
+    body = []
+    for name, m in summary["methods"].items():
+        ok = len(m.get("heldout_mean", {}).get("values") or [])
+        body.append([METHOD_LABELS.get(name, name), _trainable(m), fmt_pm(m.get("heldout_mean"), 3),
+                     fmt_pm(m.get("mme_total"), 1), fmt_pm(m.get("wall_s"), 0), f"{ok}/{len(m.get('runs', []))}"])
+    return md_table(header, body, "lrrrrr")
+
+
+def per_task_table(summary: dict[str, Any]) -> str:
+    methods = list(summary["methods"])
+    tasks = sorted({t for m in summary["methods"].values() for t in (m.get("per_task") or {})})
+    body = [[t] + [fmt_pm(summary["methods"][m].get("per_task", {}).get(t), 3) for m in methods] for t in tasks]
+    return md_table(["held-out task"] + [METHOD_LABELS.get(m, m) for m in methods], body, "l" + "r" * len(methods))
+
+
+def comparison_provenance(summary: dict[str, Any]) -> str:
+    seeds = summary.get("seeds", [])
+    return (f"Produced by `{summary.get('produced_by', 'mrt compare')}` on {summary.get('created', '?')}: "
+            f"{len(summary['methods'])} methods on the same base, data and batches, {summary.get('steps')} "
+            f"training steps, seeds {seeds}; mean ± sample std over seeds"
+            + (" (the frozen base has no training, so it is benchmarked once)." if "frozen" in summary["methods"]
+               else "."))
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    failed = [(f"{name}/seed-{r['seed']}", r.get("error", "")) for name, m in summary["methods"].items()
+              for r in m.get("runs", []) if r.get("status") != "ok"]
+    return "\n".join([
+        "# MRT against LoRA, full fine-tuning and the frozen base",
+        "",
+        comparison_provenance(summary),
+        "",
+        comparison_table(summary),
+        "",
+        "Per held-out task (mean ± std over seeds):",
+        "",
+        per_task_table(summary),
+    ]) + _failures(failed) + "\n"
+
+
+def write_comparison_plot(path: str | Path, summary: dict[str, Any]) -> Path:
+    """Two panels: held-out mean and MME total per method, bars ± std, seeds as dots."""
+    methods = list(summary["methods"])
+    fig = _figure(9.0, 3.6)
+    for k, (key, title) in enumerate((("heldout_mean", "held-out mean (zero-shot)"), ("mme_total", "MME total"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        stats = [summary["methods"][m].get(key) or {} for m in methods]
+        means = [s.get("mean") or 0.0 for s in stats]
+        stds = [s.get("std") or 0.0 for s in stats]
+        x = list(range(len(methods)))
+        colors = [METHOD_COLORS.get(m, "#9467bd") for m in methods]
+        ax.bar(x, means, yerr=stds if any(stds) else None, capsize=4, color=colors)
+        for xi, st, mean, sd in zip(x, stats, means, stds):
+            vals = st.get("values") or []
+            ax.plot([xi] * len(vals), vals, "k.", markersize=4)
+            if st.get("mean") is not None:
+                ax.text(xi, mean + sd, f"{mean:.3f}" if key == "heldout_mean" else f"{mean:.0f}", ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_ylim(0, max([m + sd for m, sd in zip(means, stds)] + [1e-3]) * 1.2)
+        ax.set_xticks(x, [METHOD_LABELS.get(m, m) for m in methods], rotation=15)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{summary.get('steps')} steps, seeds {summary.get('seeds')}", fontsize=10)
+    return _save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# README
+# ---------------------------------------------------------------------------------------------
+def read_comparison(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path}: comparison report not found (run `mrt compare` first)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON (line {exc.lineno} col {exc.colno}: {exc.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("methods"), dict) or not data["methods"]:
+        raise ReportError(f"{path}: field 'methods' missing or empty — not a `mrt compare` report")
+    for name, m in data["methods"].items():
+        for field in ("heldout_mean", "mme_total", "trainable_params", "wall_s"):
+            if field not in m:
+                raise ReportError(f"{path}: methods.{name}: field '{field}' missing")
+    return data
+
+
+def results_block(comparison: dict[str, Any], ablation_rows: Sequence[dict[str, Any]] | None = None,
+                  sources: Sequence[str] = ()) -> str:
+    parts = [
+        "<!-- written by `mrt report` from " + (", ".join(sources) or "the reports")
+        + "; re-run it instead of editing this block -->",
+        "",
+        comparison_provenance(comparison),
+        "",
+        comparison_table(comparison),
+        "",
+        "Per held-out task (mean ± std over seeds):",
+        "",
+        per_task_table(comparison),
+    ]
+    if ablation_rows:
+        parts += ["", "Editor placement ablation (`mrt ablate`, `reports/ablation.md` has every column):", "",
+                  ablation_table(ablation_rows, detailed=False)]
+    return "\n".join(parts)
+
+
+def write_readme_results(readme_path: str | Path, comparison_json: str | Path,
+                         ablation_csv: str | Path | None = None) -> str:
+    """Replace what lies between the results markers of README.md with the tables built from the
+    comparison report (and the ablation CSV, if given); returns the new block. The README is left
+    untouched when anything is wrong (missing markers, unreadable reports)."""
+    readme_path = Path(readme_path)
+    if not readme_path.is_file():
+        raise ReportError(f"{readme_path}: README not found")
+    text = readme_path.read_text(encoding="utf-8")
+    for marker in (RESULTS_START, RESULTS_END):
+        count = text.count(marker)
+        if count != 1:
+            raise ReportError(
+                f"{readme_path}: marker '{marker}' found {count} times, expected once; put one "
+                f"'{RESULTS_START}' and one '{RESULTS_END}' line where the results table belongs"
+            )
+    start, end = text.index(RESULTS_START), text.index(RESULTS_END)
+    if end < start:
+        raise ReportError(f"{readme_path}: '{RESULTS_END}' comes before '{RESULTS_START}'")
+    comparison = read_comparison(comparison_json)
+    rows = read_ablation_csv(ablation_csv) if ablation_csv is not None else None
+    sources = [str(comparison_json)] + ([str(ablation_csv)] if ablation_csv is not None else [])
+    block = results_block(comparison, rows, sources)
+    new = text[: start + len(RESULTS_START)] + "\n" + block + "\n" + text[end:]
+    if new != text:
+        write_text(readme_path, new)
+    return block

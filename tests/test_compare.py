@@ -1,0 +1,152 @@
+"""`mrt compare` and the README results writer: runs per method x seed, mean ± std, tables, markers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from components.compare import compare_runs, run_compare, summarize
+from components.config import CompareParams
+from components.report import RESULTS_END, RESULTS_START, ReportError, comparison_markdown, write_readme_results
+
+
+def _result(heldout: float | None, mme: float | None, trainable: int, wall: float, status: str = "ok") -> dict:
+    if status != "ok":
+        return {"status": "failed", "error": "RuntimeError: no\ntrace", "train": None, "benchmark": None,
+                "wall_s": None}
+    return {
+        "status": "ok", "error": "", "wall_s": wall,
+        "train": {"trainable_params": trainable, "trainable_pct": trainable / 1000, "train_wall_s": wall / 2},
+        "benchmark": {"heldout_mean": heldout, "mme_total": mme, "mme_perception": mme,
+                      "heldout": {"t1": heldout, "t2": heldout / 2}},
+    }
+
+
+def test_runs_are_methods_by_seeds_with_one_frozen_run():
+    cmp = CompareParams(methods=["frozen", "mrt", "lora"], seeds=[3, 4])
+    assert compare_runs(cmp) == [("frozen", 3), ("mrt", 3), ("mrt", 4), ("lora", 3), ("lora", 4)]
+
+
+def test_summary_gives_mean_and_sample_std_over_successful_seeds(tmp_path):
+    cmp = CompareParams(methods=["frozen", "mrt", "lora"], seeds=[0, 1, 2], out_dir=str(tmp_path))
+    runs = compare_runs(cmp)
+    results = [_result(0.1, 50.0, 0, 5.0),
+               _result(0.2, 100.0, 700, 10.0), _result(0.4, 120.0, 700, 12.0), _result(0.6, 140.0, 700, 14.0),
+               _result(0.3, 90.0, 9000, 8.0), _result(None, None, 0, 0, status="failed"),
+               _result(0.5, 110.0, 9000, 9.0)]
+    s = summarize(runs, results, cmp)
+    mrt = s["methods"]["mrt"]
+    assert mrt["heldout_mean"]["values"] == [0.2, 0.4, 0.6]
+    assert math.isclose(mrt["heldout_mean"]["mean"], 0.4) and math.isclose(mrt["heldout_mean"]["std"], 0.2)
+    assert math.isclose(mrt["mme_total"]["std"], 20.0) and math.isclose(mrt["wall_s"]["mean"], 12.0)
+    assert math.isclose(mrt["per_task"]["t2"]["mean"], 0.2) and mrt["trainable_params"] == 700
+    lora = s["methods"]["lora"]
+    assert lora["status"] == "partial" and lora["heldout_mean"]["values"] == [0.3, 0.5]
+    assert [r["status"] for r in lora["runs"]] == ["ok", "failed", "ok"]
+    assert lora["runs"][1]["out_dir"] == str(tmp_path / "lora" / "seed-1")
+    frozen = s["methods"]["frozen"]
+    assert frozen["seeds"] == [0] and frozen["heldout_mean"]["std"] == 0.0 and frozen["trainable_params"] == 0
+    assert s["seeds"] == [0, 1, 2] and s["steps"] == cmp.steps and s["produced_by"] == "mrt compare"
+    md = comparison_markdown(s)
+    row = next(line for line in md.splitlines() if line.startswith("| MRT |"))
+    assert "0.400 ± 0.200" in row and "120.0 ± 20.0" in row and "700 (0.70%)" in row and "3/3" in row
+    t1 = next(line for line in md.splitlines() if line.startswith("| t1 |"))
+    assert t1 == "| t1 | 0.100 | 0.400 ± 0.200 | 0.400 ± 0.141 |"
+    assert "| LoRA |" in md and "2/3" in md and "`lora/seed-1`: RuntimeError: no" in md and "| t1 |" in md
+
+
+def test_produced_by_names_dvc_when_dvc_runs_the_stage(monkeypatch, tmp_path):
+    monkeypatch.setenv("DVC_STAGE", "compare")
+    cmp = CompareParams(methods=["frozen"], seeds=[0])
+    assert summarize([("frozen", 0)], [_result(0.1, 1.0, 0, 1.0)], cmp)["produced_by"] == "dvc repro (stage compare)"
+
+
+# ---------------------------------------------------------------------------------------------
+# README
+# ---------------------------------------------------------------------------------------------
+def _comparison_file(tmp_path: Path) -> Path:
+    cmp = CompareParams(methods=["frozen", "mrt"], seeds=[0, 1])
+    s = summarize(compare_runs(cmp), [_result(0.1, 50.0, 0, 5.0), _result(0.3, 80.0, 700, 9.0),
+                                      _result(0.5, 100.0, 700, 11.0)], cmp)
+    path = tmp_path / "comparison.json"
+    path.write_text(json.dumps(s))
+    return path
+
+
+def test_readme_block_is_replaced_between_markers_only(tmp_path):
+    from components.report import write_ablation_csv
+
+    readme = tmp_path / "README.md"
+    before, after = "# Title\n\nintro\n\n", "\n\n## Next\n\ntext\n"
+    readme.write_text(before + RESULTS_START + "\nold table\n" + RESULTS_END + after)
+    csv_path = write_ablation_csv(tmp_path / "ablation.csv", [
+        {"arm": "all", "seed": 0, "groups": "visual", "trainable_params": 10, "heldout_mean": 0.5, "status": "ok"},
+        {"arm": "no-visual", "seed": 0, "groups": "prefix", "trainable_params": 4, "heldout_mean": 0.25,
+         "status": "ok"}])
+    block = write_readme_results(readme, _comparison_file(tmp_path), csv_path)
+    text = readme.read_text()
+    assert text.startswith(before + RESULTS_START + "\n") and text.endswith(RESULTS_END + after)
+    assert "old table" not in text and block in text
+    assert "Produced by `mrt compare`" in block and "| MRT | 700" in block and "0.400 ± 0.141" in block
+    assert "| no-visual | prefix | 4 | 0.250 | -0.250 |" in block
+    write_readme_results(readme, _comparison_file(tmp_path), csv_path)
+    assert readme.read_text().count(RESULTS_START) == 1  # idempotent: one block, still between the markers
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        ("no markers here\n", f"'{RESULTS_START}' found 0 times"),
+        (f"{RESULTS_START}\n{RESULTS_START}\n{RESULTS_END}\n", f"'{RESULTS_START}' found 2 times"),
+        (f"{RESULTS_END}\nx\n{RESULTS_START}\n", "comes before"),
+    ],
+)
+def test_readme_marker_problems_are_clear_and_change_nothing(tmp_path, content, expect):
+    readme = tmp_path / "README.md"
+    readme.write_text(content)
+    with pytest.raises(ReportError) as err:
+        write_readme_results(readme, _comparison_file(tmp_path))
+    assert expect in str(err.value) and str(readme) in str(err.value)
+    assert readme.read_text() == content
+
+
+def test_readme_writer_names_a_bad_comparison_report(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{RESULTS_START}\n{RESULTS_END}\n")
+    bad = tmp_path / "comparison.json"
+    bad.write_text(json.dumps({"methods": {"mrt": {"heldout_mean": {}}}}))
+    with pytest.raises(ReportError, match=r"comparison.json: methods.mrt: field 'mme_total' missing"):
+        write_readme_results(readme, bad)
+    bad.write_text("{not json")
+    with pytest.raises(ReportError, match="not valid JSON"):
+        write_readme_results(readme, bad)
+    with pytest.raises(ReportError, match="not found"):
+        write_readme_results(readme, tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke: two methods x two seeds on a tiny base
+# ---------------------------------------------------------------------------------------------
+def test_compare_two_methods_two_seeds_end_to_end(tmp_path):
+    from tiny_sweep import bench_params, build_tiny_setup, compare_params, train_params
+
+    data, base = build_tiny_setup(tmp_path / "setup")
+    cmp = compare_params(tmp_path, methods=["mrt", "lora"], seeds=[0, 1])
+    s = run_compare(cmp, train_params(tmp_path, data, base, steps=3), bench_params(tmp_path, data, base), report=None)
+    saved = json.loads(Path(cmp.report).read_text())
+    assert saved["methods"].keys() == {"mrt", "lora"} and saved["seeds"] == [0, 1] and saved["steps"] == 2
+    for name, m in saved["methods"].items():
+        assert m["status"] == "ok", [r["error"] for r in m["runs"]]
+        assert len(m["heldout_mean"]["values"]) == 2 and m["heldout_mean"]["std"] is not None
+        assert len(m["mme_total"]["values"]) == 2 and m["trainable_params"] > 0 and m["per_task"]
+        assert m["wall_s"]["mean"] > 0
+    assert saved["methods"]["lora"]["trainable_params"] != saved["methods"]["mrt"]["trainable_params"]
+    curves = [(Path(cmp.out_dir) / "mrt" / f"seed-{k}" / "train_curve.csv").read_text() for k in (0, 1)]
+    assert curves[0] != curves[1]  # the seeds really differ
+    assert (Path(cmp.out_dir) / "lora" / "seed-1" / "adapter_config.json").is_file()
+    assert json.loads((Path(cmp.out_dir) / "lora" / "seed-1" / "train.json").read_text())["steps"] == cmp.steps
+    assert "| MRT |" in Path(cmp.table).read_text() and Path(cmp.plot).read_bytes()[:4] == b"\x89PNG"
+    assert s["methods"]["mrt"]["heldout_mean"] == saved["methods"]["mrt"]["heldout_mean"]

@@ -271,6 +271,55 @@ class PredictParams(_Section):
     batch_size: int = Field(16, ge=1)
 
 
+class TrackParams(_Section):
+    """MLflow tracking and the registry (DESIGN.md's contracts). MLFLOW_TRACKING_URI overrides tracking_uri."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "mrt"
+    registered_model: str = "mrt-editors"
+    system_metrics: bool = True  # CPU/memory/GPU samples on every training run
+    system_metrics_interval_s: float = Field(2.0, gt=0)
+    retries: int = Field(3, ge=0)  # tracking-server calls retried this many times before the run fails
+    retry_delay_s: float = Field(2.0, ge=0)
+
+
+class PromoteParams(_Section):
+    """mrt promote: register the candidate (alias candidate) and move `champion` only through the gate."""
+
+    candidate_dir: str = "models/editors"  # the editors (or adapter) folder that becomes a model version
+    benchmark_report: str = "reports/benchmark.json"  # the candidate's held-out and MME scores
+    validation_report: str = "reports/validation.json"
+    margin: float = Field(0.0, ge=0, le=1)  # held-out mean must beat the champion's by at least this
+    max_task_drop: float = Field(0.05, ge=0, le=1)  # and no held-out task may drop by more than this
+    report: str = "reports/promotion.json"
+
+
+class DeployParams(_Section):
+    """mrt deploy: the scheduled retraining deployment of the mrt-pipeline flow."""
+
+    name: str = "mrt-retrain"
+    cron: str = "0 3 * * 1"  # Mondays 03:00
+    timezone: str = "UTC"
+    work_pool: str | None = None  # null: serve from this process; a pool name: deploy to that pool's workers
+    params_file: str = "params.yaml"  # the profile each scheduled run reads
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_has_five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("cron must have five fields (minute hour day month weekday), e.g. '0 3 * * 1'")
+        return value
+
+
+class RunParams(_Section):
+    """mrt run: the whole pipeline as one Prefect flow (data → … → promote)."""
+
+    ablation: bool = True  # run the placement ablation subflow
+    baselines: bool = True  # benchmark LoRA / full / frozen beside the candidate (the compare section)
+    promote: bool = True
+    summary: str = "reports/run_summary.md"
+
+
 class Params(_Section):
     data: DataParams = Field(default_factory=DataParams)
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
@@ -280,6 +329,10 @@ class Params(_Section):
     benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
     ablate: AblateParams = Field(default_factory=AblateParams)
     compare: CompareParams = Field(default_factory=CompareParams)
+    track: TrackParams = Field(default_factory=TrackParams)
+    promote: PromoteParams = Field(default_factory=PromoteParams)
+    deploy: DeployParams = Field(default_factory=DeployParams)
+    run: RunParams = Field(default_factory=RunParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

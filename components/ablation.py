@@ -460,7 +460,8 @@ def ablation_rows(arms: Sequence[Arm], results: Sequence[dict[str, Any]], out_di
 
 
 def run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParams,
-                 report: Reporter | None = print_progress) -> list[dict[str, Any]]:
+                 report: Reporter | None = print_progress,
+                 runner: Callable[..., list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """Train and benchmark every arm of the grid; write ablate.report_csv, report_md and plot.
 
     Each arm is `train` with method mrt, the arm's editors and seed, and `ablate.steps` steps, then
@@ -476,7 +477,8 @@ def run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParam
         for arm in arms
     ]
     t0 = time.time()
-    results = run_jobs(jobs, ablate.workers, ablate.threads_per_worker, report)
+    # `runner(jobs, report)`: another executor with run_jobs' contract (flows.ray_runner.jobs_runner for Ray).
+    results = runner(jobs, report) if runner else run_jobs(jobs, ablate.workers, ablate.threads_per_worker, report)
     wall = time.time() - t0
     rows = ablation_rows(arms, results, ablate.out_dir, _model_config(train.base_dir))
     meta = {
@@ -484,6 +486,7 @@ def run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParam
         "steps": ablate.steps,
         "seeds": list(ablate.seeds),
         "workers": ablate.workers,
+        "executor": ablate.executor,
         "threads_per_worker": ablate.threads_per_worker,
         "per_task": ablate.per_task,
         "base_dir": train.base_dir,

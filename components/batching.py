@@ -114,20 +114,60 @@ def image_token_count(processor) -> int:
     return int((out["input_ids"] == processor.image_token_id).sum())
 
 
+# 16- and 32-bit integer greyscale (16-bit PNG/TIFF scans, medical and astronomy images).
+WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def unsupported_image_mode(mode: str) -> str | None:
+    """Why images of this PIL mode are refused, or None. Validation asks the same question as
+    `to_rgb`, so a data set that passes validation never fails later on an image mode."""
+    if mode == "F":
+        return ("32-bit floating-point images (PIL mode F) are not supported: their value range is "
+                "undefined; save them as 8- or 16-bit")
+    return None
+
+
+def to_rgb(im):
+    """The one rule by which every stage (validate, train, predict, benchmark) turns an image into RGB.
+
+    PIL's own `convert("RGB")` clips 16-bit samples at 255, which turns almost every 16-bit
+    greyscale image white. Here 16-bit samples are scaled to 8 bits (v // 257, so 65535 → 255) and
+    then replicated to three channels; mode `I` (32-bit int, as which PIL opens some 16-bit files) is
+    read as 16-bit samples clipped to 0..65535. Mode F is refused (see `unsupported_image_mode`).
+    Every other mode (L, P, RGBA, CMYK, YCbCr, …) goes through `convert("RGB")`, alpha dropped, as
+    LLaVA's own loader does.
+    """
+    import numpy as np
+    from PIL import Image
+
+    why = unsupported_image_mode(im.mode)
+    if why:
+        raise ValueError(why)
+    if im.mode in WIDE_INT_MODES:
+        wide = np.asarray(im).astype(np.int64)
+        return Image.fromarray((np.clip(wide, 0, 65535) // 257).astype(np.uint8), mode="L").convert("RGB")
+    return im.convert("RGB")  # a copy even for RGB: callers may perturb it in place
+
+
 def load_image(image: Any):
-    """Path or PIL image → RGB PIL image; a clear error names the file."""
+    """Path or PIL image → RGB PIL image (by `to_rgb`); a clear error names the file."""
     from PIL import Image
 
     if image is None:
         return None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     path = Path(image)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: would otherwise escape as a traceback
+        raise ValueError(f"{path}: image is too large to decode safely ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
+        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
 def pixel_values(processor, images: Sequence[Any]) -> torch.Tensor | None:

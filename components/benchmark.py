@@ -272,7 +272,10 @@ def _images(data, rows: Sequence[Row], perturbation: str, seed: int) -> list[Any
 
     out = []
     for r in rows:
-        im = load_image(data.image_path(r)) if r.image is not None else None
+        try:
+            im = load_image(data.image_path(r)) if r.image is not None else None
+        except ValueError as exc:  # name the record and field, not only the image file
+            raise _data_error(r.source, r.id, "image", str(exc)) from None
         out.append(im if im is None or perturbation == CLEAN else perturb_image(im, perturbation, seed, r.id))
     return out
 
@@ -334,6 +337,12 @@ def _load_rows(p: BenchmarkParams):
     if p.per_task is not None:
         heldout = pick_per_task(heldout, p.per_task)
     mme = cap_mme(data.split("mme"), p.per_task)
+    known = data.manifest.get("tasks")
+    unknown = [r for r in heldout if isinstance(known, dict) and r.task not in known]
+    if unknown:  # name the record, not only the manifest: the record is what a person fixes
+        r = unknown[0]
+        raise _data_error(r.source, r.id, "task_name", f"held-out task {r.task!r} is not among the tasks of "
+                          f"{Path(p.data_dir) / MANIFEST} ({len(unknown)} record(s) in all)")
     kinds = task_kinds(data.manifest, [r.task for r in heldout], str(Path(p.data_dir) / MANIFEST))
     check_references(heldout, kinds)
     return data, heldout, mme, kinds

@@ -171,7 +171,12 @@ def ablate_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> N
     from components.ablation import run_ablation
 
     cfg = _load(params, set_)
-    rows = run_ablation(cfg.ablate, cfg.train, cfg.benchmark)
+    runner = None
+    if cfg.ablate.executor == "ray":  # Ray (through prefect-ray) lives in flows/; the local pool needs neither
+        from flows.ray_runner import jobs_runner
+
+        runner = jobs_runner(cfg.ablate)
+    rows = run_ablation(cfg.ablate, cfg.train, cfg.benchmark, runner=runner)
     failed = [r for r in rows if r.get("status") != "ok"]
     typer.echo(f"{len(rows) - len(failed)}/{len(rows)} arms ok; table: {cfg.ablate.report_md}, plot: {cfg.ablate.plot}")
     if failed:
@@ -196,14 +201,84 @@ def report_cmd(
     params: str = ParamsOpt,
     set_: Optional[List[str]] = SetOpt,
     readme: str = typer.Option("README.md", "--readme", help="file with the results markers"),
+    results: bool = typer.Option(True, "--results/--no-results", help="write the results block"),
+    reliability: Optional[str] = typer.Option(
+        None, "--reliability", help="also write the Reliability table from this pytest --reliability-report JSON"
+    ),
 ) -> None:
     """Write README's results table from the comparison (and ablation) reports — never by hand."""
-    from components.report import write_readme_results
+    from components.report import ReportError, write_readme_results
 
     cfg = _load(params, set_)
-    ablation_csv = cfg.ablate.report_csv if Path(cfg.ablate.report_csv).exists() else None
-    write_readme_results(readme, cfg.compare.report, ablation_csv)
-    typer.echo(f"updated {readme} from {cfg.compare.report}" + (f" and {ablation_csv}" if ablation_csv else ""))
+    if not results and not reliability:
+        raise ReportError("nothing to write: --no-results without --reliability FILE")
+    if results:
+        ablation_csv = cfg.ablate.report_csv if Path(cfg.ablate.report_csv).exists() else None
+        write_readme_results(readme, cfg.compare.report, ablation_csv)
+        typer.echo(f"updated {readme} from {cfg.compare.report}" + (f" and {ablation_csv}" if ablation_csv else ""))
+    if reliability:
+        from components.reliability import write_readme_reliability
+
+        write_readme_reliability(readme, reliability)
+        typer.echo(f"updated {readme}'s reliability table from {reliability}")
+
+
+@app.command("promote")
+@_friendly
+def promote_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Register the benchmarked candidate (alias candidate); move `champion` only if the gate passes."""
+    from mlflow.exceptions import MlflowException
+
+    from components.registry import PromotionError, promote
+    from components.tracking import TrackingError
+
+    cfg = _load(params, set_)
+    try:
+        decision = promote(cfg, params_file=params)
+    except (TrackingError, PromotionError, MlflowException) as exc:
+        if os.environ.get("MRT_DEBUG"):
+            raise
+        _err(f"promotion failed: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    typer.echo(decision.markdown())
+    typer.echo(f"report: {cfg.promote.report}")
+
+
+@app.command("run")
+@_friendly
+def run_cmd(
+    params: str = ParamsOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="retrain even when the champion is up to date; recompute cached stages"),
+) -> None:
+    """The whole pipeline as one Prefect flow (data → validate → base → train → benchmark → ablate →
+    baselines → promote); ends with the summary table."""
+    from flows.pipeline import UP_TO_DATE, PipelineStopped, run
+
+    try:
+        result = run(params, set_ or [], force)
+    except PipelineStopped as exc:
+        _err(f"pipeline stopped: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    if result.get("status") != UP_TO_DATE:
+        typer.echo(f"summary: {result['summary']}  MLflow parent run: {result['parent_run_id']}")
+
+
+@app.command("deploy")
+@_friendly
+def deploy_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Scheduled retraining (deploy section): serve the cron deployment here (work_pool null; blocks
+    until Ctrl-C) or register it on a work pool for its workers."""
+    from flows.deploy import deploy
+
+    cfg = _load(params, set_)
+    dp = cfg.deploy
+    where = f"work pool {dp.work_pool!r}" if dp.work_pool else "this process (Ctrl-C to stop)"
+    typer.echo(f"deployment mrt-pipeline/{dp.name}: cron '{dp.cron}' ({dp.timezone}), "
+               f"params {dp.params_file}, runs on {where}")
+    dep_id = deploy(dp)
+    if dep_id:
+        typer.echo(f"registered deployment {dep_id}; start a worker: prefect worker start --pool {dp.work_pool}")
 
 
 @app.command("predict")
@@ -215,6 +290,9 @@ def predict_cmd(
     editors: Optional[str] = typer.Option(
         None, "--editors", help="editors/adapter folder (default: train.out_dir; 'none' for the bare base)"
     ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="a registered version instead of folders: models:/<name>@<alias> or models:/<name>/<n>"
+    ),
     params: str = ParamsOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
@@ -225,7 +303,20 @@ def predict_cmd(
     images = list(image or [])
     if images and len(images) != len(prompt):
         raise ValueError(f"got {len(images)} --image and {len(prompt)} --prompt; give one image per prompt")
-    adapter = None if editors == "none" else (editors or cfg.train.out_dir)
+    if model is not None:
+        if base is not None or editors is not None:
+            raise ValueError("--model names a registered version: use it without --base/--editors")
+        from mlflow.exceptions import MlflowException
+
+        from components.registry import resolve_model
+        from components.tracking import TrackingError
+
+        try:
+            base, adapter = resolve_model(model, track=cfg.track)
+        except (TrackingError, MlflowException) as exc:
+            raise ValueError(f"{model}: {exc}") from None
+    else:
+        adapter = None if editors == "none" else (editors or cfg.train.out_dir)
     answers = predict(
         base_dir=base or cfg.train.base_dir,
         adapter_dir=adapter,

@@ -101,6 +101,7 @@ class AlignParams(_Section):
     vision_model: str | None = None  # composed: a CLIP vision checkpoint (id or folder)
     language_model: str | None = None  # composed: a causal LM (id or folder)
     language_model_gguf: str | None = None  # composed: GGUF file name inside language_model
+    language_model_cache: str | None = "models/lm-cache"  # composed GGUF: converted once to a folder here; null = dequantise every load
     data_dir: str = "data/visionflan-mini"
     out_dir: str = "models/base"
     report: str = "reports/align.json"
@@ -238,7 +239,7 @@ class AblateParams(_Section):
 
     grid: Literal["default", "full"] = "default"  # default is sized for 2 CPU cores; full = every variant
     arms: list[str] = Field(default_factory=list)  # run only these arm names; empty = the whole grid
-    steps: int = Field(300, ge=1)
+    steps: int = Field(150, ge=1)  # half of train.steps: sized so the whole `mrt run` fits ~10 min on 2 cores
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     workers: int = Field(2, ge=1)  # arms in parallel (local process pool)
     threads_per_worker: int = Field(1, ge=1)
@@ -247,6 +248,9 @@ class AblateParams(_Section):
     report_csv: str = "reports/ablation.csv"
     report_md: str = "reports/ablation.md"
     plot: str = "reports/ablation.png"
+    executor: Literal["local", "ray"] = "local"  # local: process pool (workers); ray: one Ray task per arm (extra [ray])
+    gpus_per_arm: float | None = Field(None, ge=0)  # ray: GPUs each arm asks for; null = 1 if the cluster has GPUs, else 0
+    ray_address: str | None = None  # ray: null = start a local Ray; "auto" or "ray://host:10001" = join a cluster
 
 
 class CompareParams(_Section):
@@ -318,6 +322,7 @@ class RunParams(_Section):
     baselines: bool = True  # benchmark LoRA / full / frozen beside the candidate (the compare section)
     promote: bool = True
     summary: str = "reports/run_summary.md"
+    state_dir: str = "models/.flow-state"  # stamps: which inputs produced the outputs on disk (flow cache check)
 
 
 class Params(_Section):

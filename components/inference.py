@@ -144,7 +144,12 @@ def predict(base_dir, adapter_dir, images: Sequence[Any], prompts: Sequence[str]
     loaded = load_model(base_dir, adapter_dir)
     max_new = params.max_new_tokens if params is not None else 8
     bs = params.batch_size if params is not None else 16
-    imgs = [load_image(im) if im is not None else None for im in images]
+    imgs = []
+    for i, im in enumerate(images, 1):
+        try:
+            imgs.append(load_image(im) if im is not None else None)
+        except ValueError as exc:  # name which --image it was, not only the file
+            raise ValueError(f"--image #{i} (for --prompt #{i}): {exc}") from None
     return generate(loaded.model, loaded.processor, imgs, prompts, max_new_tokens=max_new, batch_size=bs)
 
 
@@ -192,5 +197,9 @@ def resolve_row_image(image_root: str | Path | None, row: Any) -> Path | None:
     if image_root is None:
         raise ValueError(f"{row.source}: record {row.id}, field 'image': the row has an image but no image root")
     from components.data.paths import resolve_image
+    from components.data.records import DataError, RecordError
 
-    return resolve_image(Path(image_root), row.image)
+    try:
+        return resolve_image(Path(image_root), row.image)
+    except ValueError as exc:
+        raise DataError([RecordError(row.source, row.id, "image", f"{exc}; the file was not opened")]) from None

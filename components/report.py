@@ -468,25 +468,39 @@ def write_readme_results(readme_path: str | Path, comparison_json: str | Path,
     """Replace what lies between the results markers of README.md with the tables built from the
     comparison report (and the ablation CSV, if given); returns the new block. The README is left
     untouched when anything is wrong (missing markers, unreadable reports)."""
-    readme_path = Path(readme_path)
-    if not readme_path.is_file():
-        raise ReportError(f"{readme_path}: README not found")
-    text = readme_path.read_text(encoding="utf-8")
-    for marker in (RESULTS_START, RESULTS_END):
-        count = text.count(marker)
-        if count != 1:
-            raise ReportError(
-                f"{readme_path}: marker '{marker}' found {count} times, expected once; put one "
-                f"'{RESULTS_START}' and one '{RESULTS_END}' line where the results table belongs"
-            )
-    start, end = text.index(RESULTS_START), text.index(RESULTS_END)
-    if end < start:
-        raise ReportError(f"{readme_path}: '{RESULTS_END}' comes before '{RESULTS_START}'")
+    check_markers(readme_path, RESULTS_START, RESULTS_END)
     comparison = read_comparison(comparison_json)
     rows = read_ablation_csv(ablation_csv) if ablation_csv is not None else None
     sources = [str(comparison_json)] + ([str(ablation_csv)] if ablation_csv is not None else [])
     block = results_block(comparison, rows, sources)
-    new = text[: start + len(RESULTS_START)] + "\n" + block + "\n" + text[end:]
+    replace_marked_block(readme_path, RESULTS_START, RESULTS_END, block)
+    return block
+
+
+def check_markers(readme_path: str | Path, start_marker: str, end_marker: str) -> str:
+    """The README's text, after checking it holds each marker exactly once, in order (ReportError if not)."""
+    readme_path = Path(readme_path)
+    if not readme_path.is_file():
+        raise ReportError(f"{readme_path}: README not found")
+    text = readme_path.read_text(encoding="utf-8")
+    for marker in (start_marker, end_marker):
+        count = text.count(marker)
+        if count != 1:
+            raise ReportError(
+                f"{readme_path}: marker '{marker}' found {count} times, expected once; put one "
+                f"'{start_marker}' and one '{end_marker}' line where the block belongs"
+            )
+    if text.index(end_marker) < text.index(start_marker):
+        raise ReportError(f"{readme_path}: '{end_marker}' comes before '{start_marker}'")
+    return text
+
+
+def replace_marked_block(readme_path: str | Path, start_marker: str, end_marker: str, block: str) -> bool:
+    """Put `block` between the two markers of the README (atomically; untouched if equal or on error).
+    Shared by every generated README block (results, reliability). Returns whether the file changed."""
+    text = check_markers(readme_path, start_marker, end_marker)
+    start, end = text.index(start_marker), text.index(end_marker)
+    new = text[: start + len(start_marker)] + "\n" + block + "\n" + text[end:]
     if new != text:
         write_text(readme_path, new)
-    return block
+    return new != text

@@ -276,14 +276,17 @@ def run_loop(
     bar = _progress(spec, start, acc.is_main_process)
     for step in range(start, spec.steps):
         total = 0.0
-        for micro in range(spec.grad_accum):
+        micro_batches = []
+        for _ in range(spec.grad_accum):
             source, idx = sampler.next()
-            mine = idx[rank * per_proc : (rank + 1) * per_proc]
-            batch = {k: v.to(device) for k, v in make_batch(source, mine).items()}
+            micro_batches.append(make_batch(source, idx[rank * per_proc : (rank + 1) * per_proc]))
+        items = _answer_tokens(micro_batches, acc, device)
+        for micro, host_batch in enumerate(micro_batches):
+            batch = {k: v.to(device) for k, v in host_batch.items()}
             sync = micro == spec.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else acc.no_sync(wrapped)
             with ctx:
-                loss = wrapped(**batch).loss / spec.grad_accum
+                loss = wrapped(**batch, num_items_in_batch=items).loss
                 if not loss.requires_grad:
                     raise ValueError(
                         f"step {step + 1}: this batch reaches no trainable tensor (e.g. a text-only batch when "
@@ -313,6 +316,22 @@ def run_loop(
         _write_curve(spec.curve, curve_rows)
     acc.wait_for_everyone()
     return LoopResult(steps=spec.steps, losses=losses, wall_s=time.time() - t0, resumed_from=resumed)
+
+
+def _answer_tokens(micro_batches: list[dict], acc, device):
+    """Supervised tokens of one optimiser step over every micro-batch and process, divided by the
+    process count. Passed to the model as `num_items_in_batch`, each micro-batch's loss is its token
+    sum over this, so after DDP averages the gradients over N processes the step minimises the mean
+    over every answer token of the global batch — as one process with the whole batch does. (Averaging
+    per-process means instead weights a token by 1/its process's count: 2 processes then train other
+    editors than 1, found by benchmarks/gpu_ddp.py.) Labels are shifted by one inside the loss."""
+    import torch
+
+    n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    count = torch.tensor([float(n)], device=device)
+    if acc.num_processes > 1:
+        count = acc.reduce(count, reduction="sum")
+    return (count / acc.num_processes).clamp_min(1e-6).reshape(())
 
 
 class _progress:
@@ -382,10 +401,28 @@ def encode_rows(fmt: ChatFormatter, rows: Sequence[Any], image_root) -> list[Enc
     """Tokenize every row once (templates render once per row, not once per step)."""
     from components.inference import resolve_row_image
 
-    return [
-        fmt.encode(r.instruction, r.answer, r.image is not None, record=r.id, image=resolve_row_image(image_root, r))
-        for r in rows
-    ]
+    out = []
+    for r in rows:
+        image = resolve_row_image(image_root, r)
+        if image is not None:
+            _check_image_file(image, r)
+        out.append(fmt.encode(r.instruction, r.answer, image is not None, record=r.id, image=image))
+    return out
+
+
+def _check_image_file(path: Path, row) -> None:
+    """A missing or empty image stops training before anything is written (a stat, no decode: images
+    are decoded lazily, batch by batch); a corrupt one is named by `PixelCache` when first read."""
+    from components.data.records import DataError, RecordError
+
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError:
+        size = None
+    if size is None:
+        raise DataError([RecordError(row.source, row.id, "image", f"image file not found: {path}")])
+    if size == 0:
+        raise DataError([RecordError(row.source, row.id, "image", f"image file is empty (0 bytes): {path}")])
 
 
 class PixelCache:
@@ -395,7 +432,7 @@ class PixelCache:
         self.processor = processor
         self.cache: dict[str, Any] = {}
 
-    def __call__(self, images: Sequence[Any]):
+    def __call__(self, images: Sequence[Any], records: Sequence[str] = ()):
         import torch
 
         from components.batching import load_image
@@ -403,7 +440,16 @@ class PixelCache:
         keyed = [str(im) for im in images if im is not None]
         todo = [k for k in dict.fromkeys(keyed) if k not in self.cache]
         if todo:
-            pv = self.processor.image_processor(images=[load_image(k) for k in todo], return_tensors="pt")["pixel_values"]
+            pil = []
+            for k in todo:
+                try:
+                    pil.append(load_image(k))
+                except ValueError as exc:  # name the record too, not only the file
+                    from components.data.records import DataError, RecordError
+
+                    who = [r for im, r in zip(images, records) if im is not None and str(im) == k][:1]
+                    raise DataError([RecordError(k, who[0] if who else "", "image", str(exc).removeprefix(f"{k}: "))]) from None
+            pv = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
             self.cache.update(zip(todo, pv))
         return torch.stack([self.cache[k] for k in keyed]) if keyed else None
 
@@ -415,7 +461,7 @@ def batch_maker(processor, sources: Sequence[Sequence[Encoded]]) -> Callable[[in
     def make(source: int, idx: list[int]) -> dict:
         examples = [sources[source][i] for i in idx]
         batch = collate([Encoded(e.input_ids, e.labels, None, e.record) for e in examples], processor, pad, "right")
-        pv = pixels([e.image for e in examples])
+        pv = pixels([e.image for e in examples], [e.record for e in examples])
         if pv is not None:
             batch["pixel_values"] = pv
         return batch
@@ -662,6 +708,11 @@ def train(p: TrainParams) -> dict:
         train_rows = _split(data.rows, "train")
         if not train_rows:
             raise ValueError(f"{p.data_dir}: no 'train' rows")
+        import torch
+
+        # The new weights' init (editors, LoRA) belongs to the run's seed: without it every run —
+        # and every DDP rank count — started from different editors (found by benchmarks/gpu_ddp.py).
+        torch.manual_seed(p.seed)
         run_model, extra = prepare_method(model, p)
         trainable, total = _count(run_model, extra)
         fmt = ChatFormatter(processor, p.max_length)

@@ -82,7 +82,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "image_path": ("file", "the image path stays inside its root (no '../', not absolute)"),
     "image_exists": ("file", "the image file exists"),
     "image_bytes": ("file", "the image file is non-empty and at most max_image_bytes"),
-    "image_decodes": ("file", "the image decodes completely"),
+    "image_decodes": ("file", "the image decodes completely, in a supported mode (not 32-bit float)"),
     "image_dimensions": ("file", "both image sides are within [min_image_side, max_image_side]"),
     "leakage_image": ("leakage", "no held-out/MME image equals a train/align image (bytes or pixels)"),
     "leakage_example": ("leakage", "no held-out example (instruction, answer, image) is in training"),
@@ -575,6 +575,12 @@ def inspect_image(path: Path, p: "ValidateParams") -> ImageInfo:
                                                     f"[{p.min_image_side}, {p.max_image_side}]: {path}")
                 return info
             im.load()
+            from components.batching import unsupported_image_mode  # the rule train/predict/benchmark apply
+
+            why = unsupported_image_mode(im.mode)
+            if why:
+                info.problem = ("image_decodes", f"{why}: {path}")
+                return info
             digest = hashlib.blake2b(digest_size=16)
             digest.update(f"{im.mode}:{im.width}x{im.height}:".encode())
             digest.update(im.tobytes())
@@ -637,7 +643,8 @@ def _image_stats(infos: dict[int, ImageInfo]) -> dict[str, Any]:
     return {
         "distinct": len(distinct),
         "decoded": len(decoded),
-        # Non-RGB modes (L, RGBA, P, I;16…) are not failures — training converts to RGB — but are noted.
+        # Non-RGB modes (L, RGBA, P, I;16…) are not failures — every stage converts them by
+        # components.batching.to_rgb (16-bit scaled to 8) — but are noted; mode F fails image_decodes.
         "modes": dict(sorted(modes.items())),
         "min_side": min(sides) if sides else None,
         "max_side": max(sides) if sides else None,

@@ -8,6 +8,9 @@ set_offline_env()
 
 import pytest  # noqa: E402
 
+# README's Reliability table: `--reliability-report PATH` records every @pytest.mark.reliability case.
+pytest_plugins = ["reliability_plugin"]
+
 
 def pytest_collection_modifyitems(config, items):
     try:
@@ -22,3 +25,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (SQLite) and PREFECT_HOME for the session (STACK.md: starting a
+    server costs 8-20 s, so tests that need one share it). Not autouse: only flow tests pay for it.
+    Yields the temporary PREFECT_HOME (task results are persisted under it)."""
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
+        with prefect_test_harness(server_startup_timeout=None):
+            yield home

@@ -1,0 +1,144 @@
+"""How much of `mrt run` is orchestration? Runs the Prefect flow once and splits its wall time.
+
+    python benchmarks/pipeline_run.py                          # default profile (params.yaml), ~10 min
+    python benchmarks/pipeline_run.py -p profiles/smoke.yaml   # about a minute
+
+By default it runs in a fresh workspace (a temporary folder holding dvc.yaml, the params file and a
+link to the code, like a fresh clone: nothing cached, the base is aligned from scratch, its own MLflow
+database and Prefect home) so the number is what a first `mrt run` costs and the repository is not
+touched; `--in-place` runs in the current checkout instead (cached stages then cost ~0).
+
+Measured:
+- total_s: from before the Prefect server starts to the flow's return (what a user waits for);
+- prefect_start_s: starting the temporary Prefect server (none when PREFECT_API_URL names a running one);
+- stages: the components' own time per stage, timed inside each task around the components call
+  (the same call `mrt <stage>` makes), and each stage's report `wall_s` for cross-checking;
+- overhead = (total_s − Σ stages) / total_s: Prefect (server, task runs, result persistence, cache
+  keys), MLflow (runs, metrics, artifacts, the registered model), hashing, artifacts, summary.
+  Target ≤ 10 % on the default profile. overhead_in_flow excludes the server start.
+Writes benchmarks/pipeline_run.json (or --json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from components.offline import set_offline_env  # noqa: E402
+
+REPORT_WALL = {  # stage → (params attribute path of its report, key holding its wall time)
+    "align": ("align.report", "wall_s"),
+    "train": ("train.report", "wall_s"),
+    "benchmark": ("benchmark.report", "wall_s"),
+    "compare": ("compare.report", "wall_s"),
+}
+
+
+def _workspace(params_file: str) -> Path:
+    ws = Path(tempfile.mkdtemp(prefix="mrt-pipeline-run-"))
+    shutil.copy2(ROOT / "dvc.yaml", ws / "dvc.yaml")
+    dst = ws / params_file
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / params_file, dst)
+    (ws / "components").symlink_to(ROOT / "components", target_is_directory=True)
+    return ws
+
+
+def _report_walls(params) -> dict[str, float | None]:
+    out = {}
+    for stage, (attr, key) in REPORT_WALL.items():
+        section, field = attr.split(".")
+        path = Path(getattr(getattr(params, section), field))
+        try:
+            out[stage] = json.loads(path.read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError):
+            out[stage] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-p", "--params", default="params.yaml", help="params file (relative to the repo root)")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="section.key=value")
+    ap.add_argument("--in-place", action="store_true", help="run in this checkout instead of a fresh workspace")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "pipeline_run.json"))
+    args = ap.parse_args(argv)
+
+    set_offline_env()
+    ws = None
+    if not args.in_place:
+        ws = _workspace(args.params)
+        os.chdir(ws)
+        os.environ["PREFECT_HOME"] = str(ws / ".prefect")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws}/mlflow.db"
+    t0 = time.perf_counter()
+    from prefect.client.orchestration import get_client  # noqa: E402
+
+    from components.config import load_params
+    from flows.pipeline import mrt_pipeline
+
+    params = load_params(args.params, args.overrides)
+    t_server = time.perf_counter()
+    with get_client(sync_client=True) as client:  # starts the temporary server when no API URL is set
+        client.hello()
+    prefect_start_s = time.perf_counter() - t_server
+    result = mrt_pipeline(params_file=args.params, overrides=args.overrides, force=True)
+    total_s = time.perf_counter() - t0
+
+    stages = {k: round(v, 2) for k, v in result["timings"].items()}
+    stages_sum = sum(result["timings"].values())
+    flow_s = result["flow_s"]
+    out = {
+        "profile": args.params,
+        "overrides": args.overrides,
+        "workspace": "fresh" if ws else "in-place",
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "status": result["status"],
+        "total_s": round(total_s, 2),
+        "prefect_start_s": round(prefect_start_s, 2),
+        "flow_s": round(flow_s, 2),
+        "stages": stages,
+        "stages_sum_s": round(stages_sum, 2),
+        "report_wall_s": _report_walls(params),
+        "overhead_s": round(total_s - stages_sum, 2),
+        "overhead_pct": round(100 * (total_s - stages_sum) / total_s, 1),
+        "overhead_in_flow_pct": round(100 * (flow_s - stages_sum) / flow_s, 1),
+        "target_overhead_pct": 10.0,
+        "command": "python benchmarks/pipeline_run.py" + (f" -p {args.params}" if args.params != "params.yaml" else ""),
+    }
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mrt run ({args.params}, {out['workspace']} workspace)", title_justify="left")
+    table.add_column("part")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    for name, s in stages.items():
+        table.add_row(name, f"{s:.1f}", f"{100 * s / total_s:.1f}%")
+    table.add_row("Σ stages (components)", f"{stages_sum:.1f}", f"{100 * stages_sum / total_s:.1f}%")
+    table.add_row("Prefect server start", f"{prefect_start_s:.1f}", f"{100 * prefect_start_s / total_s:.1f}%")
+    table.add_row("orchestration overhead (incl. start)", f"{out['overhead_s']:.1f}", f"{out['overhead_pct']:.1f}%")
+    table.add_row("overhead inside the flow", f"{flow_s - stages_sum:.1f}", f"{out['overhead_in_flow_pct']:.1f}%")
+    table.add_row("total", f"{total_s:.1f}", "100%")
+    Console().print(table)
+    print(f"wrote {args.json}")
+    if ws:
+        shutil.rmtree(ws, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

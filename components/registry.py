@@ -1,0 +1,757 @@
+"""The model registry and the promotion gate: candidate → (gate) → champion.
+
+Every evaluated model becomes a new version of track.registered_model with alias `candidate`; the
+alias `champion` moves only when the pure :func:`gate` says so (DESIGN.md: validation passed, held-out
+mean beats the champion's by at least `margin`, no held-out task drops by more than `max_task_drop`).
+
+No half states
+    A version is created in ONE call that carries every tag the gate and the lineage need (metrics,
+    data/params hashes, the promotion id) and a `mrt.state=pending` tag; only after its aliases are set
+    does it become `mrt.state=complete`. Everything that can fail slowly (artifact upload, metrics)
+    happens before the version exists. If a later step fails, the versions this promotion created are
+    deleted; if even that fails (the server is gone), the next promotion deletes `pending` versions
+    left behind, under the lock, before it reads the champion.
+
+Concurrent promotion
+    read champion → gate → set alias is a critical section, run under a lock:
+    - local stores (sqlite:///file, file:/ paths, a bare folder): an OS file lock next to the store
+      (`<store>.promote.lock`, `filelock`), so promotions on one machine are serialised: the second
+      one gates against the first one's result, and the champion is the better one by the gate.
+    - a shared server (http[s]://, databricks, a SQL URL): a lease stored as a registered-model tag
+      (`mrt.promotion_lock`): write it, wait `_LEASE_SETTLE_S`, read it back; only the writer that
+      reads its own token holds it. It is advisory (a client that ignores it is not stopped) and
+      assumes the server applies a write within the settle time — good enough for pipeline runs
+      that promote minutes apart, not a consensus protocol. Expired leases (a crashed holder) are
+      taken over after `_LEASE_TTL_S`; a lease this same process failed to release (the server was
+      down) is taken over at once.
+    Either way the alias itself is a single row in the store, so readers always see one champion,
+    and after setting it the promoter reads it back: if another writer moved it in between
+    (possible only without a working lock) the decision reports the race instead of claiming a win.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from components import tracking
+from components.tracking import TrackingError, call, client
+
+if TYPE_CHECKING:  # pragma: no cover
+    from components.config import Params, PromoteParams, TrackParams
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+MODEL_NAME_IN_RUN = "editor_model"
+STATE_TAG = "mrt.state"
+PROMOTION_ID_TAG = "mrt.promotion_id"
+DECISION_TAG = "mrt.gate"
+LOCK_TAG = "mrt.promotion_lock"
+_BOOKKEEPING = {STATE_TAG, PROMOTION_ID_TAG, DECISION_TAG}
+_EPS = 1e-9
+_LEASE_TTL_S = 120.0  # the critical section is a handful of registry calls (model upload happens before it)
+_LEASE_SETTLE_S = 1.0
+_LOCK_TIMEOUT_S = 900.0
+_held_tokens: set[str] = set()  # leases this process holds right now (threads may promote concurrently)
+
+
+class PromotionError(RuntimeError):
+    """Promotion could not complete; nothing half-registered was left behind (or it names what was)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate (pure)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Decision:
+    """What the gate decided and every number it used."""
+
+    promote: bool
+    reasons: list[str]
+    validation_passed: bool
+    margin: float
+    max_task_drop: float
+    candidate_heldout_mean: float | None = None
+    champion_heldout_mean: float | None = None
+    task_deltas: dict[str, float] = field(default_factory=dict)  # candidate − champion, per held-out task
+    candidate_version: int | None = None
+    champion_version_before: int | None = None
+    champion_version_after: int | None = None
+    model_name: str | None = None
+    model_uri: str | None = None
+    run_id: str | None = None
+
+    @property
+    def mean_delta(self) -> float | None:
+        if self.candidate_heldout_mean is None or self.champion_heldout_mean is None:
+            return None
+        return self.candidate_heldout_mean - self.champion_heldout_mean
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_delta"] = self.mean_delta
+        return d
+
+    def markdown(self) -> str:
+        """A table for the `promotion-decision` flow artifact and the CLI."""
+
+        def num(v: float | None, signed: bool = False) -> str:
+            if v is None:
+                return "—"
+            return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+        verdict = "**promoted**" if self.promote else "**not promoted**"
+        name = self.model_name or "model"
+        cand = f"v{self.candidate_version}" if self.candidate_version is not None else "—"
+        before = f"v{self.champion_version_before}" if self.champion_version_before is not None else "none"
+        after = f"v{self.champion_version_after}" if self.champion_version_after is not None else "none"
+        lines = [
+            f"### Promotion decision: {verdict}",
+            "",
+            f"`{name}` candidate {cand}; champion before {before}, after {after}.",
+            "",
+            "| check | candidate | champion | delta | rule | result |",
+            "|---|---|---|---|---|---|",
+            f"| validation | {'passed' if self.validation_passed else 'failed'} | | | must pass | "
+            f"{'ok' if self.validation_passed else 'blocks'} |",
+        ]
+        md = self.mean_delta
+        mean_ok = md is None or (md >= self.margin - _EPS and md > _EPS)
+        lines.append(
+            f"| heldout/mean | {num(self.candidate_heldout_mean)} | {num(self.champion_heldout_mean)} | "
+            f"{num(md, True)} | ≥ {self.margin:g} and > 0 | {'ok' if mean_ok else 'blocks'} |"
+        )
+        for task, delta in sorted(self.task_deltas.items()):
+            ok = delta >= -self.max_task_drop - _EPS
+            lines.append(f"| heldout/{task} | | | {num(delta, True)} | drop ≤ {self.max_task_drop:g} | {'ok' if ok else 'blocks'} |")
+        lines += ["", "Reasons:", *[f"- {r}" for r in self.reasons]]
+        return "\n".join(lines) + "\n"
+
+
+def heldout_scores(metrics: Mapping[str, float]) -> tuple[dict[str, float], float | None]:
+    """(per-task held-out scores, held-out mean) from flat metric names (`heldout/<task>`, `heldout/mean`).
+    The mean falls back to the unweighted mean of the tasks when absent."""
+    tasks = {}
+    for k, v in metrics.items():
+        if k.startswith("heldout/") and k != "heldout/mean" and v is not None and math.isfinite(float(v)):
+            tasks[k.split("/", 1)[1]] = float(v)
+    mean = metrics.get("heldout/mean")
+    if mean is None or not math.isfinite(float(mean)):
+        mean = sum(tasks.values()) / len(tasks) if tasks else None
+    return tasks, (float(mean) if mean is not None else None)
+
+
+def gate(
+    candidate: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    validation_passed: bool,
+    promote: "PromoteParams",
+) -> Decision:
+    """DESIGN.md's promotion rule, as a pure function of the two models' metrics.
+
+    - failed validation never promotes;
+    - a candidate without held-out scores never promotes;
+    - with no champion yet, the candidate becomes champion;
+    - otherwise the held-out mean must beat the champion's by at least `margin` (and by more than
+      zero: an equal model is not a better one, so re-promoting the same model is a no-op), and no
+      held-out task the champion was scored on may drop by more than `max_task_drop` (a task the
+      candidate was not scored on counts as a block: its drop is unknown).
+    """
+    cand_tasks, cand_mean = heldout_scores(candidate)
+    d = Decision(
+        promote=False,
+        reasons=[],
+        validation_passed=bool(validation_passed),
+        margin=float(promote.margin),
+        max_task_drop=float(promote.max_task_drop),
+        candidate_heldout_mean=cand_mean,
+    )
+    if not validation_passed:
+        d.reasons.append("data validation failed: a model trained on data that failed validation is never promoted")
+    if cand_mean is None:
+        d.reasons.append("the candidate has no held-out scores (heldout/<task>, heldout/mean)")
+    if champion is None:
+        if not d.reasons:
+            d.promote = True
+            d.reasons.append(f"no champion yet: the first validated candidate becomes champion (heldout/mean {cand_mean:.4f})")
+        return d
+    champ_tasks, champ_mean = heldout_scores(champion)
+    d.champion_heldout_mean = champ_mean
+    d.task_deltas = {t: cand_tasks[t] - s for t, s in champ_tasks.items() if t in cand_tasks}
+    if cand_mean is None:
+        return d
+    if champ_mean is None:
+        d.reasons.append("the champion has no held-out scores to compare with; keeping it (promote by hand)")
+        return d
+    blocked = bool(d.reasons)
+    delta = cand_mean - champ_mean
+    if delta + _EPS < d.margin or delta <= _EPS:
+        blocked = True
+        d.reasons.append(
+            f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} does not beat it "
+            f"by the margin {d.margin:g}"
+        )
+    else:
+        d.reasons.append(
+            f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} ≥ margin {d.margin:g}"
+        )
+    missing = sorted(set(champ_tasks) - set(cand_tasks))
+    if missing:
+        blocked = True
+        d.reasons.append(f"held-out task(s) {', '.join(missing)} scored for the champion but not the candidate")
+    drops = {t: -x for t, x in d.task_deltas.items() if -x > d.max_task_drop + _EPS}
+    for t, drop in sorted(drops.items()):
+        blocked = True
+        d.reasons.append(
+            f"heldout/{t} drops by {drop:.4f} ({champ_tasks[t]:.4f} → {cand_tasks[t]:.4f}) > max_task_drop {d.max_task_drop:g}"
+        )
+    if not drops and not missing and d.task_deltas:
+        worst = min(d.task_deltas.values())
+        d.reasons.append(f"no held-out task drops by more than {d.max_task_drop:g} (worst delta {worst:+.4f})")
+    d.promote = not blocked
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# registry reads
+# ---------------------------------------------------------------------------------------------
+def _not_found(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def _alias_missing(exc: BaseException) -> bool:
+    """The SQL store reports a missing alias as INVALID_PARAMETER_VALUE ("alias … not found")."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(exc).lower()
+    return isinstance(exc, MlflowException) and "alias" in text and "not found" in text
+
+
+def version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
+    """The gate's numbers stored on a version as tags (`heldout/<task>`, `heldout/mean`, `mme/total`…)."""
+    out = {}
+    for k, v in tags.items():
+        if k.startswith(("heldout/", "mme/")) and "/" in k:
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def _version_info(mv) -> dict[str, Any]:
+    tags = dict(mv.tags or {})
+    return {
+        "name": mv.name,
+        "version": int(mv.version),
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "metrics": version_metrics(tags),
+        "tags": tags,
+        "lineage": {k: v for k, v in tags.items() if k.startswith(tracking.TAG_PREFIX) and k not in _BOOKKEEPING},
+    }
+
+
+def alias_version(track: "TrackParams", alias: str) -> dict[str, Any] | None:
+    """The version an alias points to, or None when the model or the alias does not exist."""
+    c = client(track)
+    try:
+        mv = call(track, f"read alias {track.registered_model}@{alias}", c.get_model_version_by_alias,
+                  track.registered_model, alias)
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc) or _alias_missing(exc):
+            return None
+        raise
+    return _version_info(mv)
+
+
+def champion(track: "TrackParams") -> dict[str, Any] | None:
+    """The current champion: {name, version, run_id, source, metrics, tags, lineage} (lineage holds
+    `mrt.data_hash`, `mrt.params_hash`, … — what a scheduled retrain compares to skip work), or None."""
+    return alias_version(track, CHAMPION)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry writes
+# ---------------------------------------------------------------------------------------------
+def log_editor_model(run_id: str, track: "TrackParams", base_dir: str, adapter_dir: str | None) -> str:
+    """Log base + editors/adapter into `run_id` as the pyfunc `editor_model`; returns its model URI
+    (`models:/m-<id>`)."""
+    from components.pyfunc_model import log_pyfunc
+
+    tracking.configure(track)
+    info = call(track, f"log the editor model of run {run_id}", log_pyfunc, run_id, base_dir, adapter_dir,
+                MODEL_NAME_IN_RUN)
+    return info.model_uri
+
+
+def _ensure_registered_model(track: "TrackParams") -> None:
+    from mlflow.exceptions import MlflowException
+
+    c = client(track)
+    try:
+        call(track, f"create registered model {track.registered_model}", c.create_registered_model,
+             track.registered_model, description="MRT representation editors (aliases: candidate, champion)")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _model_id(model_uri: str) -> str | None:
+    if model_uri.startswith("models:/m-") and "@" not in model_uri:
+        return model_uri.split("/", 1)[1].strip("/")
+    return None
+
+
+def _create_version(track: "TrackParams", model_uri: str, run_id: str | None, tags: Mapping[str, Any]) -> int:
+    _ensure_registered_model(track)
+    c = client(track)
+    mv = call(
+        track,
+        f"create a version of {track.registered_model}",
+        c.create_model_version,
+        track.registered_model,
+        model_uri,
+        run_id,
+        tags={str(k): tracking._clip(str(v), tracking.MAX_TAG_CHARS) for k, v in tags.items()},
+        model_id=_model_id(model_uri),
+    )
+    return int(mv.version)
+
+
+def _finish_version(track: "TrackParams", version: int) -> None:
+    c = client(track)
+    call(track, f"mark {track.registered_model} v{version} complete", c.set_model_version_tag,
+         track.registered_model, str(version), STATE_TAG, "complete")
+
+
+def delete_versions(track: "TrackParams", promotion_id: str) -> list[int]:
+    """Delete every version created by one promotion (by its id tag); returns what was deleted."""
+    deleted = []
+    for mv in _versions(track):
+        if (mv.tags or {}).get(PROMOTION_ID_TAG) == promotion_id:
+            call(track, f"delete {track.registered_model} v{mv.version}", client(track).delete_model_version,
+                 track.registered_model, mv.version)
+            deleted.append(int(mv.version))
+    return deleted
+
+
+def aliases(track: "TrackParams") -> dict[str, int]:
+    """alias → version of track.registered_model ({} when it does not exist). Read from the registered
+    model: version searches do not fill in aliases on every store."""
+    c = client(track)
+    try:
+        rm = call(track, f"read {track.registered_model}", c.get_registered_model, track.registered_model)
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc):
+            return {}
+        raise
+    return {str(a): int(v) for a, v in (rm.aliases or {}).items()}
+
+
+def cleanup_pending(track: "TrackParams", keep: str | None = None) -> list[int]:
+    """Delete versions a crashed or cut-off promotion left `pending`. Call only under the lock."""
+    deleted = []
+    aliased = set(aliases(track).values())
+    for mv in _versions(track):
+        tags = mv.tags or {}
+        if tags.get(STATE_TAG) == "pending" and tags.get(PROMOTION_ID_TAG) != keep and int(mv.version) not in aliased:
+            call(track, f"delete pending {track.registered_model} v{mv.version}", client(track).delete_model_version,
+                 track.registered_model, mv.version)
+            deleted.append(int(mv.version))
+    return deleted
+
+
+def _versions(track: "TrackParams") -> list:
+    c = client(track)
+    try:
+        return list(call(track, f"list versions of {track.registered_model}", c.search_model_versions,
+                         f"name='{track.registered_model}'"))
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc):
+            return []
+        raise
+
+
+def set_alias(track: "TrackParams", alias: str, version: int) -> None:
+    c = client(track)
+    call(track, f"set {track.registered_model}@{alias} → v{version}", c.set_registered_model_alias,
+         track.registered_model, alias, str(version))
+
+
+def register_candidate(
+    track: "TrackParams", model_uri: str, run_id: str | None, tags: Mapping[str, Any]
+) -> int:
+    """A new version of track.registered_model from `model_uri`, created with all `tags` at once,
+    aliased `candidate` and marked complete. On any failure after creation the version is deleted
+    (best effort; see the module docstring). Returns the version number."""
+    pid = str(tags.get(PROMOTION_ID_TAG) or uuid.uuid4().hex)
+    all_tags = {**tags, PROMOTION_ID_TAG: pid, STATE_TAG: "pending"}
+    version = None
+    try:
+        version = _create_version(track, model_uri, run_id, all_tags)
+        set_alias(track, CANDIDATE, version)
+        _finish_version(track, version)
+    except BaseException as exc:
+        _undo(track, pid, exc)
+        raise
+    return version
+
+
+def _undo(track: "TrackParams", promotion_id: str, cause: BaseException) -> None:
+    """Delete what a failed promotion created; never masks the original error."""
+    import logging
+
+    try:
+        fast = track.model_copy(update={"retries": min(track.retries, 1), "retry_delay_s": min(track.retry_delay_s, 0.5)})
+        deleted = delete_versions(fast, promotion_id)
+        if deleted:
+            logging.getLogger(__name__).warning("promotion failed (%s); deleted version(s) %s", cause, deleted)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning(
+            "promotion failed (%s) and its pending version could not be deleted now (%s); the next "
+            "promotion deletes it", cause, exc,
+        )
+
+
+def _rollback_champion(track: "TrackParams", promotion_id: str, before: dict | None, version: int,
+                       cause: BaseException) -> None:
+    """Setting `champion` failed — possibly after the server applied it (a lost response). Point the
+    alias back at the previous champion (or drop it if there was none) BEFORE deleting the new
+    version: deleting first could leave no champion at all. If the server cannot be reached for the
+    restore, the new version is kept: it is complete and passed the gate, so either outcome
+    (champion = previous or = new) is a consistent registry."""
+    import logging
+
+    fast = track.model_copy(update={"retries": min(track.retries, 1), "retry_delay_s": min(track.retry_delay_s, 0.5)})
+    try:
+        if before is not None:
+            set_alias(fast, CHAMPION, before["version"])
+        elif (aliases(fast).get(CHAMPION)) == version:
+            call(fast, f"drop {track.registered_model}@{CHAMPION}", client(fast).delete_registered_model_alias,
+                 track.registered_model, CHAMPION)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning(
+            "setting champion → v%s failed (%s) and the previous champion could not be restored (%s); "
+            "v%s is kept (complete, gate passed)", version, cause, exc, version,
+        )
+        return
+    _undo(track, promotion_id, cause)
+
+
+# ---------------------------------------------------------------------------------------------
+# the lock
+# ---------------------------------------------------------------------------------------------
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local store (sqlite:///x.db, file:///dir, a plain path), else None."""
+    if uri.startswith("sqlite:///"):  # sqlite:///rel.db or sqlite:////abs/path.db
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" not in uri and ":" not in uri[1:2]:
+        return Path(uri)
+    return None
+
+
+@contextmanager
+def promotion_lock(track: "TrackParams", timeout_s: float = _LOCK_TIMEOUT_S) -> Iterator[str]:
+    """Serialise read-champion → gate → set-alias across processes. Yields the lock kind."""
+    uri = tracking.tracking_uri(track)
+    path = local_store_path(uri)
+    if path is not None:
+        from filelock import FileLock, Timeout
+
+        lock_file = Path(str(path) + ".promote.lock")
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_file), timeout=timeout_s)
+        try:
+            with lock:
+                yield "file"
+        except Timeout:
+            raise PromotionError(f"{lock_file}: another promotion held the lock for over {timeout_s:.0f} s") from None
+        return
+    token = f"{uuid.uuid4().hex}{_owner()}"
+    _acquire_lease(track, token, timeout_s)
+    try:
+        yield "lease"
+    finally:
+        _release_lease(track, token)
+
+
+def _read_lease(track: "TrackParams") -> dict | None:
+    c = client(track)
+    try:
+        rm = call(track, "read the promotion lease", c.get_registered_model, track.registered_model)
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc):
+            return None
+        raise
+    raw = (rm.tags or {}).get(LOCK_TAG)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _stale(held: dict | None, token: str) -> bool:
+    """Free to take: no lease, an expired one, or one this process left behind (its promotion failed
+    while the server was down, so the release never arrived — and no thread of ours holds it now)."""
+    if held is None or held.get("expires", 0) < time.time() or held.get("token") == token:
+        return True
+    other = str(held.get("token", ""))
+    return other.endswith(_owner()) and other not in _held_tokens
+
+
+def _owner() -> str:
+    """Lease tokens end with host and pid, so a process can recognise its own leftovers."""
+    return f"@{os.uname().nodename}:{os.getpid()}"
+
+
+def _acquire_lease(track: "TrackParams", token: str, timeout_s: float) -> None:
+    _ensure_registered_model(track)
+    c = client(track)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = _read_lease(track)
+        if _stale(held, token):
+            lease = json.dumps({"token": token, "expires": time.time() + _LEASE_TTL_S})
+            _held_tokens.add(token)  # before writing: our other threads must not take it as a leftover
+            try:
+                call(track, "write the promotion lease", c.set_registered_model_tag, track.registered_model,
+                     LOCK_TAG, lease)
+                time.sleep(_LEASE_SETTLE_S)
+                held = _read_lease(track)
+            except BaseException:
+                _held_tokens.discard(token)
+                raise
+            if held is not None and held.get("token") == token:
+                return
+            _held_tokens.discard(token)
+        if time.monotonic() > deadline:
+            raise PromotionError(
+                f"{track.registered_model}: promotion lease held by {held.get('token') if held else '?'} "
+                f"for over {timeout_s:.0f} s"
+            )
+        time.sleep(_LEASE_SETTLE_S)
+
+
+def _release_lease(track: "TrackParams", token: str) -> None:
+    _held_tokens.discard(token)  # dead either way: a lease we fail to delete is stale for this process
+    try:
+        held = _read_lease(track)
+        if held is not None and held.get("token") == token:
+            call(track, "release the promotion lease", client(track).delete_registered_model_tag,
+                 track.registered_model, LOCK_TAG)
+    except Exception:  # noqa: BLE001 - an unreleased lease expires after _LEASE_TTL_S
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole step
+# ---------------------------------------------------------------------------------------------
+def _read_json(path: str | os.PathLike, what: str) -> dict:
+    return tracking._read_json(path, what)
+
+
+def validation_status(path: str | os.PathLike) -> tuple[bool, str]:
+    """(passed, why) from the validation report; a missing or unreadable report counts as failed."""
+    p = Path(path)
+    if not p.is_file():
+        return False, f"{p}: validation report not found (run `mrt validate`)"
+    try:
+        report = _read_json(p, "validation report")
+    except ValueError as exc:
+        return False, str(exc)
+    ok = report.get("success")
+    if ok is True:
+        return True, f"{p}: validation passed"
+    if ok is False:
+        failed = report.get("checks_failed")
+        return False, f"{p}: validation failed ({failed} check(s) failed)" if failed is not None else f"{p}: validation failed"
+    return False, f"{p}: field 'success' missing or not a boolean"
+
+
+def _write_atomic(path: str | os.PathLike, obj: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def promote(params: "Params", run_id: str | None = None, params_file: str = "params.yaml") -> Decision:
+    """Register the benchmarked candidate and move `champion` if the gate passes.
+
+    Reads promote.benchmark_report and promote.validation_report, logs the pyfunc model (base =
+    train.base_dir, adapter = promote.candidate_dir) into `run_id` (a new `promote` run when None: the
+    DVC door), then — under the promotion lock — deletes pending leftovers, reads the champion, gates,
+    registers the version (alias candidate) and moves `champion` when the gate passes. Records the
+    decision on the run (tags, metrics, promotion.json) and writes promote.report atomically.
+    Raises TrackingError / PromotionError on failure, leaving no half-registered version."""
+    from components.benchmark import flat_metrics
+
+    track, pp = params.track, params.promote
+    bench = _read_json(pp.benchmark_report, "benchmark report")
+    try:
+        metrics = flat_metrics(bench)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{pp.benchmark_report}: benchmark report lacks field {exc}") from None
+    passed, why = validation_status(pp.validation_report)
+    tracking.configure(track)
+    lineage = tracking.lineage_tags(params, params_file)
+    own_run = run_id is None
+    if own_run:
+        run_id = tracking.start_run(track, "promote", tags={**lineage, "mrt.stage": "promote"})
+    pid = uuid.uuid4().hex
+    try:
+        tracking.set_tags(run_id, lineage, track=track)
+        tracking.log_metrics(run_id, metrics, track=track)
+        model_uri = log_editor_model(run_id, track, params.train.base_dir, pp.candidate_dir)
+        version_tags = {
+            **lineage,
+            **{k: repr(v) for k, v in metrics.items() if k.startswith(("heldout/", "mme/"))},
+            "mrt.validation_passed": str(passed).lower(),
+            "mrt.benchmark_report": pp.benchmark_report,
+            PROMOTION_ID_TAG: pid,
+        }
+        with promotion_lock(track):
+            cleanup_pending(track, keep=pid)
+            before = champion(track)
+            decision = gate(metrics, before["metrics"] if before else None, passed, pp)
+            decision.reasons.insert(0, why)
+            decision.champion_version_before = before["version"] if before else None
+            version = register_candidate(track, model_uri, run_id, version_tags)
+            decision.candidate_version = version
+            if decision.promote:
+                try:
+                    set_alias(track, CHAMPION, version)
+                except BaseException as exc:
+                    _rollback_champion(track, pid, before, version, exc)
+                    raise
+            after = champion(track)
+            decision.champion_version_after = after["version"] if after else None
+            if decision.promote and decision.champion_version_after != version:
+                decision.promote = False
+                decision.reasons.append(
+                    f"lost a concurrent promotion: champion is v{decision.champion_version_after}, not v{version}"
+                )
+            call(track, "tag the gate result", client(track).set_model_version_tag, track.registered_model,
+                 str(version), DECISION_TAG, "promoted" if decision.promote else "rejected")
+        decision.model_name, decision.model_uri, decision.run_id = track.registered_model, model_uri, run_id
+        _write_atomic(pp.report, decision.to_dict())  # the registry already holds the outcome
+        _record(track, run_id, decision)
+        if own_run:
+            tracking.end_run(run_id, "FINISHED", track=track)
+        return decision
+    except BaseException:
+        if own_run:
+            try:
+                tracking.end_run(run_id, "FAILED", track=track.model_copy(update={"retries": 0}))
+            except Exception:  # noqa: BLE001 - the server may be the reason we are here
+                pass
+        raise
+
+
+def _record(track: "TrackParams", run_id: str, d: Decision) -> None:
+    import tempfile
+
+    tracking.set_tags(run_id, {
+        "mrt.promoted": str(d.promote).lower(),
+        "mrt.candidate_version": d.candidate_version,
+        "mrt.champion_version": d.champion_version_after if d.champion_version_after is not None else "none",
+    }, track=track)
+    tracking.log_metrics(run_id, {
+        "promotion/promoted": 1.0 if d.promote else 0.0,
+        **({"promotion/mean_delta": d.mean_delta} if d.mean_delta is not None else {}),
+    }, track=track)
+    with tempfile.TemporaryDirectory(prefix="mrt-promotion-") as tmp:
+        p = Path(tmp) / "promotion.json"
+        p.write_text(json.dumps(d.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        (Path(tmp) / "promotion.md").write_text(d.markdown(), encoding="utf-8")
+        tracking.log_artifact(run_id, p, "promotion", track=track)
+        tracking.log_artifact(run_id, Path(tmp) / "promotion.md", "promotion", track=track)
+
+
+# ---------------------------------------------------------------------------------------------
+# serving side
+# ---------------------------------------------------------------------------------------------
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` → (name, None, alias); `models:/name/3` → (name, "3", None)."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif "/" in rest:
+        name, version = rest.split("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def resolve_model(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> tuple[str, str | None]:
+    """Download a registered version's base and adapter folders (once per version) and return
+    (base_dir, adapter_dir) for `components.inference`. The alias is resolved to a version first,
+    so the cache never serves a stale champion."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    track = tracking._track(track)
+    tracking.configure(track)
+    name, version, alias = parse_model_uri(uri)
+    c = client(track)
+    try:
+        if alias is not None:
+            mv = call(track, f"resolve {uri}", c.get_model_version_by_alias, name, alias)
+        else:
+            mv = call(track, f"resolve {uri}", c.get_model_version, name, version)
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc) or _alias_missing(exc):
+            raise ValueError(f"{uri}: no such registered model version ({exc})") from None
+        raise
+    dest = Path(cache_dir) / name / f"v{mv.version}"
+    if not (dest / ".complete").is_file():
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        tmp.mkdir(parents=True)
+        try:
+            call(track, f"download {name} v{mv.version}", download_artifacts,
+                 artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
+            (tmp / ".complete").write_text(json.dumps({"uri": uri, "version": int(mv.version)}), encoding="utf-8")
+            if dest.exists():
+                import shutil
+
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    mlmodel = next(dest.rglob("MLmodel"), None)
+    if mlmodel is None:
+        raise ValueError(f"{uri}: downloaded version {mv.version} has no MLmodel file ({dest})")
+    root = mlmodel.parent
+    arts = (Model.load(str(mlmodel)).flavors.get("python_function", {}) or {}).get("artifacts", {})
+
+    def _path(key: str) -> str | None:
+        entry = arts.get(key)
+        if not entry:
+            return None
+        rel = entry.get("path") if isinstance(entry, dict) else entry
+        return str(root / rel)
+
+    base = _path("base")
+    if base is None:
+        raise ValueError(f"{uri}: version {mv.version} is not an MRT editor model (no 'base' artifact)")
+    return base, _path("adapter")

@@ -1,0 +1,71 @@
+"""Scheduled retraining: the mrt-pipeline flow as a cron deployment (params section `deploy`).
+
+Two ways to run the schedule:
+- `deploy.work_pool: null` — `serve`: this process registers the deployment and runs every
+  scheduled run itself. It blocks; stop it with Ctrl-C (SIGINT) or SIGTERM to its PID. Needs a
+  Prefect server (`prefect server start --host 127.0.0.1` and PREFECT_API_URL=http://127.0.0.1:4200/api).
+- `deploy.work_pool: <pool>` — the deployment is registered on that work pool and returns at once;
+  a worker (`prefect worker start --pool <pool>`) picks the runs up. The flow is loaded from this
+  repository (`from_source(<repo root>, "flows/pipeline.py:mrt_pipeline")`), and runs with the repo
+  root as working directory, so relative paths in params files mean the same as for `mrt run`.
+
+Each scheduled run calls mrt_pipeline(params_file=deploy.params_file); when the data and params
+have not changed since the champion was trained it ends "up to date" within seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from components.config import DeployParams
+
+ENTRYPOINT = "flows/pipeline.py:mrt_pipeline"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _schedule(dp: DeployParams):
+    from prefect.schedules import Cron
+
+    return Cron(dp.cron, timezone=dp.timezone)
+
+
+def build_deployment(dp: DeployParams, source: str | Path | None = None):
+    """The RunnerDeployment for `dp` (not yet registered).
+
+    Without a work pool: `mrt_pipeline.to_deployment(...)` for `serve`. With one: the flow loaded
+    `from_source` (default: this repository) so that a process worker finds the code by entrypoint."""
+    from flows.pipeline import mrt_pipeline
+
+    kw: dict[str, Any] = dict(
+        name=dp.name,
+        schedule=_schedule(dp),
+        parameters={"params_file": dp.params_file},
+        description=f"Retrain, benchmark and gate the MRT editors on cron '{dp.cron}' ({dp.timezone}).",
+        tags=["mrt", "retrain"],
+    )
+    if dp.work_pool is None:
+        return mrt_pipeline.to_deployment(**kw)
+    flow_from_repo = mrt_pipeline.from_source(source=str(source or REPO_ROOT), entrypoint=ENTRYPOINT)
+    return flow_from_repo.to_deployment(work_pool_name=dp.work_pool, **kw)
+
+
+def register(dp: DeployParams, source: str | Path | None = None) -> str:
+    """Register (create or update) the deployment on the Prefect server; returns its id. With no work
+    pool the runs still need a process that serves it (see `serve`)."""
+    return str(build_deployment(dp, source).apply())
+
+
+def serve(dp: DeployParams) -> None:  # pragma: no cover - blocks until interrupted
+    """Register the deployment and run its scheduled runs in this process until Ctrl-C / SIGTERM."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(build_deployment(dp))
+
+
+def deploy(dp: DeployParams) -> str | None:
+    """`mrt deploy`: serve (work_pool null; blocks, returns None) or register on the pool (returns the id)."""
+    if dp.work_pool is None:
+        serve(dp)
+        return None
+    return register(dp)

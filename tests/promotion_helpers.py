@@ -1,0 +1,121 @@
+"""Shared setup for the tracking / registry / promotion tests: a private MLflow store per test, a tiny
+base + editors on disk, and benchmark/validation reports with chosen scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.config import Params, TrackParams
+
+TASKS = ("hx_a", "hx_b", "hx_c")
+
+
+def fast_track(**kw) -> TrackParams:
+    """Test tracking params: no system-metrics thread, short retries."""
+    return TrackParams(**{"system_metrics": False, "retries": 1, "retry_delay_s": 0.05, **kw})
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow SQLite database. Creating one runs every schema migration
+    (~6 s on a busy 2-core machine), so tests copy this file instead."""
+    from mlflow.tracking import MlflowClient
+
+    import os
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # the Default experiment's artifact root (./mlruns) is fixed at creation
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, migrated_db) -> TrackParams:
+    """A SQLite store of this test's own; cwd moves to tmp so ./mlruns artifacts land there too."""
+    import shutil
+
+    shutil.copyfile(migrated_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    return fast_track()
+
+
+def build_model(root: Path, seed: int = 1) -> tuple[Path, Path, Path]:
+    """(base_dir, editors_dir, an image) — a tiny LLaVA nudged off its init plus random editors, so
+    answers depend on image, prompt and editors."""
+    import torch
+
+    from components.backbone import save_base
+    from components.config import EditorParams
+    from components.editors import attach
+    from components.editors.io import model_fingerprint, save_editors
+    from tiny_llava import tiny_model
+
+    model, processor, _, images = tiny_model(root, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    base = root / "base"
+    save_base(model, processor, base)
+    editors = attach(model, EditorParams())
+    with torch.no_grad():
+        for p in editors.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_editors(editors, root / "editors", str(base), model_fingerprint(model))
+    (root / "editors" / "checkpoints").mkdir()  # resumable state that must not travel with the model
+    (root / "editors" / "checkpoints" / "state.pt").write_bytes(b"x" * 10)
+    return base, root / "editors", images / "red.png"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> tuple[Path, Path, Path]:
+    return build_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def bench_report(heldout: dict[str, float]) -> dict:
+    """The smallest benchmark report `components.benchmark.flat_metrics` reads."""
+    mean = sum(heldout.values()) / len(heldout)
+    return {
+        "model": {"trainable_params": 100, "trainable_pct": 0.5},
+        "heldout": heldout,
+        "heldout_mean": mean,
+        "mme": {"existence": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}},
+        "mme_perception": 50.0,
+        "mme_cognition": 0.0,
+        "mme_total": 50.0,
+        "robustness": {},
+        "real_image_mean": None,
+    }
+
+
+def promote_params(root: Path, model: tuple[Path, Path, Path], heldout: dict[str, float], name: str = "run",
+                   validation: bool | None = True, track: TrackParams | None = None, **promote_kw) -> Params:
+    """Params for one promotion of `model` scored `heldout`; reports under root/name."""
+    base, editors, _ = model
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "benchmark.json").write_text(json.dumps(bench_report(heldout)))
+    if validation is not None:
+        (d / "validation.json").write_text(json.dumps({"success": validation, "checks_failed": 0 if validation else 2}))
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    (data / "train.json").write_text("[]")
+    return Params.model_validate({
+        "train": {"base_dir": str(base), "out_dir": str(editors), "data_dir": str(data)},
+        "track": (track or fast_track()).model_dump(),
+        "promote": {
+            "candidate_dir": str(editors),
+            "benchmark_report": str(d / "benchmark.json"),
+            "validation_report": str(d / "validation.json"),
+            "report": str(d / "promotion.json"),
+            **promote_kw,
+        },
+    })

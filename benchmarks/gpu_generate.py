@@ -33,6 +33,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from gpu_train_step import (  # noqa: E402
     _sync,
+    load_editors_package,
     _write_json,
     build_model,
     environment,
@@ -79,8 +80,10 @@ def _timed(fn, device) -> tuple[float, Any]:
     return (time.perf_counter() - t0) * 1e3, out
 
 
-def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement) -> dict[str, Any]:
-    """Interleaved base/MRT rounds of (prefill, generate). Returns medians and the ratios."""
+def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement,
+            baseline_attach=None) -> dict[str, Any]:
+    """Interleaved base/MRT rounds of (prefill, generate) — and MRT with the baseline editors
+    (`mrt_before`) when `baseline_attach` is given. Returns medians and the ratios."""
     import torch
 
     from components.editors import attach
@@ -99,34 +102,43 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
     editors = attach(model, placement)
     state = {k: v.clone() for k, v in editors.state_dict().items()}
     editors.detach()
-    times: dict[str, dict[str, list[float]]] = {a: {"prefill": [], "generate": []} for a in ("base", "mrt")}
+    attach_fns = {"mrt": attach}
+    if baseline_attach is not None:
+        attach_fns["mrt_before"] = baseline_attach
+    arms = ("base", *attach_fns)
+    times: dict[str, dict[str, list[float]]] = {a: {"prefill": [], "generate": []} for a in arms}
     tokens: dict[str, Any] = {}
     edits: dict[str, int] = {}
     with torch.no_grad():
         for i in range(warmup + rounds):
-            for arm in ("base", "mrt"):
-                if arm == "mrt":
-                    editors = attach(model, placement)
+            for arm in arms:
+                if arm in attach_fns:
+                    editors = attach_fns[arm](model, placement)
                     editors.load_state_dict(state)
                     editors.eval()
                 try:
                     t_pre, _ = _timed(prefill, device)
                     t_gen, out = _timed(generate, device)
                 finally:
-                    if arm == "mrt":
+                    if arm in attach_fns:
                         editors.detach()
-                        edits = dict(editors.edit_counts)  # one round: prefill + generate
+                        if arm == "mrt":
+                            edits = dict(editors.edit_counts)  # one round: prefill + generate
                 if i >= warmup:
                     times[arm]["prefill"].append(t_pre)
                     times[arm]["generate"].append(t_gen)
                 tokens[arm] = out[:, prompts["input_ids"].shape[1]:].tolist()
     res: dict[str, Any] = {"batch": int(prompts["input_ids"].shape[0]), "seq": int(prompts["input_ids"].shape[1])}
-    for arm in ("base", "mrt"):
+    for arm in arms:
         for kind in ("prefill", "generate"):
             res[f"{arm}_{kind}_ms"] = statistics.median(times[arm][kind])
             res[f"{arm}_{kind}_ms_min"] = min(times[arm][kind])
     res["prefill_ratio"] = res["mrt_prefill_ms"] / res["base_prefill_ms"]
     res["generate_ratio"] = res["mrt_generate_ms"] / res["base_generate_ms"]
+    if "mrt_before" in attach_fns:
+        res["before_prefill_ratio"] = res["mrt_before_prefill_ms"] / res["base_prefill_ms"]
+        res["before_generate_ratio"] = res["mrt_before_generate_ms"] / res["base_generate_ms"]
+        res["before_tokens_equal"] = tokens["mrt_before"] == tokens["mrt"]  # same editors, same answers
     res["met_generate"] = res["generate_ratio"] <= TARGET_MAX_OVERHEAD
     res["new_tokens"] = len(tokens["base"][0])
     res["outputs_differ"] = tokens["base"] != tokens["mrt"]  # random editors should change something
@@ -136,6 +148,9 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
 
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
+        *([f"Baseline editors (mrt_before): generate ratio "
+           + ", ".join(f"b{r['batch']} {r['before_generate_ratio']:.3f}" for r in summary["results"]), ""]
+          if summary["results"] and "before_generate_ratio" in summary["results"][0] else []),
         f"Device: {summary['env'].get('device')}; prompt = {summary['image_tokens']} image + ≤{summary['text_tokens']} "
         f"text tokens, {summary['new_tokens']} new tokens, greedy; median of {summary['rounds']} interleaved rounds.",
         "",
@@ -162,6 +177,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--label", default="")
+    ap.add_argument("--baseline-editors", type=Path, default=None,
+                    help="a copy of an earlier components/editors, timed as a third arm (mrt_before)")
     return ap.parse_args(argv)
 
 
@@ -187,6 +204,7 @@ def main(argv=None) -> dict[str, Any]:
         batch_sizes, text_tokens = args.batch_sizes or [1, 8], args.text_tokens or 96
         rounds, warmup = args.rounds or 10, args.warmup if args.warmup is not None else 2
         dtype = torch.bfloat16
+    baseline = load_editors_package(args.baseline_editors).attach if args.baseline_editors else None
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = build_model(config, device, dtype)
@@ -206,7 +224,7 @@ def main(argv=None) -> dict[str, Any]:
     }
     for b in batch_sizes:
         prompts = make_prompts(config, b, text_tokens, device, dtype, seed=b)
-        r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement)
+        r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline)
         summary["results"].append(r)
         print(json.dumps(r), flush=True)
         if args.json:

@@ -43,6 +43,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 ARMS = ("floor", "mrt", "lora", "lora_fp32", "full")
+BASELINE_ARM = "mrt_before"  # MRT with an earlier copy of components/editors (--baseline-editors)
 LORA_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 ANSWER_TOKENS = 32  # supervised tokens at the end of each text (LLaVA-style short answers)
 
@@ -194,10 +195,34 @@ def setup_floor(model, batch, device, placement):
     return step, 0, lambda: None
 
 
-def setup_mrt(model, batch, device, placement):
+def load_editors_package(path: Path, name: str = "_baseline_editors"):
+    """Import a copy of components/editors (e.g. `git show HEAD:…` into a folder) as its own
+    package, so that the old and the new editors are timed side by side in one process."""
+    import importlib.util
+
+    init = Path(path) / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline-editors {path}: no __init__.py (expected a copy of components/editors)")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_BASELINE: dict[str, Any] = {}  # {"attach": the baseline package's attach} when --baseline-editors is given
+
+
+def setup_mrt_before(model, batch, device, placement):
+    if "attach" not in _BASELINE:
+        raise SystemExit(f"arm {BASELINE_ARM} needs --baseline-editors")
+    return setup_mrt(model, batch, device, placement, attach_fn=_BASELINE["attach"])
+
+
+def setup_mrt(model, batch, device, placement, attach_fn=None):
     from components.editors import attach
 
-    editors = attach(model, placement)
+    editors = (attach_fn or attach)(model, placement)
     params = [p for p in editors.parameters() if p.requires_grad]
     opt = _optimizer(params, 6e-4, device)
     n = sum(p.numel() for p in params)
@@ -258,7 +283,30 @@ def setup_lora_fp32(model, batch, device, placement, r: int = 128):
     return setup_lora(model, batch, device, placement, r=r, fp32_adapters=True)
 
 
-SETUP = {"floor": setup_floor, "mrt": setup_mrt, "lora": setup_lora, "lora_fp32": setup_lora_fp32, "full": setup_full}
+def only_groups(placement, keep: set[str]):
+    """The placement with every editor group outside `keep` switched off (cost decomposition)."""
+    data = placement.model_dump()
+    for group in ("visual", "prefix", "suffix"):
+        if group not in keep:
+            data[group]["layers"] = "none"
+    if "projector" not in keep:
+        data["projector"]["enabled"] = False
+    return type(placement).model_validate(data)
+
+
+def setup_mrt_vision(model, batch, device, placement):
+    """MRT with ψ_V and ψ_c only: what the vision-side editors cost."""
+    return setup_mrt(model, batch, device, only_groups(placement, {"visual", "projector"}))
+
+
+def setup_mrt_lm(model, batch, device, placement):
+    """MRT with ψ_P and ψ_S only: what the LM-side editors cost."""
+    return setup_mrt(model, batch, device, only_groups(placement, {"prefix", "suffix"}))
+
+
+SETUP = {"floor": setup_floor, "mrt": setup_mrt, "lora": setup_lora, "lora_fp32": setup_lora_fp32, "full": setup_full,
+         BASELINE_ARM: setup_mrt_before, "mrt_vision": setup_mrt_vision, "mrt_lm": setup_mrt_lm}
+EXTRA_ARMS = (BASELINE_ARM, "mrt_vision", "mrt_lm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +381,8 @@ def profile_steps(step, device, steps: int, out_dir: Path, tag: str) -> dict[str
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
     t0 = time.perf_counter()
-    with profile(activities=activities, record_shapes=False) as prof:
+    shapes = tag.startswith("mrt")  # which editor op costs what: group the MRT arms' ops by input shape
+    with profile(activities=activities, record_shapes=shapes) as prof:
         for _ in range(steps):
             step()
         _sync(device)
@@ -345,6 +394,13 @@ def profile_steps(step, device, steps: int, out_dir: Path, tag: str) -> dict[str
             tables.append(f"== sorted by {sort_key}\n" + averages.table(sort_by=sort_key, row_limit=45, max_name_column_width=90))
         except Exception:  # pragma: no cover - sort keys renamed in some torch versions
             tables.append(averages.table(sort_by="self_device_time_total", row_limit=45))
+    if shapes:
+        try:
+            by_shape = prof.key_averages(group_by_input_shape=True)
+            tables.append("== by input shape, sorted by self_cuda_time_total\n" + by_shape.table(
+                sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=60, max_shapes_column_width=80))
+        except Exception as exc:  # pragma: no cover - profiler API drift
+            tables.append(f"(no shape table: {exc})")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"profile_{tag}.txt").write_text("\n\n".join(tables))
     kernels = {evt.key: _device_time(evt) / steps for evt in averages if _is_kernel(evt) and _device_time(evt) > 0}
@@ -363,7 +419,28 @@ def profile_steps(step, device, steps: int, out_dir: Path, tag: str) -> dict[str
     }
 
 
-def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=None, profile_steps_n=0, lora_r=128):
+def export_trace(step, device, path: Path) -> None:
+    """One profiled step as a gzipped Chrome trace: where the GPU waits for the host is visible only
+    on a timeline (kernel gaps against the host ops running meanwhile)."""
+    import gzip
+    import shutil as _shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync(device)
+    raw = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
+        _shutil.copyfileobj(src, dst)
+    raw.unlink()
+
+
+def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=None, profile_steps_n=0, lora_r=128,
+            trace=False):
     """One arm at one batch size: setup, warm-up, timed steps, optional profile, cleanup."""
     import torch
 
@@ -394,6 +471,8 @@ def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=Non
             result["static_gib"] = static / 2**30
         if profile_dir is not None and profile_steps_n > 0:
             result["profile"] = profile_steps(step, device, profile_steps_n, Path(profile_dir), f"{arm}_b{result['batch']}")
+            if trace:
+                export_trace(step, device, Path(profile_dir) / f"trace_{arm}_b{result['batch']}.json.gz")
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=str(exc).splitlines()[0][:300])
         if device.type == "cuda":
@@ -439,6 +518,13 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
                 row["mrt_peak_vs_lora"] = mrt["peak_gib"] / lora["peak_gib"]
         if floor and lora:
             row["lora_step_vs_floor"] = lora["step_ms"] / floor["step_ms"]
+        before = by.get((b, BASELINE_ARM))
+        if floor and before:
+            row["mrt_before_step_vs_floor"] = before["step_ms"] / floor["step_ms"]
+            if "peak_gib" in before:
+                row["mrt_before_peak_vs_floor"] = before["peak_gib"] / floor["peak_gib"]
+        if lora and before:
+            row["mrt_before_throughput_vs_lora"] = before["tokens_per_s"] / lora["tokens_per_s"]
         lora32 = by.get((b, "lora_fp32"))
         if mrt and lora32:
             row["mrt_throughput_vs_lora_fp32"] = mrt["tokens_per_s"] / lora32["tokens_per_s"]
@@ -460,6 +546,7 @@ def profile_diff(results: list[dict[str, Any]], top: int = 25) -> dict[str, Any]
         if not (floor and mrt):
             continue
         fp, mp = floor["profile"], mrt["profile"]
+        before = by.get((b, BASELINE_ARM))
 
         def ranked(key):
             f, m = fp[key], mp[key]
@@ -469,6 +556,8 @@ def profile_diff(results: list[dict[str, Any]], top: int = 25) -> dict[str, Any]
         out[str(b)] = {
             "device_busy_ms": [round(fp["device_busy_ms_per_step"], 2), round(mp["device_busy_ms_per_step"], 2)],
             "kernel_launches": [fp["kernel_launches_per_step"], mp["kernel_launches_per_step"]],
+            "before_device_busy_ms_and_launches": [round(before["profile"]["device_busy_ms_per_step"], 2),
+                                                   before["profile"]["kernel_launches_per_step"]] if before else None,
             "syncs": [fp["syncs_per_step"], mp["syncs_per_step"]],
             "kernels_us": ranked("per_kernel_device_us"),
             "host_ops_us": ranked("per_op_host_us"),
@@ -497,15 +586,15 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:,.0f} | {peak} | {r['trainable_params']:,} |"
         )
     lines += ["", "| batch | MRT/floor step | MRT/LoRA throughput | MRT/floor peak | MRT/LoRA peak | LoRA/floor step "
-              "| MRT/LoRA-fp32 throughput | MRT/LoRA-fp32 peak | LoRA-fp32/floor step |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| MRT/LoRA-fp32 throughput | MRT/LoRA-fp32 peak | LoRA-fp32/floor step | before: MRT/floor step |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b, row in summary["compare"].items():
         def f(key, fmt="{:.3f}"):
             return fmt.format(row[key]) if key in row else "–"
 
         lines.append(f"| {b} | {f('mrt_step_vs_floor')} | {f('mrt_throughput_vs_lora')} | {f('mrt_peak_vs_floor')} | "
                      f"{f('mrt_peak_vs_lora')} | {f('lora_step_vs_floor')} | {f('mrt_throughput_vs_lora_fp32')} | "
-                     f"{f('mrt_peak_vs_lora_fp32')} | {f('lora_fp32_step_vs_floor')} |")
+                     f"{f('mrt_peak_vs_lora_fp32')} | {f('lora_fp32_step_vs_floor')} | {f('mrt_before_step_vs_floor')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -534,7 +623,10 @@ def environment(device) -> dict[str, Any]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (or GPU): a logic check, not a benchmark")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=None, choices=(*ARMS, *EXTRA_ARMS),
+                    help=f"default: all of {ARMS}, plus {BASELINE_ARM} after mrt when --baseline-editors is given")
+    ap.add_argument("--baseline-editors", type=Path, default=None,
+                    help=f"a copy of an earlier components/editors, timed as arm {BASELINE_ARM} in the same process")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     ap.add_argument("--text-tokens", type=int, default=None, help="padded text length (default 128; smoke 24)")
     ap.add_argument("--warmup", type=int, default=None)
@@ -542,6 +634,8 @@ def parse_args(argv=None):
     ap.add_argument("--lora-r", type=int, default=128)
     ap.add_argument("--profile", type=Path, default=None, help="folder for torch-profiler tables (floor and mrt arms)")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--trace", action="store_true",
+                    help="with --profile: also write a gzipped Chrome trace of one step (first batch size, floor/mrt)")
     ap.add_argument("--json", type=Path, default=None, help="write the summary here (rewritten after every arm)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the results tables here")
     ap.add_argument("--label", default="", help="free text recorded in the summary (e.g. 'before', 'after')")
@@ -558,6 +652,12 @@ def main(argv=None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("gpu_train_step.py: no CUDA device; use --smoke for a CPU logic check")
+    if args.baseline_editors is not None:
+        _BASELINE["attach"] = load_editors_package(args.baseline_editors).attach
+    if args.arms is None:
+        args.arms = list(ARMS)
+        if args.baseline_editors is not None:
+            args.arms.insert(args.arms.index("mrt") + 1, BASELINE_ARM)
     if args.smoke:
         from components.editors import count  # noqa: F401 - import check only
 
@@ -581,6 +681,7 @@ def main(argv=None) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     summary: dict[str, Any] = {
         "label": args.label,
+        "baseline_editors": str(args.baseline_editors) if args.baseline_editors else None,
         "env": environment(device),
         "smoke": args.smoke,
         "build_s": build_s,
@@ -597,8 +698,10 @@ def main(argv=None) -> dict[str, Any]:
     for b in batch_sizes:
         batch = make_batch(config, b, text_tokens, device, dtype, seed=b)
         for arm in args.arms:
-            prof = args.profile if arm in ("floor", "mrt") else None
-            r = run_arm(arm, model, batch, device, placement, warmup, steps, prof, args.profile_steps, args.lora_r)
+            prof = args.profile if arm in ("floor", "mrt", *EXTRA_ARMS) else None
+            trace = bool(args.trace and prof and b == batch_sizes[0] and arm in ("floor", "mrt"))
+            r = run_arm(arm, model, batch, device, placement, warmup, steps, prof, args.profile_steps, args.lora_r,
+                        trace=trace)
             summary["results"].append(r)
             brief = {k: v for k, v in r.items() if k != "profile"}
             if "profile" in r:

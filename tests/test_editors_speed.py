@@ -18,6 +18,8 @@ from components.editors.loreft import (
     edit_rows_,
     orthonormal_rows,
     orthonormal_rows_batched,
+    orthonormal_rows_stacked,
+    slot_mask,
 )
 
 
@@ -36,9 +38,13 @@ def _params(d, r, dtype=torch.float64, seed=0):
 def test_whole_tensor_edit_gradients_match_autograd():
     h = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     u, w, b = _params(12, 3)
-    assert torch.autograd.gradcheck(_Edit.apply, (h, u, w, b))
+
+    def edit(h, u, w, b):  # the caller forms A = W − U (sites.py: once per pass for a whole stack)
+        return _Edit.apply(h, u, w - u, b)
+
+    assert torch.autograd.gradcheck(edit, (h, u, w, b))
     g = torch.randn(3, 5, 12, dtype=torch.float64)
-    mine = torch.autograd.grad(_Edit.apply(h, u, w, b), (h, u, w, b), g)
+    mine = torch.autograd.grad(edit(h, u, w, b), (h, u, w, b), g)
     ref = torch.autograd.grad(psi(h, u, w, b), (h, u, w, b), g)
     for a, r in zip(mine, ref):
         torch.testing.assert_close(a, r)
@@ -83,11 +89,13 @@ def test_row_edit_gradients_match_index_put_reference():
     x = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
     params = [t for g in groups for t in g[2:]]
 
-    def mine(x, *ps):
-        tensors = []
-        for k, (flat, valid, *_) in enumerate(groups):
-            tensors += [flat, valid, *ps[3 * k : 3 * k + 3]]
-        return _EditRows.apply(x * 1.0, len(groups), *tensors)
+    idx = torch.cat([g[0] for g in groups])
+    mask = slot_mask([g[1] for g in groups], [2, 2], torch.float64)
+
+    def mine(x, *ps):  # both groups stacked by rows, one fused op (what an LM layer's hook does)
+        u = torch.cat([ps[0], ps[3]])
+        a = torch.cat([ps[1] - ps[0], ps[4] - ps[3]])
+        return _EditRows.apply(x * 1.0, idx, mask, u, a, torch.cat([ps[2], ps[5]]))
 
     def ref(x, *ps):
         return _rows_reference(x * 1.0, [(f, v, *ps[3 * k : 3 * k + 3]) for k, (f, v, *_) in enumerate(groups)])
@@ -117,6 +125,11 @@ def test_row_edit_is_in_place_and_matches_editor_modules():
             want[i[v]] = e(before.view(-1, 16)[i[v]])
     assert out.data_ptr() == hidden.data_ptr()  # no copy of the layer output
     assert torch.equal(out.view(-1, 16), want)
+
+
+def test_slot_mask_is_block_diagonal_and_drops_invalid_slots():
+    m = slot_mask([torch.tensor([True, False]), torch.tensor([True, True, False])], [2, 1], torch.float32)
+    assert m.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 0]]
 
 
 def test_batched_cholesky_qr_equals_qr_and_survives_bad_conditioning():
@@ -162,6 +175,9 @@ def test_inference_edit_follows_every_parameter_change():
 
 @pytest.mark.gpu
 def test_editor_operations_never_sync_with_the_host():
+    """A whole training step of the editors' own work — positions, the stacked orthonormalisation,
+    whole-tensor and fused row edits, backward — under sync debug mode "error"."""
+    from components.editors.loreft import edit_rows_fused_, edit_whole
     from components.editors.positions import edit_positions
     from components.editors.sites import _Sites
 
@@ -178,18 +194,35 @@ def test_editor_operations_never_sync_with_the_host():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for ed in (vis, pre, suf):
-            ed.begin_pass()
-        bases = orthonormal_rows_batched([pre.U, suf.U]) + orthonormal_rows_batched([vis.U])
-        for ed, basis in zip((pre, suf, vis), bases):
-            ed.set_pass_basis(basis)
+        q = orthonormal_rows_stacked(torch.stack([pre.U, suf.U]))
+        a = torch.stack([pre.W.weight, suf.W.weight]) - q
+        b = torch.stack([pre.W.bias, suf.W.bias])
+        qv = orthonormal_rows_stacked(vis.U[None])[0]
         positions = edit_positions(ids, mask, 3, 4, 4, prompt_mask=(labels == -100) & mask.bool())
         sites = _Sites.from_positions((B, T), *positions)
-        h = vis(hidden * 1.0)
-        out = edit_rows_(h, [(pre, *sites.slots(dev, "prefix")), (suf, *sites.slots(dev, "suffix"))])
+        idx, slots = sites.fused(dev, ("prefix", "suffix"), (4, 4), torch.float32)
+        h = edit_whole(hidden * 1.0, qv, vis.W.weight - qv, vis.W.bias)
+        out = edit_rows_fused_(h, idx, slots, q.reshape(8, d), a.reshape(8, d), b.reshape(8))
         out.float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-        for ed in (vis, pre, suf):
-            ed.end_pass()
     assert all(p.grad is not None for ed in (vis, pre, suf) for p in ed.parameters())
+
+
+def test_orthonormalisation_gradient_is_the_qr_gradient_and_keeps_u_layout():
+    """`_OrthonormalRows` writes the QR backward out (no autograd through three Cholesky passes):
+    float64 gradcheck, equality with autograd through `torch.linalg.qr`, and a gradient laid out
+    like U, so that stacked editors' U.grad are slices of one buffer (no copy per editor)."""
+    from components.editors.loreft import _OrthonormalRows
+
+    torch.manual_seed(0)
+    u = torch.randn(3, 4, 20, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_OrthonormalRows.apply, (u,))
+    g = torch.randn(3, 4, 20, dtype=torch.float64)
+    mine = torch.autograd.grad(orthonormal_rows_stacked(u), u, g)[0]
+    ref = torch.autograd.grad(torch.stack([orthonormal_rows(x) for x in u]), u, g)[0]
+    torch.testing.assert_close(mine, ref)
+    params = [torch.nn.Parameter(torch.randn(4, 30)) for _ in range(3)]
+    q = orthonormal_rows_stacked(torch.stack(params))
+    (q * torch.randn_like(q)).sum().backward()
+    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1

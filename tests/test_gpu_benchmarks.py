@@ -116,3 +116,77 @@ def test_generation_edits_only_the_prompt_pass():
     assert r["edit_calls"]["prefix"] == 2 * len(layers["prefix"])
     assert r["edit_calls"]["suffix"] == 2 * len(layers["suffix"])
     assert r["base_generate_ms"] > 0 and r["mrt_generate_ms"] > 0
+
+
+def test_baseline_editors_run_side_by_side_and_cost_split_arms(tmp_path):
+    """--baseline-editors imports a copy of components/editors as its own package (arm mrt_before);
+    mrt_vision / mrt_lm train only their groups' editors."""
+    import shutil
+
+    bench = _load("gpu_train_step")
+    copy = tmp_path / "editors_copy"
+    shutil.copytree(Path(bench.__file__).resolve().parents[1] / "components" / "editors", copy,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    summary = bench.main(["--smoke", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--baseline-editors",
+                          str(copy), "--arms", "floor", "mrt", "mrt_before", "mrt_vision", "mrt_lm"])
+    r = {x["arm"]: x for x in summary["results"]}
+    assert all(x["status"] == "ok" for x in r.values())
+    assert r["mrt_before"]["trainable_params"] == r["mrt"]["trainable_params"]
+    assert r["mrt_vision"]["trainable_params"] + r["mrt_lm"]["trainable_params"] == r["mrt"]["trainable_params"]
+    assert "mrt_before_step_vs_floor" in summary["compare"]["2"]
+    with pytest.raises(SystemExit, match="__init__"):
+        bench.load_editors_package(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu_ddp.py: the 1-vs-N-process comparison
+# ---------------------------------------------------------------------------------------------
+def test_ddp_launchers_and_comparison_flag_a_systematic_difference(tmp_path):
+    ddp = _load("gpu_ddp")
+    import torch
+    from safetensors.torch import save_file
+
+    gpu = ddp.launch(2, cpu=False, main_port=1)
+    assert "accelerate.commands.launch" in gpu and "--multi_gpu" in gpu and gpu[gpu.index("--num_processes") + 1] == "2"
+    assert "--multi_gpu" not in ddp.launch(1, cpu=False, main_port=1)
+    assert "torch.distributed.run" in ddp.launch(2, cpu=True, main_port=1)  # accelerate needs MPI for CPU
+    one = {"heldout": {"a": 0.5, "b": 0.25}, "loss_final": 1.0, "heldout_mean": 0.375}
+    same = ddp.compare(one, dict(one), [2.0, 1.5, 1.0], [2.0, 1.5 + 2e-7, 1.0], 1e-3, 0.05)
+    assert same["losses_within_tol"] and same["heldout_within_slack"]
+    # per-process means instead of a global token mean: a 1e-2 drift must fail the check
+    drift = ddp.compare(one, dict(one, loss_final=1.01), [2.0, 1.5, 1.0], [2.0, 1.51, 1.01], 1e-3, 0.05)
+    assert not drift["losses_within_tol"] and drift["loss_max_abs_diff_step"] == 2
+    a = {"w": torch.zeros(3), "u": torch.ones(2, 2)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.tensor([0.0, 3e-4, 0.0]), "u": torch.ones(2, 2)}, str(tmp_path / "b.safetensors"))
+    d = ddp.editors_diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert d["worst_tensor"] == "w" and abs(d["max_abs"] - 3e-4) < 1e-9
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(SystemExit, match="different tensors"):
+        ddp.editors_diff(tmp_path / "a.safetensors", tmp_path / "c.safetensors")
+
+
+def test_loss_counts_answer_tokens_of_the_whole_step():
+    """`num_items_in_batch` = supervised tokens of every micro-batch (labels shifted by one) over
+    the processes, divided by their number: per-token mean of the global batch after DDP's average."""
+    import torch
+
+    from components.training import _answer_tokens
+
+    class OneProcess:
+        num_processes = 1
+
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])  # 2 + 1 supervised after the shift
+    micro = [{"labels": labels}, {"labels": torch.tensor([[9, 9, 9]])}]  # the first label is never predicted: 2
+    assert float(_answer_tokens(micro, OneProcess(), torch.device("cpu"))) == 5.0
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_the_same_editors_as_one(tmp_path):
+    """The whole gpu_ddp.py flow on CPU (gloo, 2 processes, tiny sizes): real `mrt data/align/train`,
+    then equal losses and editors within the script's tolerances (~40 s on 2 cores)."""
+    ddp = _load("gpu_ddp")
+    summary = ddp.main(["--smoke", "--work", str(tmp_path / "ddp"), "--json", str(tmp_path / "ddp.json")])
+    assert summary["passed"], summary["compare"]
+    assert summary["compare"]["steps_compared"] == 6
+    assert summary["compare"]["editors"]["max_abs"] < 1e-5

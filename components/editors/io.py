@@ -123,7 +123,10 @@ def save_editors(editors: MRTEditors, out_dir: str | os.PathLike, base_id: str, 
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_weights, tmp_config = out / (WEIGHTS_NAME + tag), out / (CONFIG_NAME + tag)
     try:
-        blob = to_bytes(tensors, metadata={"format": "pt", "mrt_format_version": str(FORMAT_VERSION)})
+        # One metadata key only: safetensors writes metadata from a hash map in random order, so two
+        # keys made identical editors differ in bytes (and in weights_sha256) from run to run.
+        # The format version lives in editor_config.json.
+        blob = to_bytes(tensors, metadata={"format": "pt"})
         _write_synced(tmp_weights, blob)
         config = {
             "format_version": FORMAT_VERSION,
@@ -212,7 +215,7 @@ def load_editors(model: nn.Module, path: str | os.PathLike, base_fingerprint: st
     found_fp = config["base_fingerprint"]
     if found_fp != base_fingerprint:
         raise EditorFileError(
-            f"{config_path}: these editors belong to a different base model (base_model "
+            f"{config_path}: field 'base_fingerprint': these editors belong to a different base model (base_model "
             f"{config.get('base_model')!r}): expected fingerprint {base_fingerprint} (the model given), "
             f"found {found_fp} in the file"
         )
@@ -238,8 +241,8 @@ def load_editors(model: nn.Module, path: str | os.PathLike, base_fingerprint: st
         actual_sha = _sha256_file(weights_path)
         if actual_sha != config["weights_sha256"]:
             raise EditorFileError(
-                f"{weights_path}: contents do not match {CONFIG_NAME} (sha256 {actual_sha}, recorded "
-                f"{config['weights_sha256']}): the file was modified or a save was interrupted"
+                f"{weights_path}: contents do not match {CONFIG_NAME} (sha256 {actual_sha}, recorded in its "
+                f"field 'weights_sha256': {config['weights_sha256']}): the file was modified or a save was interrupted"
             )
         with torch.no_grad():
             editors.load_state_dict(tensors, strict=True)

@@ -17,15 +17,19 @@ transitions. With gradients off (inference) there is no graph, so a basis is kep
 until `U` changes (its version or storage): generation orthonormalises nothing.
 
 GPU speed (measured on LLaVA-7B shapes, benchmarks/RESULTS.md): the costs that mattered were not
-arithmetic but host synchronisations and many small copies. Hence:
+arithmetic but host synchronisations and the number of small kernel launches. Hence:
 - the owner orthonormalises all editors of one shape in one batched, sync-free Cholesky-QR
-  (`orthonormal_rows_batched`; `torch.linalg.qr` on CUDA spent ~4.6 ms of host time per call);
+  (`orthonormal_rows_stacked`; `torch.linalg.qr` on CUDA spent ~4.6 ms of host time per call) and
+  forms A = W − U for all of them in one subtraction, so a site gets its (U, A, b) as views;
 - ψ over whole tensors (`_Edit`) saves the hidden states in their own dtype (bf16), not an fp32
-  copy, and folds W and U into one r×d matrix A = W − U, so the forward is cast, two addmm, cast;
-- ψ at a few rows (`edit_rows_`, the prefix/suffix sites) edits the layer output in place and
-  its backward copies the incoming gradient once, instead of out-of-place `index_put` plus the
-  zero-filled, full-size gradients of advanced indexing; rows are addressed by flat indices with
-  a validity mask, so no boolean indexing (a host sync) is needed anywhere in a training step.
+  copy; its forward is cast, two addmm, cast;
+- ψ at a few rows (`edit_rows_fused_`, the prefix/suffix sites) edits every editor of a layer in
+  ONE pass: their bases are stacked by rows ([U_P; U_S]) and a slot×column mask keeps each slot to
+  its own editor's columns, so one gather, two addmm and one scatter serve prefix and suffix alike;
+  the layer output is edited in place and the backward copies the incoming gradient once, instead
+  of out-of-place `index_put` plus the zero-filled, full-size gradients of advanced indexing; rows
+  are addressed by flat indices with a validity mask, so no boolean indexing (a host sync) is
+  needed anywhere in a training step.
 
 Initialisation follows the reference code: U orthogonal (`torch.nn.init.orthogonal_`), W the
 default `nn.Linear` init (uniform ±1/√d), b zeros. The editor is then NOT the identity (an identity
@@ -55,17 +59,68 @@ def orthonormal_rows(u: torch.Tensor) -> torch.Tensor:
     return (q * signs).t()
 
 
-def _cholesky_qr_pass(v: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """One Cholesky-QR pass on column blocks v [n, d, r]: Q = V R⁻¹ with RᵀR = VᵀV (+ shift·I)."""
-    gram = v.mT @ v  # [n, r, r]
-    if shift is not None:
-        gram = gram + shift[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+def _cholesky_qr_pass(u: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """One Cholesky-QR pass on row blocks u [n, r, d]: rows L⁻¹ U with L Lᵀ = U Uᵀ (+ shift·I).
+
+    Row form (the transpose of Q = V R⁻¹ for V = Uᵀ): no transposed copies, and gradients that
+    flow back to U keep U's layout."""
+    gram = u @ u.mT  # [n, r, r]
+    if shift is not None:  # in place on the diagonal: no identity matrix to build
+        gram.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
     lower, _ = torch.linalg.cholesky_ex(gram)  # no error check: checking would sync with the host
-    return torch.linalg.solve_triangular(lower, v.mT, upper=False).mT  # (L⁻¹ Vᵀ)ᵀ = V L⁻ᵀ
+    return torch.linalg.solve_triangular(lower, u, upper=False)
+
+
+def _cholesky_qr3(u: torch.Tensor) -> torch.Tensor:
+    """Shifted Cholesky-QR3 of row blocks u [n, r, d] (see `orthonormal_rows_stacked`)."""
+    n_rows, r = u.shape[-1], u.shape[-2]
+    info = torch.finfo(u.dtype)
+    unit = info.eps / 2
+    norm2 = u.square().sum(dim=(-2, -1))  # ‖U‖_F² ≥ ‖U‖₂²
+    shift = (11.0 * (n_rows * r + r * (r + 1)) * unit * norm2).clamp_min(info.tiny)
+    q = _cholesky_qr_pass(u, shift)
+    # A shift of r·u (relative, for a near-orthonormal factor: far below the result's rounding)
+    # keeps a rank-deficient U finite instead of NaN; it does not move a full-rank result.
+    tiny = torch.full_like(shift, r * unit)
+    q = _cholesky_qr_pass(q, tiny)
+    return _cholesky_qr_pass(q, tiny)
+
+
+class _OrthonormalRows(torch.autograd.Function):
+    """Q = sign-fixed QR rows of u [n, r, d], with the QR gradient written out.
+
+    Autograd through three Cholesky/triangular-solve passes cost ~40 small launches per editor
+    shape in every backward and returned U's gradient transposed (so every editor's U.grad was
+    copied once more); the closed form needs ~6. With U = Rᵀ Q (Rᵀ = U Qᵀ lower-triangular):
+    ∂L/∂U = R⁻¹ (G − copyltu(G Qᵀ) Q), copyltu(X) = tril(X) + tril(X, −1)ᵀ, G = ∂L/∂Q
+    (the transpose of the standard QR backward with no gradient to R)."""
+
+    @staticmethod
+    def forward(ctx, u):
+        q = _cholesky_qr3(u).contiguous()  # the solver's result is column-major
+        ctx.save_for_backward(u, q)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, q = ctx.saved_tensors
+        lower = u @ q.mT  # Rᵀ [n, r, r]
+        c = grad @ q.mT
+        c = c.tril() + c.tril(-1).mT
+        y = torch.baddbmm(grad, c, q, alpha=-1.0)
+        # contiguous like U: AccumulateGrad then takes each editor's slice as is instead of copying it
+        return torch.linalg.solve_triangular(lower.mT, y, upper=True).contiguous()
 
 
 def orthonormal_rows_batched(us: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`orthonormal_rows` of several same-shape matrices in one batched, host-sync-free computation.
+    """`orthonormal_rows_stacked` of a list of same-shape matrices, returned as a list."""
+    if not us:
+        return []
+    return list(orthonormal_rows_stacked(torch.stack(us)).unbind(0))
+
+
+def orthonormal_rows_stacked(u: torch.Tensor) -> torch.Tensor:
+    """`orthonormal_rows` of each u[i] (u: [n, r, d]) in one batched, host-sync-free computation.
 
     Why: `torch.linalg.qr` on CUDA loops over the batch in the solver and cost ~4.6 ms of host time
     per call on LLaVA-7B's shapes, stalling the launch queue. Shifted Cholesky-QR3 (Fukaya et al.
@@ -74,23 +129,9 @@ def orthonormal_rows_batched(us: list[torch.Tensor]) -> list[torch.Tensor]:
     leaves a well-conditioned factor; two more passes make it orthonormal to working precision. (A
     rank-deficient U has no unique basis; the result then stays finite but not orthonormal.)
     R = R₃R₂R₁ is upper triangular with a positive diagonal, so the result IS the sign-fixed QR
-    factor of `orthonormal_rows` (same values up to rounding, same gradients through autograd).
+    factor of `orthonormal_rows` (same values up to rounding, same gradients: `_OrthonormalRows`).
     """
-    if not us:
-        return []
-    v = torch.stack(us).transpose(1, 2)  # [n, d, r]
-    n_rows, r = v.shape[-2], v.shape[-1]
-    info = torch.finfo(v.dtype)
-    unit = info.eps / 2
-    norm2 = v.detach().square().sum(dim=(-2, -1))  # ‖V‖_F² ≥ ‖V‖₂²
-    shift = (11.0 * (n_rows * r + r * (r + 1)) * unit * norm2).clamp_min(info.tiny)
-    q = _cholesky_qr_pass(v, shift)
-    # A shift of r·u (relative, for a near-orthonormal factor: far below the result's rounding)
-    # keeps a rank-deficient U finite instead of NaN; it does not move a full-rank result.
-    tiny = torch.full_like(shift, r * unit)
-    q = _cholesky_qr_pass(q, tiny)
-    q = _cholesky_qr_pass(q, tiny)
-    return list(q.transpose(1, 2).unbind(0))
+    return _OrthonormalRows.apply(u)
 
 
 def _compute_dtype(hidden: torch.dtype, param: torch.dtype) -> torch.dtype:
@@ -99,22 +140,22 @@ def _compute_dtype(hidden: torch.dtype, param: torch.dtype) -> torch.dtype:
 
 
 class _Edit(torch.autograd.Function):
-    """ψ(h) = h + (h Aᵀ + b) U with A = W − U, over every row of h [..., d] (hand-written backward).
+    """ψ(h) = h + (h Aᵀ + b) U over every row of h [..., d], A = W − U given (hand-written backward).
 
     Saves h in its own dtype and z = h Aᵀ + b (r per row) instead of autograd's fp32 copy of h.
+    The gradient of U returned here is the direct one (zᵀ g); A's (= W's) reaches U through the
+    subtraction A = W − U that the caller built, once per pass for all editors of a shape.
     """
 
     @staticmethod
-    def forward(ctx, h, u, w, b):
+    def forward(ctx, h, u, a, b):
         d = h.shape[-1]
         ct = _compute_dtype(h.dtype, u.dtype)
-        h2 = h.reshape(-1, d)
-        h32 = h2.to(ct)
-        a = (w - u).to(ct)
-        uc = u.to(ct)
-        z = torch.addmm(b.to(ct), h32, a.t())  # [N, r]
+        h32 = h.reshape(-1, d).to(ct)
+        uc, ac = u.to(ct), a.to(ct)
+        z = torch.addmm(b.to(ct), h32, ac.t())  # [N, r]
         out = torch.addmm(h32, z, uc).to(h.dtype).view(h.shape)
-        ctx.save_for_backward(h, z, uc, a)
+        ctx.save_for_backward(h, z, uc, ac)
         return out
 
     @staticmethod
@@ -124,65 +165,98 @@ class _Edit(torch.autograd.Function):
         g = grad.reshape(-1, d).to(z.dtype)
         gz = g @ u.t()  # ∂L/∂z [N, r]
         grad_h = torch.addmm(g, gz, a).to(h.dtype).view(h.shape) if ctx.needs_input_grad[0] else None
-        da = gz.t() @ h.reshape(-1, d).to(z.dtype)  # ∂L/∂A = ∂L/∂W; A = W − U also gives −∂L/∂A to U
-        du = z.t() @ g - da
-        return grad_h, du, da, gz.sum(0)
+        da = gz.t() @ h.reshape(-1, d).to(z.dtype)
+        return grad_h, z.t() @ g, da, gz.sum(0)
 
 
 class _EditRows(torch.autograd.Function):
-    """In place: rows `idx` of hidden [N, d] (flat) ← ψ_g(row) where `valid`, for each group g.
+    """In place: rows `idx` [S] of hidden (flat [N, d]) ← row + (mask ⊙ (row Aᵀ + b)) U.
 
-    Inputs after `hidden` and the group count: per group (idx [S], valid [S], u, w, b). Invalid
-    slots point at a row that no group edits and are written back unchanged (so duplicates among
-    them are harmless); valid slots of different groups never coincide (positions.py).
+    u, a: [R, d] — the bases and A = W − U of every editor of the site stacked by rows; b [R];
+    mask [S, R] (compute dtype): 1 where slot s belongs to the editor owning column j and is
+    valid, else 0. A slot with an all-zero mask row is written back unchanged, so invalid slots
+    may repeat a row that no valid slot edits (positions.py guarantees one).
     """
 
     @staticmethod
-    def forward(ctx, hidden, n_groups, *tensors):
+    def forward(ctx, hidden, idx, mask, u, a, b):
         d = hidden.shape[-1]
         flat = hidden.view(-1, d)
-        saved, updates = [], []
-        for i in range(n_groups):
-            idx, valid, u, w, b = tensors[5 * i : 5 * i + 5]
-            ct = _compute_dtype(hidden.dtype, u.dtype)
-            rows = flat.index_select(0, idx)
-            r32 = rows.to(ct)
-            a = (w - u).to(ct)
-            uc = u.to(ct)
-            z = torch.addmm(b.to(ct), r32, a.t()) * valid[:, None]
-            updates.append((idx, torch.addmm(r32, z, uc).to(hidden.dtype)))
-            saved += [rows, z, uc, a, idx, valid]
-        for idx, new in updates:  # after every gather: groups read the unedited layer output
-            flat.index_copy_(0, idx, new)
+        ct = _compute_dtype(hidden.dtype, u.dtype)
+        r32 = flat.index_select(0, idx).to(ct)
+        uc, ac = u.to(ct), a.to(ct)
+        z = torch.addmm(b.to(ct), r32, ac.t()).mul_(mask)
+        flat.index_copy_(0, idx, torch.addmm(r32, z, uc).to(hidden.dtype))
         ctx.mark_dirty(hidden)
-        ctx.n_groups = n_groups
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(r32, z, uc, ac, idx, mask)  # r32 is S×d: a few rows, fp32 is cheap
         return hidden
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
+        r32, z, u, a, idx, mask = ctx.saved_tensors
         d = grad.shape[-1]
         g2 = grad.reshape(-1, d)
-        grad_hidden = g2.clone() if ctx.needs_input_grad[0] else None  # the one full-size copy
-        grads: list = [None]  # n_groups
-        for i in range(ctx.n_groups):
-            rows, z, u, a, idx, valid = saved[6 * i : 6 * i + 6]
-            g = g2.index_select(0, idx).to(z.dtype)
-            gz = (g @ u.t()) * valid[:, None]
-            if grad_hidden is not None:
-                grad_hidden.index_copy_(0, idx, torch.addmm(g, gz, a).to(grad.dtype))
-            da = gz.t() @ rows.to(z.dtype)
-            grads += [None, None, z.t() @ g - da, da, gz.sum(0)]
-        return (None if grad_hidden is None else grad_hidden.view_as(grad), *grads)
+        g = g2.index_select(0, idx).to(z.dtype)
+        gz = (g @ u.t()).mul_(mask)
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = g2.clone()  # the one full-size copy
+            grad_hidden.index_copy_(0, idx, torch.addmm(g, gz, a).to(grad.dtype))
+            grad_hidden = grad_hidden.view_as(grad)
+        return grad_hidden, None, None, z.t() @ g, gz.t() @ r32, gz.sum(0)
 
 
-def _edit_no_grad(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """ψ for inference: the same arithmetic as `_Edit.forward` with A precomputed, no autograd."""
+def edit_whole(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ψ(h) = h + (h Aᵀ + b) U over every row of h [..., d]; u, a [r, d], b [r] (A = W − U).
+
+    With gradients: `_Edit` (bf16 activations saved); without: the same arithmetic, no autograd."""
+    if torch.is_grad_enabled():
+        return _Edit.apply(h, u, a, b)
     d = h.shape[-1]
     ct = _compute_dtype(h.dtype, u.dtype)
     h32 = h.reshape(-1, d).to(ct)
     return torch.addmm(h32, torch.addmm(b.to(ct), h32, a.to(ct).t()), u.to(ct)).to(h.dtype).view(h.shape)
+
+
+def _edit_no_grad(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ψ for inference: the same arithmetic as `_Edit.forward` with A precomputed, no autograd."""
+    with torch.no_grad():
+        return edit_whole(h, u, a, b)
+
+
+def _writable(hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden`, or a copy where autograd forbids an in-place edit (a view, or a leaf that
+    requires grad) or the layout is not contiguous."""
+    if torch.is_grad_enabled() and (hidden._is_view() or (hidden.is_leaf and hidden.requires_grad)):
+        return hidden.clone()
+    return hidden if hidden.is_contiguous() else hidden.contiguous()
+
+
+def edit_rows_fused_(
+    hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """ψ of every editor of a site at its rows, in one pass, in place where autograd allows.
+
+    hidden [..., d]; idx [S] flat row indices; mask [S, R] (1: slot s uses column j's editor and
+    is valid); u, a [R, d] and b [R] the editors' bases, A = W − U and biases stacked by rows.
+    Returns the edited tensor (the same object unless `_writable` had to copy)."""
+    hidden = _writable(hidden)
+    if torch.is_grad_enabled():
+        return _EditRows.apply(hidden, idx, mask, u, a, b)
+    d = hidden.shape[-1]
+    flat = hidden.view(-1, d)
+    ct = _compute_dtype(hidden.dtype, u.dtype)
+    r32 = flat.index_select(0, idx).to(ct)
+    z = torch.addmm(b.to(ct), r32, a.to(ct).t()).mul_(mask)
+    flat.index_copy_(0, idx, torch.addmm(r32, z, u.to(ct)).to(hidden.dtype))
+    return hidden
+
+
+def slot_mask(valids: list[torch.Tensor], ranks: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """[ΣS, Σr] mask for `edit_rows_fused_`: block-diagonal (slots of editor k × columns of editor
+    k), each slot's row zeroed where it is invalid."""
+    blocks = [v.to(dtype)[:, None].expand(v.shape[0], r) for v, r in zip(valids, ranks)]
+    return torch.block_diag(*blocks) if len(blocks) > 1 else blocks[0].contiguous()
 
 
 def edit_rows_(hidden: torch.Tensor, edits: list[tuple["LoReFT", torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -190,12 +264,16 @@ def edit_rows_(hidden: torch.Tensor, edits: list[tuple["LoReFT", torch.Tensor, t
 
     `edits`: (editor, flat row index [S] into B·T, valid [S] bool). Invalid slots are left as they
     are. Returns the edited tensor (the same object unless a copy was unavoidable: a view or a
-    leaf that requires grad cannot be modified in place). Editors with active dropout take the
-    plain autograd path (dropout is off in the paper's setting).
+    leaf that requires grad cannot be modified in place). The editors are stacked and applied in
+    one `edit_rows_fused_` pass (the hooks do this with per-pass stacks instead, see sites.py).
+    Editors with active dropout take the plain autograd path (dropout is off in the paper's setting).
     """
     if not edits:
         return hidden
     d = hidden.shape[-1]
+    for ed, _, _ in edits:
+        if ed.d != d:
+            raise ValueError(f"LoReFT(d={ed.d}) got hidden states of size {d}")
     if any(ed.dropout.p > 0 and ed.training for ed, _, _ in edits):
         flat = hidden.reshape(-1, d)
         out = flat.clone() if torch.is_grad_enabled() else flat
@@ -204,30 +282,12 @@ def edit_rows_(hidden: torch.Tensor, edits: list[tuple["LoReFT", torch.Tensor, t
         for idx, new in updates:
             out = out.index_copy(0, idx, new) if torch.is_grad_enabled() else out.index_copy_(0, idx, new)
         return out.view(hidden.shape)
-    if torch.is_grad_enabled() and (hidden._is_view() or (hidden.is_leaf and hidden.requires_grad)):
-        hidden = hidden.clone()
-    elif not hidden.is_contiguous():
-        hidden = hidden.contiguous()
-    if not torch.is_grad_enabled():  # inference: no autograd node, cached U and A = W − U per editor
-        flat = hidden.view(-1, d)
-        updates = []
-        for ed, idx, valid in edits:
-            if ed.d != d:
-                raise ValueError(f"LoReFT(d={ed.d}) got hidden states of size {d}")
-            u, a, b = ed.inference_params()
-            ct = _compute_dtype(hidden.dtype, u.dtype)
-            r32 = flat.index_select(0, idx).to(ct)
-            z = torch.addmm(b.to(ct), r32, a.to(ct).t()).mul_(valid[:, None])
-            updates.append((idx, torch.addmm(r32, z, u.to(ct)).to(hidden.dtype)))
-        for idx, new in updates:
-            flat.index_copy_(0, idx, new)
-        return hidden
-    tensors: list[torch.Tensor] = []
-    for ed, idx, valid in edits:
-        if ed.d != d:
-            raise ValueError(f"LoReFT(d={ed.d}) got hidden states of size {d}")
-        tensors += [idx, valid, ed.basis(), ed.W.weight, ed.W.bias]
-    return _EditRows.apply(hidden, len(edits), *tensors)
+    params = [ed.inference_params() if not torch.is_grad_enabled() else ed.site_params() for ed, _, _ in edits]
+    u, a, b = (torch.cat([p[i] for p in params]) if len(params) > 1 else params[0][i] for i in range(3))
+    ct = _compute_dtype(hidden.dtype, u.dtype)
+    mask = slot_mask([v for _, _, v in edits], [ed.r for ed, _, _ in edits], ct)
+    idx = torch.cat([i for _, i, _ in edits]) if len(edits) > 1 else edits[0][1]
+    return edit_rows_fused_(hidden, idx, mask, u, a, b)
 
 
 class LoReFT(nn.Module):
@@ -303,6 +363,14 @@ class LoReFT(nn.Module):
                 self._inference_params = (key, (u, (w - u).to(u.dtype), b.to(u.dtype)))
         return self._inference_params[1]
 
+    def site_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U orthonormal, A = W − U, b) for `edit_whole` / `edit_rows_fused_`, differentiable
+        (the no-grad copy, cached across passes, without gradients)."""
+        if not torch.is_grad_enabled():
+            return self.inference_params()
+        u = self.basis()
+        return u, self.W.weight - u, self.W.bias
+
     def basis(self) -> torch.Tensor:
         """The orthonormal U (r×d, fp32) used by `forward`, differentiable w.r.t. `self.U`."""
         if not torch.is_grad_enabled():  # no graph to keep apart: reuse across passes while U is unchanged
@@ -332,7 +400,7 @@ class LoReFT(nn.Module):
             h32 = h.to(_compute_dtype(h.dtype, u.dtype))
             delta = (self.W(h32) - h32 @ u.t()) @ u  # (..., d): Uᵀ(W h + b − U h), rows as vectors
             return (h32 + self.dropout(delta)).to(h.dtype)
-        return _Edit.apply(h, u, self.W.weight, self.W.bias)
+        return _Edit.apply(h, u, self.W.weight - u, self.W.bias)
 
     @staticmethod
     def parameter_count(d: int, r: int) -> int:

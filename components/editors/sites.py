@@ -13,10 +13,12 @@ bit, and the same code serves transformers versions whose layers return tensors 
 Per model forward, a forward pre-hook on the hooked top-level model computes the prefix/suffix
 positions once (`positions.edit_positions`, from input_ids, attention_mask and — in training —
 labels) and opens a pass: every editor's basis is orthonormalised once for the pass, in one batched
-QR per editor shape (on an H200, 87 separate QRs cost ~16 ms per LLaVA-7B forward); the layer hooks then
-gather the rows at those positions for the whole batch by flat index, edit them and write them
-back in place (`loreft.edit_rows_`: no copy of the layer output in forward, one in backward, and no
-host synchronisation anywhere in a step).
+QR per editor shape (on an H200, 87 separate QRs cost ~16 ms per LLaVA-7B forward), and A = W − U
+is formed for all editors of a shape at once, so each site reads its (U, A, b) as views. An LM
+layer's prefix and suffix editors are stacked by rows and applied in one gather → two addmm →
+scatter (`loreft.edit_rows_fused_`: in place, no copy of the layer output in forward, one in
+backward, no host synchronisation anywhere in a step). Launches, not arithmetic, are what the
+editors cost on a GPU (benchmarks/RESULTS.md), so every kernel per site counts.
 During generation only the prompt pass is edited: a forward whose KV cache already holds tokens
 (or whose cache_position starts past 0, transformers < 5.2x) is a decode step and its LM layers are
 left alone — the cache carries the prompt's edited keys and values. Generation must therefore use
@@ -45,7 +47,7 @@ from torch import nn
 from components.config import EditorParams
 
 from .count import count_parameters, llava_7b_config, meta_model, paper_placement_7b, parameter_report
-from .loreft import LoReFT, edit_rows_, orthonormal_rows_batched
+from .loreft import LoReFT, _compute_dtype, edit_rows_, edit_rows_fused_, edit_whole, orthonormal_rows_stacked, slot_mask
 from .placement import GROUPS, ModelDims, PlacementError, resolve_layers, resolve_placement
 from .positions import edit_positions, prompt_mask_from_labels
 
@@ -133,6 +135,7 @@ class _Sites:
     def __init__(self, shape: tuple[int, int], slots: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.shape = shape
         self._by_device = {next(iter(slots.values()))[0].device: slots}
+        self._fused: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_positions(cls, shape, prefix_idx, prefix_valid, suffix_idx, suffix_valid) -> "_Sites":
@@ -150,6 +153,17 @@ class _Sites:
             src = next(iter(self._by_device.values()))
             self._by_device[device] = {g: (i.to(device), v.to(device)) for g, (i, v) in src.items()}
         return self._by_device[device][group]
+
+    def fused(self, device: torch.device, groups: tuple[str, ...], ranks: tuple[int, ...], dtype: torch.dtype):
+        """(flat row index [ΣS], slot×column mask [ΣS, Σr]) of `groups` edited together at one layer
+        (`loreft.edit_rows_fused_`), built once per forward and device."""
+        key = ("fused", device, groups, ranks, dtype)
+        got = self._fused.get(key)
+        if got is None:
+            slots = [self.slots(device, g) for g in groups]
+            idx = torch.cat([i for i, _ in slots]) if len(slots) > 1 else slots[0][0]
+            got = self._fused[key] = (idx, slot_mask([v for _, v in slots], list(ranks), dtype))
+        return got
 
     def on(self, device: torch.device, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch rows, token positions) of the valid slots only — for inspection; syncs the host."""
@@ -193,6 +207,12 @@ class MRTEditors(nn.Module):
         self._image_token_id: int | None = None
         self._forward_params: list[str] = []
         self._hooked_layers: list[nn.Module] = []
+        # Per-pass (U, A = W − U, b) of every site, as views into one stack per editor shape: the
+        # whole-tensor sites by (group, key), the LM layers by index (prefix and suffix rows stacked).
+        self._site_whole: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}
+        self._site_lm: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._stack_cache: tuple[tuple, tuple[dict, dict]] | None = None  # no-grad: kept across passes
+        self._param_list: list[nn.Parameter] = []
 
     # -- bookkeeping ------------------------------------------------------------------------
     def editors(self):
@@ -225,6 +245,7 @@ class MRTEditors(nn.Module):
         self._sites = None
         self._edit_lm = False
         self._pass_open = False
+        self._site_whole, self._site_lm, self._stack_cache = {}, {}, None
         for editor in self.editors():
             editor.end_pass()
 
@@ -240,32 +261,97 @@ class MRTEditors(nn.Module):
 
     @staticmethod
     def _is_decode_step(cache: Any, cache_position: Any) -> bool:
-        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-            if int(cache_position.reshape(-1)[0]) > 0:
-                return True
-        if cache is None:
-            return False
+        """From the cache's length when there is a cache object (a shape: no host sync); only
+        without one from cache_position, whose first value must be read from the device."""
         if hasattr(cache, "get_seq_length"):
             return int(cache.get_seq_length()) > 0
         if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
             return int(cache[0][0].shape[-2]) > 0
+        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+            return int(cache_position.reshape(-1)[0]) > 0
         return False
 
-    def _prepare_bases(self, groups: list[str]) -> None:
-        """Orthonormalise the bases of `groups` for this pass: one batched, sync-free Cholesky-QR
-        per (shape, device, dtype) — singletons too, so no editor falls back to a per-call QR.
-        Without gradients, editors whose `U` is unchanged since an earlier pass keep their basis."""
-        buckets: dict[tuple, list[LoReFT]] = {}
-        for group in groups:
-            for editor in getattr(self, group).values():
-                kept = editor.inference_basis()
-                if kept is not None:
-                    editor.set_pass_basis(kept)
-                    continue
-                buckets.setdefault((editor.d, editor.r, editor.U.device, editor.U.dtype), []).append(editor)
-        for editors in buckets.values():
-            for editor, basis in zip(editors, orthonormal_rows_batched([e.U for e in editors])):
-                editor.set_pass_basis(basis)
+    def _lm_order(self) -> list[tuple[int, str]]:
+        """(layer, group) of every LM editor, layer-major: the row order of the LM stacks."""
+        layers = sorted({*self.layers["prefix"], *self.layers["suffix"]})
+        return [(i, g) for i in layers for g in ("prefix", "suffix") if str(i) in getattr(self, g)]
+
+    @staticmethod
+    def _stack(editors: list[LoReFT]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q, A = W − Q, b) stacked [n, r, d], [n, r, d], [n, r] for same-shape editors: one
+        batched sync-free orthonormalisation and one subtraction for all of them."""
+        if len(editors) == 1:
+            ed = editors[0]
+            u, w, b = ed.U[None], ed.W.weight[None], ed.W.bias[None]
+        else:
+            u = torch.stack([e.U for e in editors])
+            w = torch.stack([e.W.weight for e in editors])
+            b = torch.stack([e.W.bias for e in editors])
+        q = orthonormal_rows_stacked(u)
+        return q, w - q, b
+
+    def _build_stacks(self, whole: bool, lm: bool) -> tuple[dict, dict]:
+        """Per-site (U, A, b) for this pass. Whole-tensor sites: one stack per (d, r, device, dtype).
+        LM layers: when every layer carries the same groups of one shape, a single stack in
+        (layer, group) order viewed as [layers, groups·r, d], so a layer's prefix+suffix
+        parameters are a view; otherwise per-layer concatenations of per-shape stacks."""
+        whole_params: dict[tuple[str, str], tuple] = {}
+        lm_params: dict[int, tuple] = {}
+        if whole:
+            buckets: dict[tuple, list[tuple[str, str]]] = {}
+            for group in ("visual", "projector"):
+                for key, ed in getattr(self, group).items():
+                    buckets.setdefault((ed.d, ed.r, ed.U.device, ed.U.dtype), []).append((group, key))
+            for sites in buckets.values():
+                eds = [getattr(self, g)[k] for g, k in sites]
+                q, a, b = self._stack(eds)
+                for site, ed, qi, ai, bi in zip(sites, eds, q.unbind(0), a.unbind(0), b.unbind(0)):
+                    ed.set_pass_basis(qi)
+                    whole_params[site] = (qi, ai, bi)
+        order = self._lm_order() if lm else []
+        if order:
+            eds = [getattr(self, g)[str(i)] for i, g in order]
+            shapes = {(e.d, e.r, e.U.device, e.U.dtype) for e in eds}
+            per_layer = Counter(i for i, _ in order)
+            if len(shapes) == 1 and len(set(per_layer.values())) == 1:
+                q, a, b = self._stack(eds)
+                for ed, qi in zip(eds, q.unbind(0)):
+                    ed.set_pass_basis(qi)
+                n_layers, k = len(per_layer), next(iter(per_layer.values()))
+                r, d = eds[0].r, eds[0].d
+                views = zip(q.reshape(n_layers, k * r, d).unbind(0), a.reshape(n_layers, k * r, d).unbind(0),
+                            b.reshape(n_layers, k * r).unbind(0))
+                for layer, params in zip(sorted(per_layer), views):
+                    lm_params[layer] = params
+            else:
+                buckets = {}
+                for pos, e in enumerate(eds):
+                    buckets.setdefault((e.d, e.r, e.U.device, e.U.dtype), []).append(pos)
+                flat: dict[int, tuple] = {}
+                for positions in buckets.values():
+                    q, a, b = self._stack([eds[p] for p in positions])
+                    for p, qi, ai, bi in zip(positions, q.unbind(0), a.unbind(0), b.unbind(0)):
+                        eds[p].set_pass_basis(qi)
+                        flat[p] = (qi, ai, bi)
+                for layer in sorted(per_layer):
+                    parts = [flat[p] for p, (i, _) in enumerate(order) if i == layer]
+                    lm_params[layer] = tuple(torch.cat([pt[j] for pt in parts]) for j in range(3))
+        return whole_params, lm_params
+
+    def _params_key(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for p in self._param_list)
+
+    def _prepare_stacks(self, whole: bool, lm: bool) -> None:
+        """Fill this pass's per-site parameters. Without gradients they hold no graph, so they are
+        kept across passes until a parameter changes (version or storage): a prompt pass during
+        generation orthonormalises nothing and builds no stack."""
+        if torch.is_grad_enabled():
+            self._site_whole, self._site_lm = self._build_stacks(whole, lm)
+            return
+        key = self._params_key()
+        if self._stack_cache is None or self._stack_cache[0] != key:
+            self._stack_cache = (key, self._build_stacks(True, True))
+        self._site_whole, self._site_lm = self._stack_cache[1]
 
     def _checkpointing(self) -> bool:
         """True when a hooked layer will be recomputed in backward (activation checkpointing).
@@ -294,9 +380,10 @@ class MRTEditors(nn.Module):
         for editor in self.editors():
             editor.begin_pass()
         batched = not self._checkpointing()
-        if batched and has_pixels:
-            self._prepare_bases(["visual", "projector"])
+        self._site_whole, self._site_lm = {}, {}
         if not lm_editors or decode:
+            if batched and has_pixels:
+                self._prepare_stacks(whole=True, lm=False)
             return
         input_ids = self._argument("input_ids", args, kwargs)
         if input_ids is None:
@@ -323,12 +410,13 @@ class MRTEditors(nn.Module):
         self._sites = _Sites.from_positions(tuple(input_ids.shape), *positions)
         self._edit_lm = True
         if batched:
-            self._prepare_bases(["prefix", "suffix"])
+            self._prepare_stacks(whole=has_pixels, lm=True)
 
     def _end_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._pass_open:
             return
         self._pass_open = False
+        self._site_whole, self._site_lm = {}, {}  # with gradients they hold this pass's graph
         for editor in self.editors():
             editor.end_pass()
 
@@ -338,13 +426,20 @@ class MRTEditors(nn.Module):
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             self.edit_counts[group] += 1
-            return _replace_first(output, editor(_first(output)))
+            hidden = _first(output)
+            params = self._site_whole.get((group, key))
+            if params is None or (editor.dropout.p > 0 and editor.training) or hidden.shape[-1] != editor.d:
+                return _replace_first(output, editor(hidden))  # outside a pass, dropout, or a size error
+            return _replace_first(output, edit_whole(hidden, *params))
 
         return hook
 
     def _lm_hook(self, layer: int):
         key = str(layer)
-        groups = [g for g in ("prefix", "suffix") if key in getattr(self, g)]
+        groups = tuple(g for g in ("prefix", "suffix") if key in getattr(self, g))
+        editors = tuple(getattr(self, g)[key] for g in groups)
+        ranks = tuple(e.r for e in editors)
+        dropping = lambda: any(e.dropout.p > 0 and e.training for e in editors)  # noqa: E731
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if not self._edit_lm:
@@ -357,18 +452,20 @@ class MRTEditors(nn.Module):
                     f"match the positions computed for this forward ({sites.shape if sites else None}); "
                     "call the model the editors were attached to, not its inner language model"
                 )
-            edits = []
-            for group in groups:
-                flat, valid = sites.slots(hidden.device, group)
-                if flat.numel() == 0:
-                    continue
-                edits.append((getattr(self, group)[key], flat, valid))
-                self.edit_counts[group] += 1
-            if not edits:
+            device = hidden.device
+            present = tuple(g for g in groups if sites.slots(device, g)[0].numel())
+            if not present:
                 return None
-            # In place (one gradient copy in backward instead of out-of-place index_put and the
-            # full-size zero-filled gradients of advanced indexing): see loreft.edit_rows_.
-            return _replace_first(output, edit_rows_(hidden, edits))
+            for group in present:
+                self.edit_counts[group] += 1
+            params = self._site_lm.get(layer)
+            if params is None or present != groups or dropping() or hidden.shape[-1] != editors[0].d:
+                edits = [(getattr(self, g)[key], *sites.slots(device, g)) for g in present]
+                return _replace_first(output, edit_rows_(hidden, edits))
+            # Prefix and suffix rows in one in-place pass (one gradient copy in backward instead of
+            # out-of-place index_put and full-size zero-filled gradients): see loreft.edit_rows_fused_.
+            idx, mask = sites.fused(device, groups, ranks, _compute_dtype(hidden.dtype, params[0].dtype))
+            return _replace_first(output, edit_rows_fused_(hidden, idx, mask, *params))
 
         return hook
 
@@ -400,6 +497,7 @@ class MRTEditors(nn.Module):
                 handle.remove()
             raise
         self._handles = handles
+        self._param_list = list(self.parameters())
         self._hooked_layers = [vision_layers[int(k)] for k in self.visual] + [
             lm_layers[i] for i in sorted({*self.layers["prefix"], *self.layers["suffix"]})
         ]

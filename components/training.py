@@ -738,6 +738,13 @@ def train(p: TrainParams) -> dict:
             },
         )
         result = run_loop(run_model, batch_maker(processor, sources), sampler, spec, extra=extra)
+        from accelerate import PartialState
+
+        state = PartialState()
+        if not state.is_main_process:
+            # Under `accelerate launch` every rank ends with the same weights: only the main process
+            # saves, evaluates and writes the report (the others would redo the work and race on files).
+            return {"method": p.method, "process_index": state.process_index, "steps": result.steps}
         save_trained(run_model, extra, processor, p, base_fp)
 
     if extra is not None:

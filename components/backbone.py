@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from components.config import AlignParams, TinyModelParams
-from components.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, VICUNA_TEMPLATE, ensure_image_token, train_bpe_tokenizer
+from components.tokenizer import VICUNA_TEMPLATE, train_bpe_tokenizer
 
 # Position budget of the tiny LM beyond the image tokens and max_length (generation headroom).
 _POSITION_HEADROOM = 64
@@ -123,47 +123,18 @@ def _set_generation_ids(model, tokenizer) -> None:
 # ---------------------------------------------------------------------------------------------
 # composed and llava
 # ---------------------------------------------------------------------------------------------
-def compose(vision_model: str, language_model: str, gguf_file: str | None = None, seed: int = 0):
-    """LLaVA stage one's starting point: pretrained CLIP vision + pretrained causal LM + fresh projector."""
-    import torch
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+def compose(
+    vision_model: str,
+    language_model: str,
+    gguf_file: str | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+):
+    """LLaVA stage one's starting point: pretrained CLIP vision + pretrained causal LM + fresh projector.
+    The work is in components/compose.py (vision tower from a LLaVA folder, GGUF conversion cache)."""
+    from components.compose import compose_llava
 
-    lm_kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(language_model, image_token=IMAGE_TOKEN, **lm_kw)
-    ensure_image_token(tokenizer)
-    vision = CLIPVisionModel.from_pretrained(vision_model)
-    lm = AutoModelForCausalLM.from_pretrained(language_model, **lm_kw)
-    vcfg = vision.config
-    lm_cfg = AutoConfig.from_pretrained(language_model, **lm_kw)
-    image_size, patch = vcfg.image_size, vcfg.patch_size
-    n_image = (image_size // patch) ** 2
-    config = LlavaConfig(
-        vision_config=vcfg,
-        text_config=lm_cfg,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=n_image,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(vision.state_dict())
-    model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    if len(tokenizer) > model.config.text_config.vocab_size:
-        model.resize_token_embeddings(len(tokenizer))
-    template = CHATML_TEMPLATE if "<|im_start|>" in (tokenizer.chat_template or "") else VICUNA_TEMPLATE
-    tokenizer.chat_template = template
-    processor = _llava_processor(_image_processor(image_size), tokenizer, patch, template)
-    _set_generation_ids(model, tokenizer)
-    return model, processor
+    return compose_llava(vision_model, language_model, gguf_file, cache_dir=cache_dir, seed=seed)
 
 
 def load_base(path: str | os.PathLike, dtype: Any = None):
@@ -191,7 +162,8 @@ def load_backbone(p: AlignParams, rows: Iterable[Any] | None = None, image_size:
     if p.backbone == "llava":
         return load_base(p.model)
     if p.backbone == "composed":
-        return compose(p.vision_model, p.language_model, p.language_model_gguf, seed=p.seed)
+        return compose(p.vision_model, p.language_model, p.language_model_gguf, seed=p.seed,
+                       cache_dir=p.language_model_cache)
     if rows is None or image_size is None:
         raise ValueError("the tiny backbone is built from the data: pass its rows and image size")
     processor = build_tiny_processor(tiny_corpus(rows), image_size, p.tiny)

@@ -57,17 +57,10 @@ PG_DB = "mlflow"
 PG_SUPERUSER = "mrt"
 STATE_FILE = "services.json"
 ENV_FILE = "env"
-OFFLINE_ENV = {  # same as components/offline.py; repeated so this script needs no installed project
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_EVALUATE_OFFLINE": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-}
+# The one list of what phones home (components/offline.py: a module with no dependencies), imported
+# by path so this script also runs from a checkout where the project is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from components.offline import OFFLINE_ENV  # noqa: E402
 
 
 class ServiceError(RuntimeError):

@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_pct": round(100 * (total_s - stages_sum) / total_s, 1),
         "overhead_in_flow_pct": round(100 * (flow_s - stages_sum) / flow_s, 1),
         "target_overhead_pct": 10.0,
-        "command": "python benchmarks/pipeline_run.py" + (f" -p {args.params}" if args.params != "params.yaml" else ""),
+        "command": "python benchmarks/pipeline_run.py"
+        + (f" -p {args.params}" if args.params != "params.yaml" else "")
+        + ("" if ws else " --in-place"),
     }
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 

@@ -473,3 +473,23 @@ def system_metrics(run_id: str, track: "TrackParams") -> Iterator[None]:
     finally:
         if monitor is not None:
             monitor.finish()
+            _final_sample(monitor, run_id, track)
+
+
+def _final_sample(monitor: Any, run_id: str, track: "TrackParams") -> None:
+    """MLflow's monitor publishes only after a full sampling interval, so a stage shorter than one
+    interval (a smoke run, a cached resume) would leave no `system/*` metrics at all: take one sample
+    at the end in that case. Best effort, like the monitor itself."""
+    import logging
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        metrics = MlflowClient(tracking_uri(track)).get_run(run_id).data.metrics
+        if any(k.startswith("system/") for k in metrics):
+            return
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as exc:  # noqa: BLE001 - monitoring never fails the stage it watched
+        logging.getLogger(__name__).warning("no final system-metrics sample for run %s: %s", run_id, exc)

@@ -200,6 +200,19 @@ def test_system_metrics_sampled_into_the_run_and_switchable(store):
     assert not [k for k in _client().get_run(quiet).data.metrics if k.startswith("system/")]
 
 
+def test_a_stage_shorter_than_one_interval_still_gets_a_system_sample(store):
+    # MLflow's monitor publishes only after a full interval; a fast stage must not end with none.
+    tracking.configure(store)
+    slow_interval = store.model_copy(update={"system_metrics": True, "system_metrics_interval_s": 30.0})
+    run_id = tracking.start_run(slow_interval, "train")
+    t0 = time.perf_counter()
+    with tracking.system_metrics(run_id, slow_interval):
+        pass
+    assert time.perf_counter() - t0 < 20  # the shutdown does not wait out the interval
+    metrics = _client().get_run(run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+
+
 def test_calls_without_track_use_the_configured_one(store):
     tracking.configure(fast_track(experiment="other"))
     run_id = tracking.start_run(fast_track(experiment="other"), "x")

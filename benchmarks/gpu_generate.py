@@ -33,6 +33,8 @@ sys.path.insert(0, str(_HERE.parent))
 
 from gpu_train_step import (  # noqa: E402
     _sync,
+    export_trace,
+    profile_steps,
     load_editors_package,
     _write_json,
     build_model,
@@ -81,7 +83,7 @@ def _timed(fn, device) -> tuple[float, Any]:
 
 
 def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement,
-            baseline_attach=None) -> dict[str, Any]:
+            baseline_attach=None, profile_dir: Path | None = None) -> dict[str, Any]:
     """Interleaved base/MRT rounds of (prefill, generate) — and MRT with the baseline editors
     (`mrt_before`) when `baseline_attach` is given. Returns medians and the ratios."""
     import torch
@@ -135,6 +137,12 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
             res[f"{arm}_{kind}_ms_min"] = min(times[arm][kind])
     res["prefill_ratio"] = res["mrt_prefill_ms"] / res["base_prefill_ms"]
     res["generate_ratio"] = res["mrt_generate_ms"] / res["base_generate_ms"]
+    # Per-round ratios (each MRT call against the base call just before it): slow clock or load
+    # drift cancels within a round, so their median is steadier than the ratio of medians.
+    paired = [m / b for m, b in zip(times["mrt"]["generate"], times["base"]["generate"])]
+    res["generate_ratio_paired"] = statistics.median(paired)
+    res["generate_ratio_paired_iqr"] = [statistics.quantiles(paired, n=4)[0], statistics.quantiles(paired, n=4)[2]] \
+        if len(paired) >= 2 else [paired[0], paired[0]]
     if "mrt_before" in attach_fns:
         res["before_prefill_ratio"] = res["mrt_before_prefill_ms"] / res["base_prefill_ms"]
         res["before_generate_ratio"] = res["mrt_before_generate_ms"] / res["base_generate_ms"]
@@ -143,7 +151,38 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
     res["new_tokens"] = len(tokens["base"][0])
     res["outputs_differ"] = tokens["base"] != tokens["mrt"]  # random editors should change something
     res["edit_calls"] = edits
+    if profile_dir is not None:
+        res["profile"] = profile_generate(model, generate, device, placement, state, profile_dir, res["batch"])
     return res
+
+
+def profile_generate(model, generate, device, placement, state, out_dir: Path, batch: int) -> dict[str, Any]:
+    """One profiled generate() call without and with editors (tables + Chrome traces in `out_dir`):
+    host↔device syncs, kernel launches and device busy time per call, to tell host-bound overhead
+    from GPU work."""
+    import torch
+
+    from components.editors import attach
+
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for arm in ("base", "mrt"):
+            editors = None
+            if arm == "mrt":
+                editors = attach(model, placement)
+                editors.load_state_dict(state)
+                editors.eval()
+                generate()  # the warm state the timed rounds measure (stacks built by the first pass)
+            try:
+                prof = profile_steps(generate, device, 1, out_dir, f"gen_{arm}_b{batch}")
+                export_trace(generate, device, out_dir / f"trace_gen_{arm}_b{batch}.json.gz")
+            finally:
+                if editors is not None:
+                    editors.detach()
+            out[arm] = {k: prof[k] for k in ("wall_ms_per_step", "device_busy_ms_per_step", "kernel_launches_per_step",
+                                             "syncs_per_step")}
+            out[arm]["top_host_ops_us"] = sorted(prof["per_op_host_us"].items(), key=lambda kv: -kv[1])[:25]
+    return out
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -179,6 +218,8 @@ def parse_args(argv=None):
     ap.add_argument("--label", default="")
     ap.add_argument("--baseline-editors", type=Path, default=None,
                     help="a copy of an earlier components/editors, timed as a third arm (mrt_before)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="folder for a profiled generate() call without and with editors (tables and traces)")
     return ap.parse_args(argv)
 
 
@@ -224,7 +265,7 @@ def main(argv=None) -> dict[str, Any]:
     }
     for b in batch_sizes:
         prompts = make_prompts(config, b, text_tokens, device, dtype, seed=b)
-        r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline)
+        r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline, args.profile)
         summary["results"].append(r)
         print(json.dumps(r), flush=True)
         if args.json:

@@ -129,6 +129,11 @@ def _wrapper_class():
             super().__init__()
             self.model = model
             self.extra = extra
+            # MRT editors' U/W/b buffers are views of their banks (the trainable tensors): DDP must
+            # sync the banks only, not broadcast the views on every forward.
+            views = getattr(extra, "view_buffer_names", None)
+            if callable(views):
+                self._ddp_params_and_buffers_to_ignore = [f"extra.{n}" for n in views()]
 
         def forward(self, **batch):
             return self.model(**batch)

@@ -29,7 +29,7 @@ def _run(model, params, b, *, per_editor: bool, state=None):
             editors._build_stacks = lambda whole, lm: ({}, {})  # hooks then call the editors one by one
         out = model(**b)
         out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in editors.named_parameters()}
+        grads = {n: g.clone() for n, g in editors.editor_grads().items()}
         return out.loss.detach(), out.logits.detach(), grads, {k: v.clone() for k, v in editors.state_dict().items()}
     finally:
         editors.detach()

@@ -313,7 +313,39 @@ class LoReFT(nn.Module):
         self._cache: tuple[int, torch.Tensor] | None = None
         self._inference_cache: tuple[tuple, torch.Tensor] | None = None  # no-grad bases, across passes
         self._inference_params: tuple[tuple, tuple] | None = None  # no-grad (U, A = W − U, b)
+        self._bank: nn.Module | None = None  # the EditorBank holding this editor's row (bank.py)
+        self._index = 0
         self.reset_parameters()
+
+    # -- bank membership (bank.py) --------------------------------------------------------------
+    def bind(self, bank: nn.Module, index: int) -> None:
+        """Make U, W.weight and W.bias views of row `index` of `bank` (persistent buffers, so the
+        state-dict keys stay the same; they share the bank's version counter)."""
+        views = (bank.U.detach()[index], bank.W.detach()[index], bank.b.detach()[index])
+        for module, name, view in ((self, "U", views[0]), (self.W, "weight", views[1]), (self.W, "bias", views[2])):
+            module._parameters.pop(name, None)
+            module._buffers[name] = view
+        object.__setattr__(self, "_bank", bank)  # plain attribute: not a submodule
+        self._index = index
+        self._cache, self._inference_cache, self._inference_params = None, None, None
+
+    def unbind(self) -> None:
+        """Own Parameters again (copies of the current values)."""
+        if self._bank is None:
+            return
+        for module, name in ((self, "U"), (self.W, "weight"), (self.W, "bias")):
+            value = module._buffers.pop(name)
+            module._parameters[name] = nn.Parameter(value.detach().clone())
+        object.__setattr__(self, "_bank", None)
+        self._cache, self._inference_cache, self._inference_params = None, None, None
+
+    def live(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, W, b) as tensors gradients flow to: the Parameters, or the bank's rows."""
+        bank = self._bank
+        if bank is None:
+            return self.U, self.W.weight, self.W.bias
+        i = self._index
+        return bank.U[i], bank.W[i], bank.b[i]
 
     def reset_parameters(self) -> None:
         """Reference init: U orthogonal, W `nn.Linear`'s default, b zeros (see module docstring)."""
@@ -369,7 +401,8 @@ class LoReFT(nn.Module):
         if not torch.is_grad_enabled():
             return self.inference_params()
         u = self.basis()
-        return u, self.W.weight - u, self.W.bias
+        _, w, b = self.live()
+        return u, w - u, b
 
     def basis(self) -> torch.Tensor:
         """The orthonormal U (r×d, fp32) used by `forward`, differentiable w.r.t. `self.U`."""
@@ -381,10 +414,10 @@ class LoReFT(nn.Module):
                 self._inference_cache = (self._inference_key(), kept)
             return kept
         if not self._in_pass:
-            return orthonormal_rows(self.U)
+            return orthonormal_rows(self.live()[0])
         version = self.U._version
         if self._cache is None or self._cache[0] != version:
-            self._cache = (version, orthonormal_rows(self.U))
+            self._cache = (version, orthonormal_rows(self.live()[0]))
         return self._cache[1]
 
     # -- the edit ----------------------------------------------------------------------------
@@ -396,11 +429,12 @@ class LoReFT(nn.Module):
         if not torch.is_grad_enabled() and not dropping:
             return _edit_no_grad(h, *self.inference_params())
         u = self.basis()
+        _, w, b = self.live()
         if dropping:
             h32 = h.to(_compute_dtype(h.dtype, u.dtype))
-            delta = (self.W(h32) - h32 @ u.t()) @ u  # (..., d): Uᵀ(W h + b − U h), rows as vectors
+            delta = (nn.functional.linear(h32, w, b) - h32 @ u.t()) @ u  # (..., d): Uᵀ(W h + b − U h), rows as vectors
             return (h32 + self.dropout(delta)).to(h.dtype)
-        return _Edit.apply(h, u, self.W.weight - u, self.W.bias)
+        return _Edit.apply(h, u, w - u, b)
 
     @staticmethod
     def parameter_count(d: int, r: int) -> int:

@@ -47,6 +47,7 @@ from torch import nn
 from components.config import EditorParams
 
 from .count import count_parameters, llava_7b_config, meta_model, paper_placement_7b, parameter_report
+from .bank import EditorBank
 from .loreft import LoReFT, _compute_dtype, edit_rows_, edit_rows_fused_, edit_whole, orthonormal_rows_stacked, slot_mask
 from .placement import GROUPS, ModelDims, PlacementError, resolve_layers, resolve_placement
 from .positions import edit_positions, prompt_mask_from_labels
@@ -213,6 +214,12 @@ class MRTEditors(nn.Module):
         self._site_lm: dict[int, tuple[torch.Tensor, ...]] = {}
         self._stack_cache: tuple[tuple, tuple[dict, dict]] | None = None  # no-grad: kept across passes
         self._param_list: list[nn.Parameter] = []
+        self._lm_pending: tuple | None = None  # (input_ids, attention_mask, labels, prepare stacks) until the LM
+        # The trainable tensors: every editor's U, W, b live in a bank of its shape (bank.py).
+        self.banks = nn.ModuleList()
+        self._whole_layout: list[tuple[EditorBank, list]] = []
+        self._lm_layout: list[tuple[EditorBank, list]] = []
+        self._make_banks()
 
     # -- bookkeeping ------------------------------------------------------------------------
     def editors(self):
@@ -276,65 +283,98 @@ class MRTEditors(nn.Module):
         layers = sorted({*self.layers["prefix"], *self.layers["suffix"]})
         return [(i, g) for i in layers for g in ("prefix", "suffix") if str(i) in getattr(self, g)]
 
+    # -- banks ------------------------------------------------------------------------------
+    def _make_banks(self, devices: dict[int, torch.device] | None = None) -> None:
+        """(Re)build the banks (bank.py): one per (d, r, device) among the whole-tensor editors
+        (visual then projector) and one per (d, r, device) among the LM editors in (layer, group)
+        order, so that a layer's prefix and suffix rows are adjacent. `devices` maps id(editor) to
+        the device it must live on (attach: the device of the layer it edits); default: where it is."""
+        for bank in self.banks:
+            bank.release()
+        devices = devices or {}
+
+        def bucket(items: list[tuple[Any, LoReFT]]) -> list[tuple[EditorBank, list[Any]]]:
+            groups: dict[tuple, list[tuple[Any, LoReFT]]] = {}
+            for site, ed in items:
+                dev = torch.device(devices.get(id(ed), ed.U.device))
+                groups.setdefault((ed.d, ed.r, dev, ed.U.dtype), []).append((site, ed))
+            return [(EditorBank([e for _, e in members], key[2]), [site for site, _ in members])
+                    for key, members in groups.items()]
+
+        whole = bucket([((g, k), ed) for g in ("visual", "projector") for k, ed in getattr(self, g).items()])
+        lm = bucket([((i, g), getattr(self, g)[str(i)]) for i, g in self._lm_order()])
+        self.banks = nn.ModuleList([b for b, _ in whole] + [b for b, _ in lm])
+        self._whole_layout = [(bank, sites) for bank, sites in whole]
+        self._lm_layout = [(bank, sites) for bank, sites in lm]
+        self._param_list = list(self.parameters())
+        self._stack_cache = None
+
+    def _apply(self, fn, recurse=True):
+        # Conversion (.to(), .half(), …) copies the editors' view buffers on their own: re-bind them.
+        out = super()._apply(fn, recurse)
+        for bank in self.banks:
+            bank.rebind()
+        self._stack_cache = None
+        return out
+
+    def editor_grads(self) -> dict[str, torch.Tensor | None]:
+        """Each editor's gradient under its state-dict key ("visual.1.U", "prefix.0.W.weight", …):
+        views of the banks' `.grad` rows (None where the bank has no gradient)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for group in GROUPS:
+            for key, ed in getattr(self, group).items():
+                bank, i = ed._bank, ed._index
+                for name, param in (("U", bank.U), ("W.weight", bank.W), ("W.bias", bank.b)):
+                    out[f"{group}.{key}.{name}"] = None if param.grad is None else param.grad[i]
+        return out
+
+    def view_buffer_names(self) -> list[str]:
+        """Names of the editors' U/W.weight/W.bias buffers (views of the banks): DDP must not
+        broadcast them (`_ddp_params_and_buffers_to_ignore`), the banks are what it syncs."""
+        return [n for n, _ in self.named_buffers()]
+
     @staticmethod
-    def _stack(editors: list[LoReFT]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Q, A = W − Q, b) stacked [n, r, d], [n, r, d], [n, r] for same-shape editors: one
-        batched sync-free orthonormalisation and one subtraction for all of them."""
-        if len(editors) == 1:
-            ed = editors[0]
-            u, w, b = ed.U[None], ed.W.weight[None], ed.W.bias[None]
-        else:
-            u = torch.stack([e.U for e in editors])
-            w = torch.stack([e.W.weight for e in editors])
-            b = torch.stack([e.W.bias for e in editors])
-        q = orthonormal_rows_stacked(u)
-        return q, w - q, b
+    def _bank_pass(bank: EditorBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q, A = W − Q, b) of a bank, [n, r, d], [n, r, d], [n, r]: one batched sync-free
+        orthonormalisation and one subtraction for all its editors, no stacking."""
+        q = orthonormal_rows_stacked(bank.U)
+        return q, bank.W - q, bank.b
 
     def _build_stacks(self, whole: bool, lm: bool) -> tuple[dict, dict]:
-        """Per-site (U, A, b) for this pass. Whole-tensor sites: one stack per (d, r, device, dtype).
-        LM layers: when every layer carries the same groups of one shape, a single stack in
-        (layer, group) order viewed as [layers, groups·r, d], so a layer's prefix+suffix
-        parameters are a view; otherwise per-layer concatenations of per-shape stacks."""
+        """Per-site (U, A, b) for this pass, as views of each bank's (Q, A, b). LM layers: when one
+        bank holds every LM editor and every layer carries the same groups, its rows are viewed as
+        [layers, groups·r, d], so a layer's prefix+suffix parameters are a view; otherwise per-layer
+        concatenations."""
         whole_params: dict[tuple[str, str], tuple] = {}
         lm_params: dict[int, tuple] = {}
         if whole:
-            buckets: dict[tuple, list[tuple[str, str]]] = {}
-            for group in ("visual", "projector"):
-                for key, ed in getattr(self, group).items():
-                    buckets.setdefault((ed.d, ed.r, ed.U.device, ed.U.dtype), []).append((group, key))
-            for sites in buckets.values():
-                eds = [getattr(self, g)[k] for g, k in sites]
-                q, a, b = self._stack(eds)
-                for site, ed, qi, ai, bi in zip(sites, eds, q.unbind(0), a.unbind(0), b.unbind(0)):
+            for bank, sites in self._whole_layout:
+                q, a, b = self._bank_pass(bank)
+                for site, ed, qi, ai, bi in zip(sites, bank.members, q.unbind(0), a.unbind(0), b.unbind(0)):
                     ed.set_pass_basis(qi)
                     whole_params[site] = (qi, ai, bi)
-        order = self._lm_order() if lm else []
-        if order:
-            eds = [getattr(self, g)[str(i)] for i, g in order]
-            shapes = {(e.d, e.r, e.U.device, e.U.dtype) for e in eds}
-            per_layer = Counter(i for i, _ in order)
-            if len(shapes) == 1 and len(set(per_layer.values())) == 1:
-                q, a, b = self._stack(eds)
-                for ed, qi in zip(eds, q.unbind(0)):
+        if lm and self._lm_layout:
+            per_layer = Counter(i for _, sites in self._lm_layout for i, _ in sites)
+            if len(self._lm_layout) == 1 and len(set(per_layer.values())) == 1:
+                bank, _ = self._lm_layout[0]
+                q, a, b = self._bank_pass(bank)
+                for ed, qi in zip(bank.members, q.unbind(0)):
                     ed.set_pass_basis(qi)
                 n_layers, k = len(per_layer), next(iter(per_layer.values()))
-                r, d = eds[0].r, eds[0].d
+                r, d = bank.r, bank.d
                 views = zip(q.reshape(n_layers, k * r, d).unbind(0), a.reshape(n_layers, k * r, d).unbind(0),
                             b.reshape(n_layers, k * r).unbind(0))
                 for layer, params in zip(sorted(per_layer), views):
                     lm_params[layer] = params
             else:
-                buckets = {}
-                for pos, e in enumerate(eds):
-                    buckets.setdefault((e.d, e.r, e.U.device, e.U.dtype), []).append(pos)
-                flat: dict[int, tuple] = {}
-                for positions in buckets.values():
-                    q, a, b = self._stack([eds[p] for p in positions])
-                    for p, qi, ai, bi in zip(positions, q.unbind(0), a.unbind(0), b.unbind(0)):
-                        eds[p].set_pass_basis(qi)
-                        flat[p] = (qi, ai, bi)
+                flat: dict[tuple[int, str], tuple] = {}
+                for bank, sites in self._lm_layout:
+                    q, a, b = self._bank_pass(bank)
+                    for site, ed, qi, ai, bi in zip(sites, bank.members, q.unbind(0), a.unbind(0), b.unbind(0)):
+                        ed.set_pass_basis(qi)
+                        flat[site] = (qi, ai, bi)
                 for layer in sorted(per_layer):
-                    parts = [flat[p] for p, (i, _) in enumerate(order) if i == layer]
+                    parts = [flat[(i, g)] for i, g in self._lm_order() if i == layer]
                     lm_params[layer] = tuple(torch.cat([pt[j] for pt in parts]) for j in range(3))
         return whole_params, lm_params
 
@@ -346,7 +386,11 @@ class MRTEditors(nn.Module):
         kept across passes until a parameter changes (version or storage): a prompt pass during
         generation orthonormalises nothing and builds no stack."""
         if torch.is_grad_enabled():
-            self._site_whole, self._site_lm = self._build_stacks(whole, lm)
+            built_whole, built_lm = self._build_stacks(whole, lm)
+            if whole:
+                self._site_whole = built_whole
+            if lm:
+                self._site_lm = built_lm
             return
         key = self._params_key()
         if self._stack_cache is None or self._stack_cache[0] != key:
@@ -365,7 +409,7 @@ class MRTEditors(nn.Module):
         )
 
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._sites, self._edit_lm = None, False
+        self._sites, self._edit_lm, self._lm_pending = None, False, None
         has_pixels = self._argument("pixel_values", args, kwargs) is not None
         lm_editors = bool(len(self.prefix) or len(self.suffix))
         decode = False
@@ -398,6 +442,19 @@ class MRTEditors(nn.Module):
                 f"MRT prefix/suffix editors need the 2-D padding mask, got an attention_mask of shape "
                 f"{tuple(attention_mask.shape)} (static/compiled caches build 4-D masks: use the dynamic cache)"
             )
+        if batched and has_pixels:
+            self._prepare_stacks(whole=True, lm=False)
+        # The positions and the LM editors' bases are prepared by the first LM layer's hook, not
+        # here: by then that layer's kernels are queued and the GPU is busy with them, so this host
+        # work overlaps instead of delaying the vision tower, which is launch-bound (and in backward
+        # their nodes run as soon as the LM is done, not after the vision tower).
+        self._lm_pending = (input_ids, attention_mask, labels, batched)
+        self._edit_lm = True
+
+    def _prepare_lm(self) -> None:
+        """This pass's prefix/suffix positions and LM editor parameters (see `_begin_pass`)."""
+        input_ids, attention_mask, labels, batched = self._lm_pending
+        self._lm_pending = None
         prompt_mask = prompt_mask_from_labels(attention_mask, labels) if labels is not None else None
         positions = edit_positions(
             input_ids,
@@ -408,11 +465,11 @@ class MRTEditors(nn.Module):
             prompt_mask=prompt_mask,
         )
         self._sites = _Sites.from_positions(tuple(input_ids.shape), *positions)
-        self._edit_lm = True
         if batched:
-            self._prepare_stacks(whole=has_pixels, lm=True)
+            self._prepare_stacks(whole=False, lm=True)
 
     def _end_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._lm_pending = None
         if not self._pass_open:
             return
         self._pass_open = False
@@ -444,6 +501,8 @@ class MRTEditors(nn.Module):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if not self._edit_lm:
                 return None
+            if self._lm_pending is not None:
+                self._prepare_lm()
             sites = self._sites
             hidden = _first(output)
             if sites is None or tuple(hidden.shape[:2]) != sites.shape:
@@ -477,18 +536,19 @@ class MRTEditors(nn.Module):
         self._model_ref = weakref.ref(model)
         handles = []
         try:
+            devices: dict[int, torch.device] = {}
             for key, editor in self.visual.items():
                 layer = vision_layers[int(key)]
-                editor.to(_device_of(layer))
+                devices[id(editor)] = _device_of(layer)
                 handles.append(layer.register_forward_hook(self._whole_hook("visual", key), prepend=True))
             if "out" in self.projector:
-                self.projector["out"].to(_device_of(projector))
+                devices[id(self.projector["out"])] = _device_of(projector)
                 handles.append(projector.register_forward_hook(self._whole_hook("projector", "out"), prepend=True))
             for layer_idx in sorted({*self.layers["prefix"], *self.layers["suffix"]}):
                 layer = lm_layers[layer_idx]
                 for group in ("prefix", "suffix"):
                     if str(layer_idx) in getattr(self, group):
-                        getattr(self, group)[str(layer_idx)].to(_device_of(layer))
+                        devices[id(getattr(self, group)[str(layer_idx)])] = _device_of(layer)
                 handles.append(layer.register_forward_hook(self._lm_hook(layer_idx), prepend=True))
             handles.append(model.register_forward_pre_hook(self._begin_pass, with_kwargs=True, prepend=True))
             handles.append(model.register_forward_hook(self._end_pass, with_kwargs=True, always_call=True))
@@ -497,7 +557,7 @@ class MRTEditors(nn.Module):
                 handle.remove()
             raise
         self._handles = handles
-        self._param_list = list(self.parameters())
+        self._make_banks(devices)  # each bank on the device of the layers it edits
         self._hooked_layers = [vision_layers[int(k)] for k in self.visual] + [
             lm_layers[i] for i in sorted({*self.layers["prefix"], *self.layers["suffix"]})
         ]

@@ -40,6 +40,7 @@ from gpu_train_step import (  # noqa: E402
     build_model,
     environment,
     free_memory,
+    only_groups,
     n_image_tokens,
     tiny_config,
     tiny_placement,
@@ -83,7 +84,7 @@ def _timed(fn, device) -> tuple[float, Any]:
 
 
 def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement,
-            baseline_attach=None, profile_dir: Path | None = None) -> dict[str, Any]:
+            baseline_attach=None, profile_dir: Path | None = None, split: bool = False) -> dict[str, Any]:
     """Interleaved base/MRT rounds of (prefill, generate) — and MRT with the baseline editors
     (`mrt_before`) when `baseline_attach` is given. Returns medians and the ratios."""
     import torch
@@ -104,38 +105,51 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
     editors = attach(model, placement)
     state = {k: v.clone() for k, v in editors.state_dict().items()}
     editors.detach()
-    attach_fns = {"mrt": attach}
+    arm_setup = {"mrt": (attach, placement)}
     if baseline_attach is not None:
-        attach_fns["mrt_before"] = baseline_attach
-    arms = ("base", *attach_fns)
-    times: dict[str, dict[str, list[float]]] = {a: {"prefill": [], "generate": []} for a in arms}
+        arm_setup["mrt_before"] = (baseline_attach, placement)
+    if split:  # cost decomposition: vision-side editors only, LM editors only
+        arm_setup["mrt_vision"] = (attach, only_groups(placement, {"visual", "projector"}))
+        arm_setup["mrt_lm"] = (attach, only_groups(placement, {"prefix", "suffix"}))
+    arms = ("base", *arm_setup)
+    kinds = ("prefill", "generate", "prefill_warm")
+    times: dict[str, dict[str, list[float]]] = {a: {k: [] for k in kinds} for a in arms}
     tokens: dict[str, Any] = {}
     edits: dict[str, int] = {}
     with torch.no_grad():
         for i in range(warmup + rounds):
             for arm in arms:
-                if arm in attach_fns:
-                    editors = attach_fns[arm](model, placement)
-                    editors.load_state_dict(state)
+                if arm in arm_setup:
+                    attach_fn, arm_placement = arm_setup[arm]
+                    editors = attach_fn(model, arm_placement)
+                    own = editors.state_dict()
+                    editors.load_state_dict({k: v for k, v in state.items() if k in own})
                     editors.eval()
                 try:
-                    t_pre, _ = _timed(prefill, device)
+                    t_pre, _ = _timed(prefill, device)  # the first pass after attach (MRT: builds its stacks)
                     t_gen, out = _timed(generate, device)
+                    t_warm, _ = _timed(prefill, device)  # a later prompt pass: what every further request pays
                 finally:
-                    if arm in attach_fns:
+                    if arm in arm_setup:
                         editors.detach()
                         if arm == "mrt":
-                            edits = dict(editors.edit_counts)  # one round: prefill + generate
+                            edits = dict(editors.edit_counts)  # one round: 2 prefills + generate
                 if i >= warmup:
                     times[arm]["prefill"].append(t_pre)
                     times[arm]["generate"].append(t_gen)
+                    times[arm]["prefill_warm"].append(t_warm)
                 tokens[arm] = out[:, prompts["input_ids"].shape[1]:].tolist()
     res: dict[str, Any] = {"batch": int(prompts["input_ids"].shape[0]), "seq": int(prompts["input_ids"].shape[1])}
     for arm in arms:
-        for kind in ("prefill", "generate"):
+        for kind in kinds:
             res[f"{arm}_{kind}_ms"] = statistics.median(times[arm][kind])
             res[f"{arm}_{kind}_ms_min"] = min(times[arm][kind])
     res["prefill_ratio"] = res["mrt_prefill_ms"] / res["base_prefill_ms"]
+    res["prefill_warm_ratio"] = res["mrt_prefill_warm_ms"] / res["base_prefill_warm_ms"]
+    for arm in ("mrt_vision", "mrt_lm"):
+        if arm in arm_setup:
+            res[f"{arm}_generate_ratio"] = res[f"{arm}_generate_ms"] / res["base_generate_ms"]
+            res[f"{arm}_prefill_warm_ratio"] = res[f"{arm}_prefill_warm_ms"] / res["base_prefill_warm_ms"]
     res["generate_ratio"] = res["mrt_generate_ms"] / res["base_generate_ms"]
     # Per-round ratios (each MRT call against the base call just before it): slow clock or load
     # drift cancels within a round, so their median is steadier than the ratio of medians.
@@ -143,7 +157,7 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
     res["generate_ratio_paired"] = statistics.median(paired)
     res["generate_ratio_paired_iqr"] = [statistics.quantiles(paired, n=4)[0], statistics.quantiles(paired, n=4)[2]] \
         if len(paired) >= 2 else [paired[0], paired[0]]
-    if "mrt_before" in attach_fns:
+    if "mrt_before" in arm_setup:
         res["before_prefill_ratio"] = res["mrt_before_prefill_ms"] / res["base_prefill_ms"]
         res["before_generate_ratio"] = res["mrt_before_generate_ms"] / res["base_generate_ms"]
         res["before_tokens_equal"] = tokens["mrt_before"] == tokens["mrt"]  # same editors, same answers
@@ -218,6 +232,8 @@ def parse_args(argv=None):
     ap.add_argument("--label", default="")
     ap.add_argument("--baseline-editors", type=Path, default=None,
                     help="a copy of an earlier components/editors, timed as a third arm (mrt_before)")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the vision-side editors alone and the LM editors alone (mrt_vision, mrt_lm)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="folder for a profiled generate() call without and with editors (tables and traces)")
     return ap.parse_args(argv)
@@ -265,7 +281,8 @@ def main(argv=None) -> dict[str, Any]:
     }
     for b in batch_sizes:
         prompts = make_prompts(config, b, text_tokens, device, dtype, seed=b)
-        r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline, args.profile)
+        r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline, args.profile,
+                    args.split)
         summary["results"].append(r)
         print(json.dumps(r), flush=True)
         if args.json:

@@ -497,16 +497,47 @@ TARGETS = {
 }
 
 
+def combine_cycles(results: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
+    """(batch, arm) → its result; an arm run in several cycles gets the median of its per-cycle
+    medians (and the per-cycle values in `step_ms_cycles`), the extremes over all steps, the
+    highest peak."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in results:
+        if r.get("status") == "ok":
+            groups.setdefault((r["batch"], r["arm"]), []).append(r)
+    by = {}
+    for key, runs in groups.items():
+        if len(runs) == 1:
+            by[key] = runs[0]
+            continue
+        merged = dict(runs[0])
+        merged["step_ms_cycles"] = [r["step_ms"] for r in runs]
+        merged["step_ms"] = statistics.median(merged["step_ms_cycles"])
+        merged["step_ms_min"] = min(r["step_ms_min"] for r in runs)
+        merged["step_ms_max"] = max(r["step_ms_max"] for r in runs)
+        merged["tokens_per_s"] = runs[0]["tokens_per_s"] * runs[0]["step_ms"] / merged["step_ms"]
+        if all("peak_gib" in r for r in runs):
+            merged["peak_gib"] = max(r["peak_gib"] for r in runs)
+        by[key] = merged
+    return by
+
+
 def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per batch size: MRT / floor step time, MRT / LoRA throughput, MRT / floor and MRT / LoRA
     peak memory, LoRA / floor step time, and whether each target holds."""
-    by = {(r["batch"], r["arm"]): r for r in results if r.get("status") == "ok"}
+    by = combine_cycles(results)
     out = {}
     for b in sorted({r["batch"] for r in results}):
         floor, mrt, lora = by.get((b, "floor")), by.get((b, "mrt")), by.get((b, "lora"))
         row: dict[str, Any] = {}
         if floor and mrt:
             row["mrt_step_vs_floor"] = mrt["step_ms"] / floor["step_ms"]
+            if "step_ms_cycles" in mrt and "step_ms_cycles" in floor:
+                row["mrt_step_vs_floor_cycles"] = [m / f for m, f in zip(mrt["step_ms_cycles"], floor["step_ms_cycles"])]
+                before = by.get((b, BASELINE_ARM))
+                if before and "step_ms_cycles" in before:
+                    row["mrt_before_step_vs_floor_cycles"] = [
+                        m / f for m, f in zip(before["step_ms_cycles"], floor["step_ms_cycles"])]
             row["met_step"] = row["mrt_step_vs_floor"] <= TARGETS["mrt_step_vs_floor_max"]
             if "peak_gib" in mrt:
                 row["mrt_peak_vs_floor"] = mrt["peak_gib"] / floor["peak_gib"]
@@ -581,8 +612,9 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{r.get('peak_gib', float('nan')):.1f} at failure | – |")
             continue
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "–"
+        arm = r["arm"] + (f" (cycle {r['cycle'] + 1})" if summary.get("cycles", 1) > 1 else "")
         lines.append(
-            f"| {r['batch']} | {r['arm']} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | "
+            f"| {r['batch']} | {arm} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | "
             f"{r['tokens_per_s']:,.0f} | {peak} | {r['trainable_params']:,} |"
         )
     lines += ["", "| batch | MRT/floor step | MRT/LoRA throughput | MRT/floor peak | MRT/LoRA peak | LoRA/floor step "
@@ -595,6 +627,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {b} | {f('mrt_step_vs_floor')} | {f('mrt_throughput_vs_lora')} | {f('mrt_peak_vs_floor')} | "
                      f"{f('mrt_peak_vs_lora')} | {f('lora_step_vs_floor')} | {f('mrt_throughput_vs_lora_fp32')} | "
                      f"{f('mrt_peak_vs_lora_fp32')} | {f('lora_fp32_step_vs_floor')} | {f('mrt_before_step_vs_floor')} |")
+    for b, row in summary["compare"].items():
+        if "mrt_step_vs_floor_cycles" in row:
+            cyc = ", ".join(f"{x:.3f}" for x in row["mrt_step_vs_floor_cycles"])
+            before = row.get("mrt_before_step_vs_floor_cycles")
+            lines.append(f"\nbatch {b}, MRT/floor per cycle: {cyc}"
+                         + (f"; before: {', '.join(f'{x:.3f}' for x in before)}" if before else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -634,6 +672,8 @@ def parse_args(argv=None):
     ap.add_argument("--lora-r", type=int, default=128)
     ap.add_argument("--profile", type=Path, default=None, help="folder for torch-profiler tables (floor and mrt arms)")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--cycles", type=int, default=1,
+                    help="run the arms this many times in turn per batch size (drift-robust ratios)")
     ap.add_argument("--trace", action="store_true",
                     help="with --profile: also write a gzipped Chrome trace of one step (first batch size, floor/mrt)")
     ap.add_argument("--json", type=Path, default=None, help="write the summary here (rewritten after every arm)")
@@ -695,13 +735,17 @@ def main(argv=None) -> dict[str, Any]:
         "results": [],
     }
     print(f"built {summary['base_params'] / 1e9:.2f} B params in {build_s:.1f} s on {summary['env']['device']}", flush=True)
+    summary["cycles"] = args.cycles
     for b in batch_sizes:
         batch = make_batch(config, b, text_tokens, device, dtype, seed=b)
-        for arm in args.arms:
-            prof = args.profile if arm in ("floor", "mrt", *EXTRA_ARMS) else None
+        # With --cycles N the arms run N times in turn (floor, mrt, …, floor, mrt, …): drift of the
+        # machine over minutes then hits every arm alike, and each cycle gives its own ratios.
+        for cycle, arm in ((c, a) for c in range(args.cycles) for a in args.arms):
+            prof = args.profile if arm in ("floor", "mrt", *EXTRA_ARMS) and cycle == 0 else None
             trace = bool(args.trace and prof and b == batch_sizes[0] and arm in ("floor", "mrt"))
             r = run_arm(arm, model, batch, device, placement, warmup, steps, prof, args.profile_steps, args.lora_r,
                         trace=trace)
+            r["cycle"] = cycle
             summary["results"].append(r)
             brief = {k: v for k, v in r.items() if k != "profile"}
             if "profile" in r:

@@ -94,3 +94,29 @@ def test_stacks_do_not_outlive_a_training_pass(model):
     finally:
         editors.detach()
     assert isinstance(editors, MRTEditors)
+
+
+def test_vision_tower_run_outside_a_forward_uses_the_kept_stacks(model, monkeypatch):
+    """transformers ≥ 5.2x generate() encodes the image before calling the model, so the vision
+    hooks fire outside a pass: without gradients they must still use the kept stacks (not the
+    per-editor path) and give what the per-editor path gives."""
+    from components.editors.loreft import LoReFT
+    from components.editors.sites import llava_modules
+
+    editors = attach(model, editor_params(**PLACEMENTS["uniform"]))
+    calls = []
+    forward = LoReFT.forward
+    monkeypatch.setattr(LoReFT, "forward", lambda self, h: calls.append(1) or forward(self, h))
+    try:
+        editors.eval()
+        core = llava_modules(model)[0]
+        pixels = batch([words(3)])["pixel_values"]
+        with torch.no_grad():
+            got = core.vision_tower(pixels).last_hidden_state
+            assert not calls and editors.edit_counts["visual"] > 0
+            monkeypatch.setattr(editors, "_inference_stacks", lambda: ({}, {}))
+            want = core.vision_tower(pixels).last_hidden_state
+        assert calls  # the reference really took the per-editor path
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    finally:
+        editors.detach()

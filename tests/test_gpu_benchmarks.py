@@ -107,15 +107,16 @@ def test_generation_edits_only_the_prompt_pass():
     summary = gen.main(["--smoke", "--batch-sizes", "2", "--rounds", "1", "--warmup", "0"])
     (r,) = summary["results"]
     assert r["new_tokens"] == 8
-    # One round = one prefill + one generate(): two prompt passes, no decode step edited.
+    # One round = a prefill, a generate() and a second prefill: three prompt passes, no decode step edited.
     bench = _load("gpu_train_step")
     from components.editors.placement import resolve_placement
 
     layers = resolve_placement(bench.tiny_config(), bench.tiny_placement())
-    assert r["edit_calls"]["visual"] == 2 * len(layers["visual"])
-    assert r["edit_calls"]["prefix"] == 2 * len(layers["prefix"])
-    assert r["edit_calls"]["suffix"] == 2 * len(layers["suffix"])
+    assert r["edit_calls"]["visual"] == 3 * len(layers["visual"])
+    assert r["edit_calls"]["prefix"] == 3 * len(layers["prefix"])
+    assert r["edit_calls"]["suffix"] == 3 * len(layers["suffix"])
     assert r["base_generate_ms"] > 0 and r["mrt_generate_ms"] > 0
+    assert r["prefill_warm_ratio"] > 0 and r["generate_ratio_paired"] > 0
 
 
 def test_baseline_editors_run_side_by_side_and_cost_split_arms(tmp_path):

@@ -392,10 +392,14 @@ class MRTEditors(nn.Module):
             if lm:
                 self._site_lm = built_lm
             return
+        self._site_whole, self._site_lm = self._inference_stacks()
+
+    def _inference_stacks(self) -> tuple[dict, dict]:
+        """The no-grad per-site parameters, rebuilt only when a parameter changed."""
         key = self._params_key()
         if self._stack_cache is None or self._stack_cache[0] != key:
             self._stack_cache = (key, self._build_stacks(True, True))
-        self._site_whole, self._site_lm = self._stack_cache[1]
+        return self._stack_cache[1]
 
     def _checkpointing(self) -> bool:
         """True when a hooked layer will be recomputed in backward (activation checkpointing).
@@ -485,6 +489,10 @@ class MRTEditors(nn.Module):
             self.edit_counts[group] += 1
             hidden = _first(output)
             params = self._site_whole.get((group, key))
+            if params is None and not self._pass_open and not torch.is_grad_enabled():
+                # transformers ≥ 5.2x generate() runs the vision tower before the model's forward
+                # (outside a pass): without gradients the kept stacks serve it all the same.
+                params = self._inference_stacks()[0].get((group, key))
             if params is None or (editor.dropout.p > 0 and editor.training) or hidden.shape[-1] != editor.d:
                 return _replace_first(output, editor(hidden))  # outside a pass, dropout, or a size error
             return _replace_first(output, edit_whole(hidden, *params))

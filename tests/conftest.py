@@ -6,20 +6,31 @@ from components.offline import set_offline_env
 
 set_offline_env()
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing is a broken install anyway
+        return False
+
+
+# Without a GPU, Triton (when installed) must run kernels in its interpreter; it reads this when it
+# is first imported, so it is set before any test module imports it (tests/test_editor_kernels.py).
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # README's Reliability table: `--reliability-report PATH` records every @pytest.mark.reliability case.
 pytest_plugins = ["reliability_plugin"]
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except Exception:  # pragma: no cover - torch missing is a broken install anyway
-        has_gpu = False
-    if has_gpu:
+    if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

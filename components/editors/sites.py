@@ -47,8 +47,9 @@ from torch import nn
 from components.config import EditorParams
 
 from .count import count_parameters, llava_7b_config, meta_model, paper_placement_7b, parameter_report
+from . import kernels
 from .bank import EditorBank
-from .loreft import LoReFT, _compute_dtype, edit_rows_, edit_rows_fused_, edit_whole, orthonormal_rows_stacked, slot_mask
+from .loreft import LoReFT, _compute_dtype, _writable, edit_rows_, edit_rows_fused_, edit_whole, orthonormal_rows_stacked, slot_mask
 from .placement import GROUPS, ModelDims, PlacementError, resolve_layers, resolve_placement
 from .positions import edit_positions, prompt_mask_from_labels
 
@@ -164,6 +165,14 @@ class _Sites:
             slots = [self.slots(device, g) for g in groups]
             idx = torch.cat([i for i, _ in slots]) if len(slots) > 1 else slots[0][0]
             got = self._fused[key] = (idx, slot_mask([v for _, v in slots], list(ranks), dtype))
+        return got
+
+    def padded_mask(self, mask: torch.Tensor, rank: int) -> torch.Tensor:
+        """`mask` [S, R] as fp32 [S, rank] (kernels.pad_mask), built once per forward."""
+        key = ("padded", mask.data_ptr(), rank)
+        got = self._fused.get(key)
+        if got is None:
+            got = self._fused[key] = kernels.pad_mask(mask, rank)
         return got
 
     def on(self, device: torch.device, group: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,8 +407,19 @@ class MRTEditors(nn.Module):
         """The no-grad per-site parameters, rebuilt only when a parameter changed."""
         key = self._params_key()
         if self._stack_cache is None or self._stack_cache[0] != key:
-            self._stack_cache = (key, self._build_stacks(True, True))
+            self._stack_cache = (key, self._build_stacks(True, True), {})
         return self._stack_cache[1]
+
+    def _packed(self, site: tuple, params: tuple, hidden: torch.Tensor) -> tuple | None:
+        """The fused kernel's (A, U, b) for `site` when the kernel can edit `hidden` (inference on a
+        GPU, kernels.usable), made once per parameter change and kept with the no-grad stacks."""
+        if not kernels.usable(hidden) or params[0].dtype != torch.float32 or self._stack_cache is None:
+            return None
+        packs = self._stack_cache[2]
+        got = packs.get(site)
+        if got is None or got[0] is not params[0]:
+            got = packs[site] = (params[0], kernels.pack(*params))
+        return got[1]
 
     def _checkpointing(self) -> bool:
         """True when a hooked layer will be recomputed in backward (activation checkpointing).
@@ -495,6 +515,9 @@ class MRTEditors(nn.Module):
                 params = self._inference_stacks()[0].get((group, key))
             if params is None or (editor.dropout.p > 0 and editor.training) or hidden.shape[-1] != editor.d:
                 return _replace_first(output, editor(hidden))  # outside a pass, dropout, or a size error
+            packed = self._packed(("whole", group, key), params, hidden)
+            if packed is not None:  # inference on a GPU: the whole edit in one kernel (kernels.py)
+                return _replace_first(output, kernels.edit_whole(hidden, packed))
             return _replace_first(output, edit_whole(hidden, *params))
 
         return hook
@@ -532,6 +555,12 @@ class MRTEditors(nn.Module):
             # Prefix and suffix rows in one in-place pass (one gradient copy in backward instead of
             # out-of-place index_put and full-size zero-filled gradients): see loreft.edit_rows_fused_.
             idx, mask = sites.fused(device, groups, ranks, _compute_dtype(hidden.dtype, params[0].dtype))
+            packed = self._packed(("lm", layer), params, hidden)
+            if packed is not None:  # inference on a GPU: the whole edit in one kernel (kernels.py)
+                hidden = _writable(hidden)
+                kernels.edit_rows_(hidden.view(-1, hidden.shape[-1]), idx,
+                                   sites.padded_mask(mask, packed[0].shape[0]), packed)
+                return _replace_first(output, hidden)
             return _replace_first(output, edit_rows_fused_(hidden, idx, mask, *params))
 
         return hook

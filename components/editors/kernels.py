@@ -1,0 +1,155 @@
+"""Fused inference kernels for the editors (Triton): one launch per edit site.
+
+Why (issue 7, benchmarks/RESULTS.md): at generation time a LLaVA-7B prompt pass is bound by the
+host, not the GPU — on the H200 host every PyTorch operator costs ~10–20 µs of CPU before its kernel
+starts, and a prompt pass has 56 edit sites. With plain operators a site costs ~8–12 dispatcher
+calls (casts, two GEMMs, mask, gather/scatter), ~150–200 µs per site, ~11 ms per b1 prompt pass
+(+35%). Each kernel here does a site's whole edit in one launch, in fp32 like the operator path:
+
+- `edit_whole`: ψ(h) = h + (h Aᵀ + b) U over every row (visual layers, projector), into a new tensor;
+- `edit_rows_`: the same at the prefix/suffix rows of an LM layer, in place, for all the layer's
+  editors at once (rows gathered by flat index, a slot × column mask keeping each slot to its own
+  editor's columns, exactly as `loreft.edit_rows_fused_`).
+
+Inference only (no autograd): training keeps the operator path with its hand-written backward.
+The rank dimension is padded to a power of two with zero rows (`pack`), done once per parameter
+change by the owner (sites.py keeps packs with its no-grad stacks), so a site launches exactly one
+kernel. Used on CUDA tensors when Triton imports (it ships with PyTorch's CUDA wheels); anything
+else takes the operator path. `MRT_TRITON_INTERPRET=1` together with `TRITON_INTERPRET=1` runs the
+kernels in Triton's interpreter on CPU tensors (the tests' way to check them without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_BLOCK_D = 128  # columns per step of a rows-kernel program
+_BLOCK_D_WHOLE = 64  # whole-tensor programs hold a [16 rows, R, 64] product: keep it in registers
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001 - not installed, or broken for this platform: the operator path serves
+        return None
+
+    @triton.jit
+    def whole_kernel(h_ptr, out_ptr, a_ptr, u_ptr, b_ptr, n_rows, stride_h, stride_o, d: tl.constexpr,
+                     R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        rr = tl.arange(0, R)
+        acc = tl.zeros((BLOCK_N, R), dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):  # z = h Aᵀ (fp32)
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
+            acc += tl.sum(h[:, None, :] * a[None, :, :], axis=2)
+        z = acc + tl.load(b_ptr + rr)[None, :]
+        for d0 in range(0, d, BLOCK_D):  # out = h + z U, rounded once to the output dtype
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            ok = row_ok[:, None] & col_ok[None, :]
+            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
+            out = h + tl.sum(z[:, :, None] * u[None, :, :], axis=1)
+            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+
+    @triton.jit
+    def rows_kernel(h_ptr, idx_ptr, mask_ptr, a_ptr, u_ptr, b_ptr, d: tl.constexpr, R: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        slot = tl.program_id(0)
+        row = tl.load(idx_ptr + slot).to(tl.int64)
+        rr = tl.arange(0, R)
+        acc = tl.zeros((R,), dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
+            acc += tl.sum(a * h[None, :], axis=1)
+        z = (acc + tl.load(b_ptr + rr)) * tl.load(mask_ptr + slot * R + rr)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
+            out = h + tl.sum(z[:, None] * u, axis=0)
+            tl.store(h_ptr + row * d + cols, out.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col_ok)
+
+    return whole_kernel, rows_kernel
+
+
+def _interpreting() -> bool:
+    return os.environ.get("MRT_TRITON_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable(hidden: torch.Tensor) -> bool:
+    """True when the fused kernels can edit `hidden`: no gradients wanted, a CUDA tensor (or the
+    interpreter for tests), a 16/32-bit float dtype, and Triton importable."""
+    if torch.is_grad_enabled() or hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if not (hidden.is_cuda or _interpreting()):
+        return False
+    return _triton() is not None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def pack(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, U, b) in fp32, contiguous, rank padded with zero rows to a power of two (≥ 2)."""
+    r, d = u.shape
+    rp = max(_pow2(r), 2)
+    a_p = torch.zeros(rp, d, dtype=torch.float32, device=u.device)
+    u_p = torch.zeros(rp, d, dtype=torch.float32, device=u.device)
+    b_p = torch.zeros(rp, dtype=torch.float32, device=u.device)
+    a_p[:r], u_p[:r], b_p[:r] = a, u, b
+    return a_p, u_p, b_p
+
+
+def pad_mask(mask: torch.Tensor, rp: int) -> torch.Tensor:
+    """The slot × column mask [S, R] as fp32 [S, rp] (zero columns for the padded ranks)."""
+    out = torch.zeros(mask.shape[0], rp, dtype=torch.float32, device=mask.device)
+    out[:, : mask.shape[1]] = mask
+    return out
+
+
+def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """ψ(h) over every row of h [..., d] (new tensor, h's dtype), one kernel launch."""
+    whole_kernel, _ = _triton()
+    a_p, u_p, b_p = packed
+    d = h.shape[-1]
+    flat = h.reshape(-1, d)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty((flat.shape[0], d), dtype=h.dtype, device=h.device)
+    block_n = 16
+    grid = (triton_cdiv(flat.shape[0], block_n),)
+    whole_kernel[grid](flat, out, a_p, u_p, b_p, flat.shape[0], flat.stride(0), out.stride(0), d=d,
+                       R=a_p.shape[0], BLOCK_N=block_n, BLOCK_D=_BLOCK_D_WHOLE)
+    return out.view(h.shape)
+
+
+def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
+               packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """In place on contiguous flat [N, d]: rows idx [S] ← row + (mask ⊙ (row Aᵀ + b)) U, one launch.
+    `mask_p` [S, R] fp32 with R = the packed rank (see `pad_mask`)."""
+    _, rows_kernel = _triton()
+    a_p, u_p, b_p = packed
+    if idx.numel() == 0:
+        return
+    rows_kernel[(idx.numel(),)](flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
+                                BLOCK_D=_BLOCK_D)
+
+
+def triton_cdiv(n: int, m: int) -> int:
+    return -(-n // m)

@@ -43,10 +43,10 @@ def test_whole_tensor_kernel_matches_the_operator_path(interpreter):
         h = torch.randn(2, 37, 200)
         u, a, b = torch.randn(6, 200), 0.1 * torch.randn(6, 200), torch.randn(6)
         assert kernels.usable(h)
-        torch.testing.assert_close(kernels.edit_whole(h, kernels.pack(u, a, b)), edit_whole(h, u, a, b),
+        torch.testing.assert_close(kernels.edit_whole(h, kernels.pack(u, a, b, min_rank=kernels.WHOLE_MIN_RANK)), edit_whole(h, u, a, b),
                                    atol=2e-5, rtol=1e-5)
         hb = h.bfloat16()
-        got = kernels.edit_whole(hb, kernels.pack(u, a, b))
+        got = kernels.edit_whole(hb, kernels.pack(u, a, b, min_rank=kernels.WHOLE_MIN_RANK))
         ref32 = edit_whole(hb.float(), u, a, b)
         assert got.dtype == torch.bfloat16 and got.shape == hb.shape
         assert ((got.float() - ref32).abs() <= _bf16_step(ref32) + 1e-6).all()
@@ -74,6 +74,7 @@ def test_pack_pads_odd_ranks_with_zero_rows():
     a_p, u_p, b_p = kernels.pack(u, a, b)
     assert a_p.shape == (4, 10) and u_p.shape == (4, 10) and b_p.shape == (4,)
     assert torch.equal(a_p[:3], a) and torch.count_nonzero(a_p[3]) == 0 and b_p[3] == 0
+    assert kernels.pack(u, a, b, min_rank=16)[0].shape == (16, 10)
 
 
 def test_model_inference_with_kernels_equals_the_operator_path(interpreter, monkeypatch):
@@ -133,7 +134,7 @@ def test_kernels_on_the_gpu_round_like_the_operator_path():
         h = torch.randn(8, 577, 1024, device=dev, dtype=torch.bfloat16)
         u, a, b = (torch.randn(6, 1024, device=dev), 0.03 * torch.randn(6, 1024, device=dev),
                    torch.randn(6, device=dev))
-        got = kernels.edit_whole(h, kernels.pack(u, a, b))
+        got = kernels.edit_whole(h, kernels.pack(u, a, b, min_rank=kernels.WHOLE_MIN_RANK))
         want = edit_whole(h, u, a, b)
         assert (got != want).float().mean() < 1e-3
         assert ((got.float() - want.float()).abs() <= _bf16_step(want.float()) + 1e-6).all()

@@ -27,7 +27,8 @@ import os
 import torch
 
 _BLOCK_D = 128  # columns per step of a rows-kernel program
-_BLOCK_D_WHOLE = 64  # whole-tensor programs hold a [16 rows, R, 64] product: keep it in registers
+_BLOCK_D_WHOLE = 64
+WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,7 +52,9 @@ def _triton():
             h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
-            acc += tl.sum(h[:, None, :] * a[None, :, :], axis=2)
+            # "ieee": true fp32 products. (A broadcast-multiply-reduce gets rewritten by Triton into a
+            # dot at its default TF32 precision — 10-bit mantissas, visible after the bf16 rounding.)
+            acc += tl.dot(h, tl.trans(a), input_precision="ieee")
         z = acc + tl.load(b_ptr + rr)[None, :]
         for d0 in range(0, d, BLOCK_D):  # out = h + z U, rounded once to the output dtype
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -59,7 +62,7 @@ def _triton():
             ok = row_ok[:, None] & col_ok[None, :]
             h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
-            out = h + tl.sum(z[:, :, None] * u[None, :, :], axis=1)
+            out = h + tl.dot(z, u, input_precision="ieee")
             tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
 
     @triton.jit
@@ -105,10 +108,11 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def pack(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A, U, b) in fp32, contiguous, rank padded with zero rows to a power of two (≥ 2)."""
+def pack(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, min_rank: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, U, b) in fp32, contiguous, rank padded with zero rows to a power of two ≥ `min_rank`
+    (`WHOLE_MIN_RANK` for `edit_whole`, whose products are `tl.dot`s of at least 16 × 16)."""
     r, d = u.shape
-    rp = max(_pow2(r), 2)
+    rp = max(_pow2(r), min_rank)
     a_p = torch.zeros(rp, d, dtype=torch.float32, device=u.device)
     u_p = torch.zeros(rp, d, dtype=torch.float32, device=u.device)
     b_p = torch.zeros(rp, dtype=torch.float32, device=u.device)
@@ -127,6 +131,8 @@ def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.
     """ψ(h) over every row of h [..., d] (new tensor, h's dtype), one kernel launch."""
     whole_kernel, _ = _triton()
     a_p, u_p, b_p = packed
+    if a_p.shape[0] < WHOLE_MIN_RANK:
+        raise ValueError(f"edit_whole needs a pack with rank ≥ {WHOLE_MIN_RANK} (pack(..., min_rank=WHOLE_MIN_RANK))")
     d = h.shape[-1]
     flat = h.reshape(-1, d)
     if flat.stride(-1) != 1:

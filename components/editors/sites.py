@@ -418,7 +418,8 @@ class MRTEditors(nn.Module):
         packs = self._stack_cache[2]
         got = packs.get(site)
         if got is None or got[0] is not params[0]:
-            got = packs[site] = (params[0], kernels.pack(*params))
+            min_rank = kernels.WHOLE_MIN_RANK if site[0] == "whole" else 2
+            got = packs[site] = (params[0], kernels.pack(*params, min_rank=min_rank))
         return got[1]
 
     def _checkpointing(self) -> bool:

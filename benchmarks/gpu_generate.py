@@ -232,6 +232,8 @@ def parse_args(argv=None):
     ap.add_argument("--label", default="")
     ap.add_argument("--baseline-editors", type=Path, default=None,
                     help="a copy of an earlier components/editors, timed as a third arm (mrt_before)")
+    ap.add_argument("--fused-kernels", action="store_true",
+                    help="MRT_FUSED_KERNELS=1: the editors' Triton inference kernels (components/editors/kernels.py)")
     ap.add_argument("--split", action="store_true",
                     help="also time the vision-side editors alone and the LM editors alone (mrt_vision, mrt_lm)")
     ap.add_argument("--profile", type=Path, default=None,
@@ -244,6 +246,10 @@ def main(argv=None) -> dict[str, Any]:
 
     set_offline_env()
     args = parse_args(argv)
+    if args.fused_kernels:
+        import os
+
+        os.environ["MRT_FUSED_KERNELS"] = "1"
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

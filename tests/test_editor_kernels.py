@@ -69,6 +69,17 @@ def test_rows_kernel_edits_valid_slots_in_place_like_the_operator_path(interpret
         assert torch.equal(got.view(-1, 64)[untouched], hidden.view(-1, 64)[untouched])
 
 
+def test_kernels_are_opt_in_on_the_gpu(monkeypatch):
+    monkeypatch.delenv("MRT_FUSED_KERNELS", raising=False)
+    monkeypatch.delenv("MRT_TRITON_INTERPRET", raising=False)
+    h = torch.zeros(2, 4)
+    assert not kernels.enabled() and not kernels.usable(h)
+    monkeypatch.setenv("MRT_FUSED_KERNELS", "1")
+    assert kernels.enabled() and not kernels.usable(h)  # a CPU tensor: the operator path
+    with torch.enable_grad():
+        assert not kernels.usable(h)
+
+
 def test_pack_pads_odd_ranks_with_zero_rows():
     u, a, b = torch.randn(3, 10), torch.randn(3, 10), torch.randn(3)
     a_p, u_p, b_p = kernels.pack(u, a, b)

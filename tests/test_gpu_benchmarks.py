@@ -191,3 +191,32 @@ def test_two_cpu_processes_train_the_same_editors_as_one(tmp_path):
     assert summary["passed"], summary["compare"]
     assert summary["compare"]["steps_compared"] == 6
     assert summary["compare"]["editors"]["max_abs"] < 1e-5
+
+
+def test_trace_phases_cuts_a_step_at_its_attention_kernels(tmp_path):
+    """A synthetic trace: 2 vision + 2 LM attention forwards, 2 LM + 1 vision backwards, a 5 µs gap
+    in front, a 10 µs tail with a 4 µs gap. Spans and idle time per phase are read off exactly."""
+    import gzip
+    import json
+
+    tp = _load("trace_phases")
+
+    def k(name, ts, dur):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        k("embed", 0, 5), k("fprop_v0", 10, 10), k("fprop_v1", 20, 10), k("fprop_lm0", 30, 10),
+        k("fprop_lm1", 40, 10), k("bprop_lm1", 50, 10), k("bprop_lm0", 60, 10), k("bprop_v1", 70, 10),
+        k("adam", 84, 6),
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    got = tp.phases(str(path), lm_layers=2)
+    assert got["front"] == (0.010, 0.005)
+    assert got["vision forward"] == (0.020, 0.0)
+    assert got["LM forward"] == (0.020, 0.0)
+    assert got["LM backward"] == (0.020, 0.0)
+    assert got["vision backward"] == (0.010, 0.0)
+    assert got["tail"] == (0.010, 0.004)
+    assert got["step"] == (0.090, 0.009)

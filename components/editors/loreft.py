@@ -18,9 +18,10 @@ until `U` changes (its version or storage): generation orthonormalises nothing.
 
 GPU speed (measured on LLaVA-7B shapes, benchmarks/RESULTS.md): the costs that mattered were not
 arithmetic but host synchronisations and the number of small kernel launches. Hence:
-- the owner orthonormalises all editors of one shape in one batched, sync-free Cholesky-QR
-  (`orthonormal_rows_stacked`; `torch.linalg.qr` on CUDA spent ~4.6 ms of host time per call) and
-  forms A = W − U for all of them in one subtraction, so a site gets its (U, A, b) as views;
+- the owner keeps all editors of one shape in one bank (bank.py) and orthonormalises it in one
+  batched, sync-free Cholesky-QR (`orthonormal_rows_stacked`; `torch.linalg.qr` on CUDA spent
+  ~4.6 ms of host time per call), forming A = W − U for all of them in one subtraction, so a site
+  gets its (U, A, b) as views;
 - ψ over whole tensors (`_Edit`) saves the hidden states in their own dtype (bf16), not an fp32
   copy; its forward is cast, two addmm, cast;
 - ψ at a few rows (`edit_rows_fused_`, the prefix/suffix sites) edits every editor of a layer in
@@ -294,7 +295,8 @@ class LoReFT(nn.Module):
     """One editor ψ over hidden size `d` with rank `r`. Parameter count 2·d·r + r.
 
     Parameters (all fp32): `U` (r×d, the subspace, orthonormalised before use), `W` (an
-    `nn.Linear(d, r)`: weight r×d and bias b ∈ ℝʳ).
+    `nn.Linear(d, r)`: weight r×d and bias b ∈ ℝʳ). Inside an `MRTEditors` they are views of the
+    owner's bank row instead (`bind`; gradients then reach the bank, see `live`).
     """
 
     def __init__(self, d: int, r: int, dropout: float = 0.0):

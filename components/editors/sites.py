@@ -10,15 +10,19 @@ Why hooks and not subclasses: the backbone stays the exact stock module (weights
 caches, attention kernels, device maps), editors can be detached to get the base model back bit for
 bit, and the same code serves transformers versions whose layers return tensors (5.x) or tuples.
 
-Per model forward, a forward pre-hook on the hooked top-level model computes the prefix/suffix
-positions once (`positions.edit_positions`, from input_ids, attention_mask and — in training —
-labels) and opens a pass: every editor's basis is orthonormalised once for the pass, in one batched
-QR per editor shape (on an H200, 87 separate QRs cost ~16 ms per LLaVA-7B forward), and A = W − U
-is formed for all editors of a shape at once, so each site reads its (U, A, b) as views. An LM
-layer's prefix and suffix editors are stacked by rows and applied in one gather → two addmm →
-scatter (`loreft.edit_rows_fused_`: in place, no copy of the layer output in forward, one in
-backward, no host synchronisation anywhere in a step). Launches, not arithmetic, are what the
-editors cost on a GPU (benchmarks/RESULTS.md), so every kernel per site counts.
+The trainable tensors are banks (bank.py): one U, W, b per editor shape and device, of which every
+editor's own tensors are views. Per model forward, a forward pre-hook on the hooked top-level model
+opens a pass: every whole-tensor bank is orthonormalised once (one batched, sync-free Cholesky-QR
+per bank) and A = W − U formed once, so each site reads its (U, A, b) as views. The prefix/suffix
+positions (`positions.edit_positions`, from input_ids, attention_mask and — in training — labels)
+and the LM bank's bases are prepared by the first LM layer's hook, where the host work overlaps the
+GPU's work on that layer instead of delaying the launch-bound vision tower. An LM layer's prefix and
+suffix editors are stacked by rows and applied in one gather → two addmm → scatter
+(`loreft.edit_rows_fused_`: in place, no copy of the layer output in forward, one in backward, no
+host synchronisation anywhere in a step). Launches and per-tensor host work, not arithmetic, are what
+the editors cost on a GPU (benchmarks/RESULTS.md). Without gradients the per-site parameters are kept
+across passes until a parameter changes, and with `MRT_FUSED_KERNELS=1` on a GPU each site is one
+Triton kernel (kernels.py).
 During generation only the prompt pass is edited: a forward whose KV cache already holds tokens
 (or whose cache_position starts past 0, transformers < 5.2x) is a decode step and its LM layers are
 left alone — the cache carries the prompt's edited keys and values. Generation must therefore use

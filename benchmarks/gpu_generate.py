@@ -84,9 +84,13 @@ def _timed(fn, device) -> tuple[float, Any]:
 
 
 def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement,
-            baseline_attach=None, profile_dir: Path | None = None, split: bool = False) -> dict[str, Any]:
-    """Interleaved base/MRT rounds of (prefill, generate) — and MRT with the baseline editors
-    (`mrt_before`) when `baseline_attach` is given. Returns medians and the ratios."""
+            baseline_attach=None, profile_dir: Path | None = None, split: bool = False,
+            compare_kernels: bool = False) -> dict[str, Any]:
+    """Interleaved base/MRT rounds of (prefill, generate, warm prefill, decode) — and MRT with the
+    baseline editors (`mrt_before`) when `baseline_attach` is given, MRT with the fused kernels
+    (`mrt_kernels`) when `compare_kernels`. Returns medians and the ratios."""
+    import os
+
     import torch
 
     from components.editors import attach
@@ -100,19 +104,41 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
             use_cache=True, pad_token_id=model.config.text_config.pad_token_id,
         )
 
+    def decode():
+        """`new_tokens` greedy decode steps from a prefilled cache, timed alone (ms): the loop
+        generate() runs after its prompt pass, without generate()'s own bookkeeping."""
+        first = prefill()
+        cache = first.past_key_values
+        ids = first.logits[:, -1:].argmax(-1)
+        mask = prompts["attention_mask"]
+        ones = mask.new_ones(mask.shape[0], 1)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            mask = torch.cat([mask, ones], dim=1)
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            ids = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3
+
     # One set of editor weights, hooked in for the MRT rounds only (attach/detach are hooks, not
     # weights); the base rounds run the stock model with no hook at all.
     editors = attach(model, placement)
     state = {k: v.clone() for k, v in editors.state_dict().items()}
     editors.detach()
-    arm_setup = {"mrt": (attach, placement)}
+    # arm → (attach, placement, MRT_FUSED_KERNELS for the arm: None = as the process has it)
+    kernels_env = os.environ.get("MRT_FUSED_KERNELS")
+    plain = "0" if compare_kernels else None
+    arm_setup = {"mrt": (attach, placement, plain)}
+    if compare_kernels:  # the same editors with the fused kernels, in the same rounds
+        arm_setup["mrt_kernels"] = (attach, placement, "1")
     if baseline_attach is not None:
-        arm_setup["mrt_before"] = (baseline_attach, placement)
+        arm_setup["mrt_before"] = (baseline_attach, placement, plain)
     if split:  # cost decomposition: vision-side editors only, LM editors only
-        arm_setup["mrt_vision"] = (attach, only_groups(placement, {"visual", "projector"}))
-        arm_setup["mrt_lm"] = (attach, only_groups(placement, {"prefix", "suffix"}))
+        arm_setup["mrt_vision"] = (attach, only_groups(placement, {"visual", "projector"}), None)
+        arm_setup["mrt_lm"] = (attach, only_groups(placement, {"prefix", "suffix"}), None)
     arms = ("base", *arm_setup)
-    kinds = ("prefill", "generate", "prefill_warm")
+    kinds = ("prefill", "generate", "prefill_warm", "decode")
     times: dict[str, dict[str, list[float]]] = {a: {k: [] for k in kinds} for a in arms}
     tokens: dict[str, Any] = {}
     edits: dict[str, int] = {}
@@ -120,7 +146,9 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
         for i in range(warmup + rounds):
             for arm in arms:
                 if arm in arm_setup:
-                    attach_fn, arm_placement = arm_setup[arm]
+                    attach_fn, arm_placement, arm_kernels = arm_setup[arm]
+                    if arm_kernels is not None:
+                        os.environ["MRT_FUSED_KERNELS"] = arm_kernels
                     editors = attach_fn(model, arm_placement)
                     own = editors.state_dict()
                     editors.load_state_dict({k: v for k, v in state.items() if k in own})
@@ -129,7 +157,12 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
                     t_pre, _ = _timed(prefill, device)  # the first pass after attach (MRT: builds its stacks)
                     t_gen, out = _timed(generate, device)
                     t_warm, _ = _timed(prefill, device)  # a later prompt pass: what every further request pays
+                    t_dec = decode()
                 finally:
+                    if kernels_env is None:
+                        os.environ.pop("MRT_FUSED_KERNELS", None)
+                    else:
+                        os.environ["MRT_FUSED_KERNELS"] = kernels_env
                     if arm in arm_setup:
                         editors.detach()
                         if arm == "mrt":
@@ -138,6 +171,7 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
                     times[arm]["prefill"].append(t_pre)
                     times[arm]["generate"].append(t_gen)
                     times[arm]["prefill_warm"].append(t_warm)
+                    times[arm]["decode"].append(t_dec)
                 tokens[arm] = out[:, prompts["input_ids"].shape[1]:].tolist()
     res: dict[str, Any] = {"batch": int(prompts["input_ids"].shape[0]), "seq": int(prompts["input_ids"].shape[1])}
     for arm in arms:
@@ -146,17 +180,25 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
             res[f"{arm}_{kind}_ms_min"] = min(times[arm][kind])
     res["prefill_ratio"] = res["mrt_prefill_ms"] / res["base_prefill_ms"]
     res["prefill_warm_ratio"] = res["mrt_prefill_warm_ms"] / res["base_prefill_warm_ms"]
-    for arm in ("mrt_vision", "mrt_lm"):
+    res["decode_ratio"] = res["mrt_decode_ms"] / res["base_decode_ms"]
+    for arm in ("mrt_vision", "mrt_lm", "mrt_kernels"):
         if arm in arm_setup:
             res[f"{arm}_generate_ratio"] = res[f"{arm}_generate_ms"] / res["base_generate_ms"]
             res[f"{arm}_prefill_warm_ratio"] = res[f"{arm}_prefill_warm_ms"] / res["base_prefill_warm_ms"]
+            res[f"{arm}_decode_ratio"] = res[f"{arm}_decode_ms"] / res["base_decode_ms"]
     res["generate_ratio"] = res["mrt_generate_ms"] / res["base_generate_ms"]
     # Per-round ratios (each MRT call against the base call just before it): slow clock or load
     # drift cancels within a round, so their median is steadier than the ratio of medians.
-    paired = [m / b for m, b in zip(times["mrt"]["generate"], times["base"]["generate"])]
-    res["generate_ratio_paired"] = statistics.median(paired)
-    res["generate_ratio_paired_iqr"] = [statistics.quantiles(paired, n=4)[0], statistics.quantiles(paired, n=4)[2]] \
-        if len(paired) >= 2 else [paired[0], paired[0]]
+    for arm in ("mrt", "mrt_kernels"):
+        if arm not in arms:
+            continue
+        paired = [m / b for m, b in zip(times[arm]["generate"], times["base"]["generate"])]
+        key = "generate_ratio_paired" if arm == "mrt" else f"{arm}_generate_ratio_paired"
+        res[key] = statistics.median(paired)
+        res[f"{key}_iqr"] = [statistics.quantiles(paired, n=4)[0], statistics.quantiles(paired, n=4)[2]] \
+            if len(paired) >= 2 else [paired[0], paired[0]]
+    if "mrt_kernels" in arms:
+        res["kernels_tokens_equal"] = tokens["mrt_kernels"] == tokens["mrt"]
     if "mrt_before" in arm_setup:
         res["before_prefill_ratio"] = res["mrt_before_prefill_ms"] / res["base_prefill_ms"]
         res["before_generate_ratio"] = res["mrt_before_generate_ms"] / res["base_generate_ms"]
@@ -216,6 +258,17 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{r['base_generate_ms']:.1f} | {r['mrt_generate_ms']:.1f} | {r['generate_ratio']:.3f} | "
             f"{'yes' if r['met_generate'] else 'no'} |"
         )
+    lines += ["", "| batch | arm | warm prefill ms | ratio | 8 decode steps ms | ratio | generate ms | ratio |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["results"]:
+        for arm in ("base", "mrt", "mrt_kernels", "mrt_before", "mrt_vision", "mrt_lm"):
+            if f"{arm}_decode_ms" not in r:
+                continue
+            ratios = [r[f"{arm}_{k}_ms"] / r[f"base_{k}_ms"] for k in ("prefill_warm", "decode", "generate")]
+            lines.append(
+                f"| {r['batch']} | {arm} | {r[f'{arm}_prefill_warm_ms']:.1f} | {ratios[0]:.3f} | "
+                f"{r[f'{arm}_decode_ms']:.1f} | {ratios[1]:.3f} | {r[f'{arm}_generate_ms']:.1f} | {ratios[2]:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +287,8 @@ def parse_args(argv=None):
                     help="a copy of an earlier components/editors, timed as a third arm (mrt_before)")
     ap.add_argument("--fused-kernels", action="store_true",
                     help="MRT_FUSED_KERNELS=1: the editors' Triton inference kernels (components/editors/kernels.py)")
+    ap.add_argument("--compare-kernels", action="store_true",
+                    help="also time MRT with the fused kernels (mrt_kernels) against the operator path, same rounds")
     ap.add_argument("--split", action="store_true",
                     help="also time the vision-side editors alone and the LM editors alone (mrt_vision, mrt_lm)")
     ap.add_argument("--profile", type=Path, default=None,
@@ -288,7 +343,7 @@ def main(argv=None) -> dict[str, Any]:
     for b in batch_sizes:
         prompts = make_prompts(config, b, text_tokens, device, dtype, seed=b)
         r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline, args.profile,
-                    args.split)
+                    args.split, args.compare_kernels)
         summary["results"].append(r)
         print(json.dumps(r), flush=True)
         if args.json:

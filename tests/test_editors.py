@@ -496,9 +496,9 @@ def test_detach_restores_logits_exactly_and_removes_hooks(model):
     def hook_counts():
         return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
 
-    counts = hook_counts()
     with torch.no_grad():
         base = model(**b).logits
+    counts = hook_counts()  # after a forward: transformers adds its output-capturing hooks on the first one
     editors = attach(model, EditorParams.model_validate(ALL_GROUPS))
     with pytest.raises(RuntimeError, match="already carries MRT editors"):
         attach(model, EditorParams.model_validate(ALL_GROUPS))
@@ -537,6 +537,37 @@ def test_generation_edits_only_the_prompt_pass(model):
     with torch.no_grad():
         step_plain = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_kw: cache_copy}).logits
     assert torch.equal(step_edited, step_plain)
+
+
+def test_decode_steps_call_no_lm_hook_and_the_next_prompt_is_edited_again(model):
+    """Generation is host-bound: a decode step must not even enter the LM layers' hooks (they are
+    removed for it), and the next prompt pass must put them back and be edited as before."""
+    b = batch([words(7), words(4)], left_pad=True)
+    layers = model.model.language_model.layers
+    plain = [len(layer._forward_hooks) for layer in layers]
+    editors = attach(model, EditorParams.model_validate(ALL_GROUPS))
+    try:
+        armed = [len(layer._forward_hooks) for layer in layers]
+        assert all(a == p + 1 for a, p in zip(armed, plain))
+        cache_kw = cache_kwarg(model)
+        with torch.no_grad():
+            first = model(**b, use_cache=True)
+            nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([b["attention_mask"], torch.ones_like(nxt)], dim=1)
+            model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_kw: getattr(first, cache_kw)})
+            assert [len(layer._forward_hooks) for layer in layers] == plain  # decode: disarmed
+            counts = dict(editors.edit_counts)
+            again = model(**b, use_cache=True).logits  # a new prompt: armed and edited again
+        assert [len(layer._forward_hooks) for layer in layers] == armed
+        n_lm = len(layers)
+        assert editors.edit_counts["prefix"] == counts["prefix"] + n_lm
+        assert torch.equal(again, first.logits)
+        # the hooks still run first (before transformers' output-capturing hooks), as at attach
+        assert all(next(iter(layer._forward_hooks.values())).__qualname__.endswith("_lm_hook.<locals>.hook")
+                   for layer in layers)
+    finally:
+        editors.detach()
+    assert [len(layer._forward_hooks) for layer in layers] == plain
 
 
 def test_inputs_embeds_without_ids_is_refused(model):

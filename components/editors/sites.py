@@ -221,6 +221,11 @@ class MRTEditors(nn.Module):
         self._image_token_id: int | None = None
         self._forward_params: list[str] = []
         self._hooked_layers: list[nn.Module] = []
+        # The LM layers' hooks, (layer, hook) — registered while armed (`_lm_handles`): a no-grad
+        # decode step disarms them, since it edits nothing and its 32 hook calls per generated token
+        # are pure host time in a host-bound loop; the next prompt pass re-arms them.
+        self._lm_hooks: list[tuple[nn.Module, Any]] = []
+        self._lm_handles: list[Any] = []
         # Per-pass (U, A = W − U, b) of every site, as views into one stack per editor shape: the
         # whole-tensor sites by (group, key), the LM layers by index (prefix and suffix rows stacked).
         self._site_whole: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}
@@ -252,6 +257,8 @@ class MRTEditors(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._disarm_lm_hooks()
+        self._lm_hooks = []
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None:
             for name, param in model.named_parameters():
@@ -270,6 +277,16 @@ class MRTEditors(nn.Module):
             editor.end_pass()
 
     # -- the pass hooks on the top-level model ------------------------------------------------
+    def _arm_lm_hooks(self) -> None:
+        if not self._lm_handles:
+            # prepend: before transformers' own output-capturing hooks (module docstring)
+            self._lm_handles = [layer.register_forward_hook(hook, prepend=True) for layer, hook in self._lm_hooks]
+
+    def _disarm_lm_hooks(self) -> None:
+        for handle in self._lm_handles:
+            handle.remove()
+        self._lm_handles = []
+
     def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
         if name in kwargs:
             return kwargs[name]
@@ -447,6 +464,10 @@ class MRTEditors(nn.Module):
             if cache is None:
                 cache = self._argument("past_key_values", args, kwargs)
             decode = self._is_decode_step(cache, kwargs.get("cache_position"))
+        if decode and not torch.is_grad_enabled():
+            self._disarm_lm_hooks()  # generation's decode steps: no LM hook call at all
+        elif self._handles:
+            self._arm_lm_hooks()
         self._pass_open = has_pixels or (lm_editors and not decode)
         if not self._pass_open:  # a decode step (or a forward no editor sees): nothing to prepare
             return
@@ -586,17 +607,21 @@ class MRTEditors(nn.Module):
             if "out" in self.projector:
                 devices[id(self.projector["out"])] = _device_of(projector)
                 handles.append(projector.register_forward_hook(self._whole_hook("projector", "out"), prepend=True))
+            self._lm_hooks = []
             for layer_idx in sorted({*self.layers["prefix"], *self.layers["suffix"]}):
                 layer = lm_layers[layer_idx]
                 for group in ("prefix", "suffix"):
                     if str(layer_idx) in getattr(self, group):
                         devices[id(getattr(self, group)[str(layer_idx)])] = _device_of(layer)
-                handles.append(layer.register_forward_hook(self._lm_hook(layer_idx), prepend=True))
+                self._lm_hooks.append((layer, self._lm_hook(layer_idx)))
+            self._arm_lm_hooks()
             handles.append(model.register_forward_pre_hook(self._begin_pass, with_kwargs=True, prepend=True))
             handles.append(model.register_forward_hook(self._end_pass, with_kwargs=True, always_call=True))
         except Exception:
             for handle in handles:
                 handle.remove()
+            self._disarm_lm_hooks()
+            self._lm_hooks = []
             raise
         self._handles = handles
         self._make_banks(devices)  # each bank on the device of the layers it edits

@@ -1,0 +1,139 @@
+"""Host (CPU) time of the calls an edit site is made of, on the machine that runs it (issue 7).
+
+Why: a b1 generate() of LLaVA-7B is bound by the host, not the GPU (benchmarks/RESULTS.md), so
+what an editor adds to its latency is host time: Python in the hook, PyTorch's hook dispatch,
+dispatcher calls, kernel launches. This measures each of those per call, with the GPU kept far
+ahead (tiny tensors, no sync inside a timed loop, launch queue drained between loops), so the
+figures are what one more call of each kind costs the host there:
+
+- a plain PyTorch operator (`torch.add` on a small tensor) and `torch.empty`;
+- an `nn.Module` call without hooks, with one forward hook that returns None (what an LM layer's
+  hook costs in a decode step), and with a prepended pre-hook taking kwargs (the pass hook);
+- an edit site on the operator path (`loreft.edit_whole`, no grad) and with the fused kernels
+  (`kernels.edit_whole`, `kernels.edit_rows_`), LLaVA-7B shapes at batch 1.
+
+Timing: median over `--repeats` loops of `--calls` calls, wall-clock per call.
+
+Run (GPU):   python benchmarks/gpu_host_overhead.py [--json out.json]
+Check (CPU): python benchmarks/gpu_host_overhead.py --cpu   (same calls on CPU tensors; the
+             kernel rows need MRT_TRITON_INTERPRET=1 TRITON_INTERPRET=1 and are skipped otherwise)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent))
+
+
+def per_call_us(fn, calls: int, repeats: int, sync) -> float:
+    """Median host µs per call of `fn` over `repeats` loops of `calls` calls."""
+    for _ in range(max(calls // 4, 2)):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        sync()
+    return statistics.median(times)
+
+
+def measure(device, calls: int, repeats: int) -> dict[str, float]:
+    import torch
+    from torch import nn
+
+    from components.editors import kernels
+    from components.editors.loreft import edit_whole
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    small = torch.zeros(16, device=device)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        out["torch_add_us"] = per_call_us(lambda: torch.add(small, 1.0), calls, repeats, sync)
+        out["torch_empty_us"] = per_call_us(lambda: torch.empty(577, 1024, dtype=torch.bfloat16, device=device),
+                                            calls, repeats, sync)
+
+        plain = nn.Identity()
+        x = small
+        out["module_call_us"] = per_call_us(lambda: plain(x), calls, repeats, sync)
+        hooked = nn.Identity()
+        hooked.register_forward_hook(lambda m, a, o: None, prepend=True)
+        out["module_with_forward_hook_us"] = per_call_us(lambda: hooked(x), calls, repeats, sync)
+        both = nn.Identity()
+        both.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True, prepend=True)
+        both.register_forward_hook(lambda m, a, k, o: None, with_kwargs=True, always_call=True)
+        out["module_with_pass_hooks_us"] = per_call_us(lambda: both(x), calls, repeats, sync)
+
+        # An edit site at LLaVA-7B shapes, batch 1: CLIP-L layer output [1, 577, 1024] rank 6;
+        # an LM layer [1, 672, 4096], prefix + suffix rank 8 each at 2 × 1 rows (b1).
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(1, 577, 1024, generator=g).to(device=device, dtype=torch.bfloat16)
+        u = torch.randn(6, 1024, generator=g).to(device)
+        a = torch.randn(6, 1024, generator=g).to(device) * 0.01
+        b = torch.randn(6, generator=g).to(device) * 0.01
+        out["site_whole_operator_path_us"] = per_call_us(lambda: edit_whole(h, u, a, b), calls, repeats, sync)
+        kernels_run = kernels._triton() is not None and (device.type == "cuda" or kernels._interpreting())
+        if kernels_run:
+            packed = kernels.pack(u, a, b, min_rank=kernels.WHOLE_MIN_RANK)
+            out["site_whole_kernel_us"] = per_call_us(lambda: kernels.edit_whole(h, packed), calls, repeats, sync)
+            lm = torch.randn(672, 4096, generator=g).to(device=device, dtype=torch.bfloat16)
+            ul = torch.randn(16, 4096, generator=g).to(device)
+            al = torch.randn(16, 4096, generator=g).to(device) * 0.001
+            bl = torch.zeros(16, device=device)
+            lpacked = kernels.pack(ul, al, bl)
+            idx = torch.tensor([1, 2, 669, 670], device=device)
+            mask = torch.zeros(4, 16, device=device)
+            mask[:2, :8] = 1
+            mask[2:, 8:] = 1
+            out["site_rows_kernel_us"] = per_call_us(lambda: kernels.edit_rows_(lm, idx, mask, lpacked), calls,
+                                                     repeats, sync)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="CPU tensors (a logic check; the numbers mean little)")
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    from components.offline import set_offline_env
+
+    set_offline_env()
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("gpu_host_overhead.py: no CUDA device; use --cpu for a logic check")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    if device.type == "cuda":
+        os.environ.setdefault("MRT_FUSED_KERNELS", "1")
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "calls": args.calls, "repeats": args.repeats,
+              "per_call_us": measure(device, args.calls, args.repeats)}
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        result["triton"] = None
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -85,7 +85,7 @@ def _timed(fn, device) -> tuple[float, Any]:
 
 def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement,
             baseline_attach=None, profile_dir: Path | None = None, split: bool = False,
-            compare_kernels: bool = False) -> dict[str, Any]:
+            compare_kernels: bool = False, profile_prefill_dir: Path | None = None) -> dict[str, Any]:
     """Interleaved base/MRT rounds of (prefill, generate, warm prefill, decode) — and MRT with the
     baseline editors (`mrt_before`) when `baseline_attach` is given, MRT with the fused kernels
     (`mrt_kernels`) when `compare_kernels`. Returns medians and the ratios."""
@@ -209,6 +209,9 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
     res["edit_calls"] = edits
     if profile_dir is not None:
         res["profile"] = profile_generate(model, generate, device, placement, state, profile_dir, res["batch"])
+    if profile_prefill_dir is not None:
+        res["profile_prefill"] = profile_prefill(model, prompts, device, placement, state, profile_prefill_dir,
+                                                 res["batch"])
     return res
 
 
@@ -238,6 +241,58 @@ def profile_generate(model, generate, device, placement, state, out_dir: Path, b
             out[arm] = {k: prof[k] for k in ("wall_ms_per_step", "device_busy_ms_per_step", "kernel_launches_per_step",
                                              "syncs_per_step")}
             out[arm]["top_host_ops_us"] = sorted(prof["per_op_host_us"].items(), key=lambda kv: -kv[1])[:25]
+    return out
+
+
+def profile_prefill(model, prompts, device, placement, state, out_dir: Path, batch: int) -> dict[str, Any]:
+    """The warm prompt pass of base, MRT (operator path) and MRT with the fused kernels: a Chrome
+    trace and op tables each, plus host time to return vs. wall time over 10 unprofiled calls (a
+    pass whose host time is close to its wall time is bound by the host)."""
+    import os
+
+    import torch
+
+    from components.editors import attach
+
+    def prefill():
+        return model(**prompts, use_cache=True, logits_to_keep=1)
+
+    out: dict[str, Any] = {}
+    saved = os.environ.get("MRT_FUSED_KERNELS")
+    with torch.no_grad():
+        for arm, flag in (("base", None), ("mrt", "0"), ("mrt_kernels", "1")):
+            editors = None
+            if flag is not None:
+                os.environ["MRT_FUSED_KERNELS"] = flag
+                editors = attach(model, placement)
+                editors.load_state_dict(state)
+                editors.eval()
+            try:
+                for _ in range(3):
+                    prefill()
+                host, wall = [], []
+                for _ in range(10):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    prefill()
+                    t1 = time.perf_counter()
+                    _sync(device)
+                    host.append((t1 - t0) * 1e3)
+                    wall.append((time.perf_counter() - t0) * 1e3)
+                prof = profile_steps(prefill, device, 3, out_dir, f"prefill_{arm}_b{batch}")
+                export_trace(prefill, device, out_dir / f"trace_prefill_{arm}_b{batch}.json.gz")
+            finally:
+                if editors is not None:
+                    editors.detach()
+                if saved is None:
+                    os.environ.pop("MRT_FUSED_KERNELS", None)
+                else:
+                    os.environ["MRT_FUSED_KERNELS"] = saved
+            out[arm] = {k: prof[k] for k in ("wall_ms_per_step", "device_busy_ms_per_step", "kernel_launches_per_step",
+                                             "syncs_per_step")}
+            out[arm]["host_return_ms"] = statistics.median(host)
+            out[arm]["wall_ms"] = statistics.median(wall)
+            out[arm]["top_host_ops_us"] = sorted(prof["per_op_host_us"].items(), key=lambda kv: -kv[1])[:30]
     return out
 
 
@@ -291,6 +346,8 @@ def parse_args(argv=None):
                     help="also time MRT with the fused kernels (mrt_kernels) against the operator path, same rounds")
     ap.add_argument("--split", action="store_true",
                     help="also time the vision-side editors alone and the LM editors alone (mrt_vision, mrt_lm)")
+    ap.add_argument("--profile-prefill", type=Path, default=None,
+                    help="folder for traces and op tables of the warm prompt pass: base, MRT, MRT with kernels")
     ap.add_argument("--profile", type=Path, default=None,
                     help="folder for a profiled generate() call without and with editors (tables and traces)")
     return ap.parse_args(argv)
@@ -343,7 +400,7 @@ def main(argv=None) -> dict[str, Any]:
     for b in batch_sizes:
         prompts = make_prompts(config, b, text_tokens, device, dtype, seed=b)
         r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline, args.profile,
-                    args.split, args.compare_kernels)
+                    args.split, args.compare_kernels, args.profile_prefill)
         summary["results"].append(r)
         print(json.dumps(r), flush=True)
         if args.json:

@@ -340,8 +340,8 @@ def parse_args(argv=None):
     ap.add_argument("--label", default="")
     ap.add_argument("--baseline-editors", type=Path, default=None,
                     help="a copy of an earlier components/editors, timed as a third arm (mrt_before)")
-    ap.add_argument("--fused-kernels", action="store_true",
-                    help="MRT_FUSED_KERNELS=1: the editors' Triton inference kernels (components/editors/kernels.py)")
+    ap.add_argument("--operator-path", action="store_true",
+                    help="MRT_FUSED_KERNELS=0: the editors without their Triton inference kernels (kernels.py)")
     ap.add_argument("--compare-kernels", action="store_true",
                     help="also time MRT with the fused kernels (mrt_kernels) against the operator path, same rounds")
     ap.add_argument("--split", action="store_true",
@@ -358,10 +358,10 @@ def main(argv=None) -> dict[str, Any]:
 
     set_offline_env()
     args = parse_args(argv)
-    if args.fused_kernels:
+    if args.operator_path:
         import os
 
-        os.environ["MRT_FUSED_KERNELS"] = "1"
+        os.environ["MRT_FUSED_KERNELS"] = "0"
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

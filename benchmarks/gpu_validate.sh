@@ -2,8 +2,8 @@
 # One device call (~7 min on an H200) that checks and measures what issue 7 still needs:
 #   1. the GPU tests of the editors, the fused kernels included (tests/test_editor_kernels.py);
 #   2. the host time of each call an edit site is made of (benchmarks/gpu_host_overhead.py);
-#   3. generation: base, MRT on the operator path and MRT with the fused kernels in the same rounds,
-#      plus vision-only / LM-only editors (prompt pass, 8 decode steps, whole generate());
+#   3. generation: base, MRT on the operator path and MRT with the fused kernels (the default) in the
+#      same 30 rounds (prompt pass, 8 decode steps, whole generate()), then one profiled generate();
 #   4. the training step, floor and MRT in turn (--cycles 3; LoRA arms: add them to --arms);
 #   with --trace first: one traced b8 step of floor and MRT, split into phases (trace_phases.py).
 # Usage (repository root, a CUDA machine; OUT defaults to ./gpu_out):
@@ -41,9 +41,11 @@ if [[ $TRACE == 1 ]]; then
   step phases python3 benchmarks/trace_phases.py "$OUT/prof/trace_floor_b8.json.gz" "$OUT/prof/trace_mrt_b8.json.gz"
 fi
 step host_overhead python3 benchmarks/gpu_host_overhead.py --json "$OUT/host_overhead.json"
-step generate python3 benchmarks/gpu_generate.py "${BASELINE[@]}" --compare-kernels --split --rounds 14 \
-  --json "$OUT/generate.json" --markdown "$OUT/generate.md"
+step generate python3 benchmarks/gpu_generate.py "${BASELINE[@]}" --compare-kernels --rounds 30 \
+  --profile "$OUT/prof" --json "$OUT/generate.json" --markdown "$OUT/generate.md"
 step train python3 benchmarks/gpu_train_step.py "${BASELINE[@]}" --cycles 3 --warmup 2 --steps 8 \
   --arms "${TRAIN_ARMS[@]}" --json "$OUT/train.json" --markdown "$OUT/train.md"
+# the device returns at most 8 files: traces and op tables travel as one archive
+if [[ -d "$OUT/prof" ]]; then tar czf "$OUT/prof.tgz" -C "$OUT" prof && rm -rf "$OUT/prof"; fi
 echo "failed steps: $failed"
 exit "$failed"

@@ -17,6 +17,7 @@ from test_editors import ALL_GROUPS, batch, tiny_llava, words  # noqa: E402
 from components.config import EditorParams  # noqa: E402
 from components.editors import kernels  # noqa: E402
 from components.editors.loreft import edit_rows_fused_, edit_whole, slot_mask  # noqa: E402
+from components.editors.positions import edit_positions  # noqa: E402
 from components.editors.sites import attach  # noqa: E402
 
 
@@ -69,15 +70,63 @@ def test_rows_kernel_edits_valid_slots_in_place_like_the_operator_path(interpret
         assert torch.equal(got.view(-1, 64)[untouched], hidden.view(-1, 64)[untouched])
 
 
-def test_kernels_are_opt_in_on_the_gpu(monkeypatch):
+def test_kernels_are_on_by_default_on_the_gpu_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("MRT_FUSED_KERNELS", raising=False)
     monkeypatch.delenv("MRT_TRITON_INTERPRET", raising=False)
     h = torch.zeros(2, 4)
-    assert not kernels.enabled() and not kernels.usable(h)
-    monkeypatch.setenv("MRT_FUSED_KERNELS", "1")
     assert kernels.enabled() and not kernels.usable(h)  # a CPU tensor: the operator path
+    assert not kernels.usable_on(torch.device("cpu"))
+    for off in ("0", "false", "No"):
+        monkeypatch.setenv("MRT_FUSED_KERNELS", off)
+        assert not kernels.enabled()
+    monkeypatch.setenv("MRT_FUSED_KERNELS", "1")
+    assert kernels.enabled()
+    monkeypatch.setenv("MRT_FUSED_KERNELS", "maybe")
+    with pytest.raises(ValueError, match="MRT_FUSED_KERNELS"):
+        kernels.enabled()
+    monkeypatch.setenv("MRT_FUSED_KERNELS", "1")
     with torch.enable_grad():
         assert not kernels.usable(h)
+
+
+def _reference_positions(ids, att, image_id, p, s, ranks, rank_p):
+    """What the sites build from positions.edit_positions without the kernel (the fused layout)."""
+    pi, pv, si, sv = edit_positions(ids, att, image_id, p, s)
+    rows = torch.arange(ids.shape[0])[:, None] * ids.shape[1]
+    idx = torch.cat([(rows + pi).reshape(-1), (rows + si).reshape(-1)])
+    valid = torch.cat([pv.reshape(-1), sv.reshape(-1)])
+    groups = [(v.reshape(-1), r) for v, r, n in ((pv, ranks[0], p), (sv, ranks[1], s)) if n]
+    mask = slot_mask([v for v, _ in groups], [r for _, r in groups], torch.float32)
+    return idx, valid, kernels.pad_mask(mask, rank_p)
+
+
+def test_positions_kernel_equals_edit_positions(interpreter):
+    """Random batches: left/right padding, no attention mask, samples with and without image
+    tokens, instructions shorter than p + s, one group absent, unequal ranks, several token blocks."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(4, 4, (4, 4)), (0, 4, (0, 4)), (4, 0, (4, 0)), (3, 5, (2, 6)), (1, 1, (4, 4))]
+    for trial in range(15):
+        batch_size, seq = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(3, 600, (1,), generator=g))
+        ids = torch.randint(3, 50, (batch_size, seq), generator=g)
+        att = torch.ones(batch_size, seq, dtype=torch.long)
+        image_id = 7 if trial % 3 else None
+        for row in range(batch_size):
+            pad = int(torch.randint(0, seq // 2, (1,), generator=g))
+            if trial % 2:
+                att[row, :pad] = 0
+            else:
+                att[row, seq - pad:] = 0
+            if image_id is not None and torch.rand(1, generator=g) < 0.7:
+                at = int(torch.randint(0, seq, (1,), generator=g))
+                ids[row, at:at + 5] = image_id
+        if trial % 7 == 0:
+            att = None
+        p, s, ranks = cases[trial % len(cases)]
+        rank_p = kernels.padded_rank(sum(ranks))
+        got = kernels.positions(ids, att, image_id, p, s, ranks, rank_p)
+        want = _reference_positions(ids, att, image_id, p, s, ranks, rank_p)
+        for name, a, b in zip(("idx", "valid", "mask"), got, want):
+            assert torch.equal(a, b), (trial, name, a, b)
 
 
 def test_pack_pads_odd_ranks_with_zero_rows():
@@ -94,8 +143,8 @@ def test_model_inference_with_kernels_equals_the_operator_path(interpreter, monk
     model = tiny_llava(2)
     model.eval()
     editors = attach(model, EditorParams.model_validate(ALL_GROUPS))
-    calls = {"whole": 0, "rows": 0}
-    whole, rows = kernels.edit_whole, kernels.edit_rows_
+    calls = {"whole": 0, "rows": 0, "positions": 0}
+    whole, rows, positions = kernels.edit_whole, kernels.edit_rows_, kernels.positions
 
     def count_whole(*a, **k):
         calls["whole"] += 1
@@ -105,9 +154,14 @@ def test_model_inference_with_kernels_equals_the_operator_path(interpreter, monk
         calls["rows"] += 1
         return rows(*a, **k)
 
+    def count_positions(*a, **k):
+        calls["positions"] += 1
+        return positions(*a, **k)
+
     monkeypatch.setattr(kernels, "edit_whole", count_whole)
     monkeypatch.setattr(kernels, "edit_rows_", count_rows)
-    b = batch([words(9), words(5)])
+    monkeypatch.setattr(kernels, "positions", count_positions)
+    b = batch([words(9), words(5)], left_pad=True)
     try:
         editors.eval()
         with torch.no_grad():
@@ -115,36 +169,52 @@ def test_model_inference_with_kernels_equals_the_operator_path(interpreter, monk
             n_whole, n_rows = calls["whole"], calls["rows"]
             assert n_whole == len(editors.visual) + len(editors.projector)
             assert n_rows == len({*editors.layers["prefix"], *editors.layers["suffix"]})
+            assert calls["positions"] == 1
+            kernel_sites = {g: tuple(t.clone() for t in editors._sites.slots(torch.device("cpu"), g))
+                            for g in ("prefix", "suffix")}
             gen_kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=model.config.text_config.pad_token_id)
             tokens = model.generate(**b, **gen_kw)
         monkeypatch.setattr(kernels, "usable", lambda hidden: False)
+        monkeypatch.setattr(kernels, "usable_on", lambda device: False)
         with torch.no_grad():
             plain = model(**b).logits
+        for g, (idx, valid) in kernel_sites.items():  # the positions kernel found the same slots
+            plain_idx, plain_valid = editors._sites.slots(torch.device("cpu"), g)
+            assert torch.equal(idx, plain_idx) and torch.equal(valid, plain_valid)
+        with torch.no_grad():
             plain_tokens = model.generate(**b, **gen_kw)
         torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
         assert torch.equal(tokens, plain_tokens)
         monkeypatch.undo()
-        calls.update(whole=0, rows=0)
+        calls.update(whole=0, rows=0, positions=0)
         monkeypatch.setattr(kernels, "edit_whole", count_whole)
         monkeypatch.setattr(kernels, "edit_rows_", count_rows)
+        monkeypatch.setattr(kernels, "positions", count_positions)
         model(**b).logits.sum().backward()  # training: the operator path with its backward
-        assert calls == {"whole": 0, "rows": 0}
+        assert calls == {"whole": 0, "rows": 0, "positions": 0}
     finally:
         editors.detach()
 
 
-def _ulps_off(got: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
-    """(largest |got − exact| in bf16 steps at |exact|, share of elements off by more than one)."""
-    ulps = (got.double() - exact).abs() / _bf16_step(exact.float()).double()
-    return float(ulps.max()), float((ulps > 1).double().mean())
+def _error_report(got: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> dict[str, float]:
+    """How far bf16 results are from the exact (float64) value: the largest distance in bf16 steps
+    at |exact|, and the largest distance beyond one step measured in units of fp32 rounding of the
+    terms summed (`scale` = Σ|terms| per element: where the edit nearly cancels h, fp32 summation
+    error alone can exceed a bf16 step of the small result, for any summation order)."""
+    err = (got.double() - exact).abs()
+    step = _bf16_step(exact.float()).double()
+    beyond = (err - step).clamp_min(0) / (scale * 2.0**-24)
+    return {"max_steps": float((err / step).max()), "beyond_one_step_in_fp32_units": float(beyond.max()),
+            "share_beyond_one_step": float((err > step).double().mean())}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_on_the_gpu_round_like_the_operator_path():
-    """Compiled for real: the kernels' bf16 results are within one bf16 step of the exact (float64)
-    result everywhere, as the operator path's are (both do fp32 math and round once), and they equal
-    the operator path's except where the two summation orders straddle a rounding boundary."""
+    """Compiled for real: the kernels' bf16 results, like the operator path's (both do fp32 math and
+    round once), are within one bf16 step of the exact (float64) result up to fp32 summation error,
+    and equal the operator path's except where the two summation orders straddle a rounding
+    boundary (a TF32 product — 10-bit mantissas — fails both checks)."""
     kernels._triton.cache_clear()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -154,9 +224,12 @@ def test_kernels_on_the_gpu_round_like_the_operator_path():
                    torch.randn(6, device=dev))
         got = kernels.edit_whole(h, kernels.pack(u, a, b, min_rank=kernels.WHOLE_MIN_RANK))
         want = edit_whole(h, u, a, b)
-        h64 = h.double()
-        exact = h64 + (h64 @ a.double().T + b.double()) @ u.double()
-        report = {"whole kernel": _ulps_off(got, exact), "whole operator path": _ulps_off(want, exact),
+        h64, a64, u64 = h.double(), a.double(), u.double()
+        z64 = h64 @ a64.T + b.double()
+        exact = h64 + z64 @ u64
+        scale = h64.abs() + ((h64.abs() @ a64.abs().T + b.double().abs()) @ u64.abs())
+        report = {"whole kernel": _error_report(got, exact, scale),
+                  "whole operator path": _error_report(want, exact, scale),
                   "whole differ": float((got != want).float().mean())}
 
         hidden = torch.randn(8, 700, 4096, device=dev, dtype=torch.bfloat16)
@@ -165,18 +238,21 @@ def test_kernels_on_the_gpu_round_like_the_operator_path():
         uu, aa, bb = (torch.randn(8, 4096, device=dev), 0.03 * torch.randn(8, 4096, device=dev),
                       torch.randn(8, device=dev))
         mask = slot_mask(valid, [4, 4], torch.float32)
-        rows64 = hidden.view(-1, 4096)[idx].double()
-        exact_rows = rows64 + ((rows64 @ aa.double().T + bb.double()) * mask.double()) @ uu.double()
+        rows64, m64 = hidden.view(-1, 4096)[idx].double(), mask.double()
+        exact_rows = rows64 + ((rows64 @ aa.double().T + bb.double()) * m64) @ uu.double()
+        scale_rows = rows64.abs() + ((rows64.abs() @ aa.double().abs().T + bb.double().abs()) * m64) @ uu.double().abs()
         want = edit_rows_fused_(hidden.clone(), idx, mask, uu, aa, bb)
         got = hidden.clone()
         kernels.edit_rows_(got.view(-1, 4096), idx, kernels.pad_mask(mask, 8), kernels.pack(uu, aa, bb))
         untouched = torch.ones(got.shape[0] * got.shape[1], dtype=torch.bool, device=dev)
         untouched[idx] = False
-        report.update({"rows kernel": _ulps_off(got.view(-1, 4096)[idx], exact_rows),
-                       "rows operator path": _ulps_off(want.view(-1, 4096)[idx], exact_rows),
-                       "rows differ": float((got != want).float().mean())})
+        report.update({"rows kernel": _error_report(got.view(-1, 4096)[idx], exact_rows, scale_rows),
+                       "rows operator path": _error_report(want.view(-1, 4096)[idx], exact_rows, scale_rows),
+                       "rows differ": float((got.view(-1, 4096)[idx] != want.view(-1, 4096)[idx]).float().mean())})
         assert torch.equal(got.view(-1, 4096)[untouched], hidden.view(-1, 4096)[untouched])
     print(report)  # (max bf16 steps from exact, share > 1 step) per path; shown with -s or on failure
-    for name in ("whole kernel", "rows kernel"):
-        assert report[name][0] <= 1.0, report
-    assert report["whole differ"] < 1e-3 and report["rows differ"] < 1e-3, report
+    for path in ("kernel", "operator path"):
+        for site in ("whole", "rows"):
+            # within one bf16 step of exact, up to a few fp32 roundings of the summed terms
+            assert report[f"{site} {path}"]["beyond_one_step_in_fp32_units"] <= 64, report
+    assert report["whole differ"] < 1e-2 and report["rows differ"] < 1e-2, report

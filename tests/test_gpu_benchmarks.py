@@ -104,19 +104,23 @@ def test_batch_layout_supervises_only_answers():
 
 def test_generation_edits_only_the_prompt_pass():
     gen = _load("gpu_generate")
-    summary = gen.main(["--smoke", "--batch-sizes", "2", "--rounds", "1", "--warmup", "0"])
+    summary = gen.main(["--smoke", "--batch-sizes", "2", "--rounds", "1", "--warmup", "0", "--compare-kernels"])
     (r,) = summary["results"]
     assert r["new_tokens"] == 8
-    # One round = a prefill, a generate() and a second prefill: three prompt passes, no decode step edited.
+    # One round per MRT arm = a prefill, a generate(), a second prefill and the decode loop's prefill:
+    # four prompt passes, no decode step edited. The counts are of the last "mrt" arm.
     bench = _load("gpu_train_step")
     from components.editors.placement import resolve_placement
 
     layers = resolve_placement(bench.tiny_config(), bench.tiny_placement())
-    assert r["edit_calls"]["visual"] == 3 * len(layers["visual"])
-    assert r["edit_calls"]["prefix"] == 3 * len(layers["prefix"])
-    assert r["edit_calls"]["suffix"] == 3 * len(layers["suffix"])
+    assert r["edit_calls"]["visual"] == 4 * len(layers["visual"])
+    assert r["edit_calls"]["prefix"] == 4 * len(layers["prefix"])
+    assert r["edit_calls"]["suffix"] == 4 * len(layers["suffix"])
     assert r["base_generate_ms"] > 0 and r["mrt_generate_ms"] > 0
     assert r["prefill_warm_ratio"] > 0 and r["generate_ratio_paired"] > 0
+    assert r["base_decode_ms"] > 0 and r["decode_ratio"] > 0
+    assert r["mrt_kernels_generate_ratio_paired"] > 0 and r["kernels_tokens_equal"]  # same editors, same tokens
+    assert "| 2 | mrt_kernels |" in gen.markdown(summary)
 
 
 def test_baseline_editors_run_side_by_side_and_cost_split_arms(tmp_path):
@@ -220,3 +224,12 @@ def test_trace_phases_cuts_a_step_at_its_attention_kernels(tmp_path):
     assert got["vision backward"] == (0.010, 0.0)
     assert got["tail"] == (0.010, 0.004)
     assert got["step"] == (0.090, 0.009)
+
+
+def test_host_overhead_benchmark_measures_every_call_kind():
+    bench = _load("gpu_host_overhead")
+    result = bench.main(["--cpu", "--calls", "3", "--repeats", "1"])
+    per_call = result["per_call_us"]
+    for key in ("torch_add_us", "module_call_us", "module_with_forward_hook_us", "module_with_pass_hooks_us",
+                "site_whole_operator_path_us"):
+        assert per_call[key] > 0, key

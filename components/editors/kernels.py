@@ -32,6 +32,7 @@ import torch
 
 _BLOCK_D = 128  # columns per step of a rows-kernel program
 _BLOCK_D_WHOLE = 64
+_BLOCK_T = 256  # tokens per step of the positions kernel
 WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16
 
 
@@ -91,7 +92,79 @@ def _triton():
             out = h + tl.sum(z[:, None] * u, axis=0)
             tl.store(h_ptr + row * d + cols, out.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col_ok)
 
-    return whole_kernel, rows_kernel
+    @triton.jit
+    def positions_kernel(ids_ptr, att_ptr, idx_ptr, valid_ptr, mask_ptr, T, image_id, suffix_off,
+                         HAS_ATT: tl.constexpr, HAS_IMAGE: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+                         PP: tl.constexpr, SP: tl.constexpr, RP: tl.constexpr, RS: tl.constexpr,
+                         R: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
+        # One program per sample: positions.edit_positions with prompt = attended (inference),
+        # written straight into the fused layout (prefix slots b·P + k, then suffix slots
+        # suffix_off + b·S + k; flat row b·T + t; invalid slots row b·T + 0, mask row 0).
+        b = tl.program_id(0)
+        base = b.to(tl.int64) * T
+        last_img = -1
+        first_att = T
+        # NB = blocks of BLOCK tokens, rounded up to a power of two: a constexpr trip count (a handful
+        # of compiled variants over all prompt lengths, and Triton's interpreter needs one).
+        for i in range(NB):  # the anchor: last image token, else first attended token
+            t = i * BLOCK + tl.arange(0, BLOCK)
+            ok = t < T
+            att = ok
+            if HAS_ATT:
+                att = ok & (tl.load(att_ptr + base + t, mask=ok, other=0) != 0)
+            if HAS_IMAGE:
+                ids = tl.load(ids_ptr + base + t, mask=ok, other=0)
+                last_img = tl.maximum(last_img, tl.max(tl.where(att & (ids == image_id), t, -1), axis=0))
+            first_att = tl.minimum(first_att, tl.min(tl.where(att, t, T), axis=0))
+        anchor = tl.where(last_img >= 0, last_img, first_att)
+        n = 0
+        for i in range(NB):  # instruction length: attended tokens after the anchor
+            t = i * BLOCK + tl.arange(0, BLOCK)
+            ok = t < T
+            att = ok
+            if HAS_ATT:
+                att = ok & (tl.load(att_ptr + base + t, mask=ok, other=0) != 0)
+            n += tl.sum((att & (t > anchor)).to(tl.int32), axis=0)
+        short = n < P + S
+        p_eff = tl.where(short, tl.minimum(n // 2, P), P)
+        s_eff = tl.where(short, tl.minimum(n // 2, S), S)
+        cols = tl.arange(0, R)
+        if P > 0:  # prefix slots: validity, mask rows, row 0 for the invalid ones
+            k = tl.arange(0, PP)
+            in_p = k < P
+            ok_k = k < p_eff
+            slot = b * P + k
+            tl.store(valid_ptr + slot, ok_k.to(tl.int8), mask=in_p)
+            tl.store(idx_ptr + slot, base + tl.zeros((PP,), dtype=tl.int64), mask=in_p & (k >= p_eff))
+            m = (ok_k[:, None] & (cols[None, :] < RP)).to(tl.float32)
+            tl.store(mask_ptr + slot[:, None] * R + cols[None, :], m, mask=in_p[:, None])
+        if S > 0:
+            k = tl.arange(0, SP)
+            in_s = k < S
+            ok_k = k < s_eff
+            slot = suffix_off + b * S + k
+            tl.store(valid_ptr + slot, ok_k.to(tl.int8), mask=in_s)
+            tl.store(idx_ptr + slot, base + tl.zeros((SP,), dtype=tl.int64), mask=in_s & (k >= s_eff))
+            m = (ok_k[:, None] & (cols[None, :] >= RP) & (cols[None, :] < RP + RS)).to(tl.float32)
+            tl.store(mask_ptr + slot[:, None] * R + cols[None, :], m, mask=in_s[:, None])
+        carry = 0
+        suffix_start = n - s_eff
+        for i in range(NB):  # the valid slots: instruction tokens by rank
+            t = i * BLOCK + tl.arange(0, BLOCK)
+            ok = t < T
+            att = ok
+            if HAS_ATT:
+                att = ok & (tl.load(att_ptr + base + t, mask=ok, other=0) != 0)
+            inst = att & (t > anchor)
+            rank = carry + tl.cumsum(inst.to(tl.int32), axis=0) - 1
+            if P > 0:
+                tl.store(idx_ptr + b * P + rank, base + t, mask=inst & (rank < p_eff))
+            if S > 0:
+                tl.store(idx_ptr + suffix_off + b * S + (rank - suffix_start), base + t,
+                         mask=inst & (rank >= suffix_start))
+            carry += tl.sum(inst.to(tl.int32), axis=0)
+
+    return whole_kernel, rows_kernel, positions_kernel
 
 
 def _interpreting() -> bool:
@@ -99,8 +172,13 @@ def _interpreting() -> bool:
 
 
 def enabled() -> bool:
-    """`MRT_FUSED_KERNELS` is set to 1/true/yes (see the module docstring for why it is opt-in)."""
-    return os.environ.get("MRT_FUSED_KERNELS", "").strip().lower() in ("1", "true", "yes")
+    """On unless `MRT_FUSED_KERNELS` is 0/false/no (the operator path everywhere, e.g. to compare)."""
+    value = os.environ.get("MRT_FUSED_KERNELS", "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"MRT_FUSED_KERNELS={value!r}: use 1/true/yes/on or 0/false/no/off")
 
 
 def usable(hidden: torch.Tensor) -> bool:
@@ -109,6 +187,13 @@ def usable(hidden: torch.Tensor) -> bool:
     if torch.is_grad_enabled() or hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     if not ((hidden.is_cuda and enabled()) or _interpreting()):
+        return False
+    return _triton() is not None
+
+
+def usable_on(device: torch.device) -> bool:
+    """`usable` for work on `device` that is not an edit of hidden states (the positions kernel)."""
+    if torch.is_grad_enabled() or not ((device.type == "cuda" and enabled()) or _interpreting()):
         return False
     return _triton() is not None
 
@@ -138,7 +223,7 @@ def pad_mask(mask: torch.Tensor, rp: int) -> torch.Tensor:
 
 def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """ψ(h) over every row of h [..., d] (new tensor, h's dtype), one kernel launch."""
-    whole_kernel, _ = _triton()
+    whole_kernel = _triton()[0]
     a_p, u_p, b_p = packed
     if a_p.shape[0] < WHOLE_MIN_RANK:
         raise ValueError(f"edit_whole needs a pack with rank ≥ {WHOLE_MIN_RANK} (pack(..., min_rank=WHOLE_MIN_RANK))")
@@ -158,12 +243,50 @@ def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
                packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """In place on contiguous flat [N, d]: rows idx [S] ← row + (mask ⊙ (row Aᵀ + b)) U, one launch.
     `mask_p` [S, R] fp32 with R = the packed rank (see `pad_mask`)."""
-    _, rows_kernel = _triton()
+    rows_kernel = _triton()[1]
     a_p, u_p, b_p = packed
     if idx.numel() == 0:
         return
     rows_kernel[(idx.numel(),)](flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
                                 BLOCK_D=_BLOCK_D)
+
+
+def padded_rank(r: int, min_rank: int = 2) -> int:
+    """The rank `pack` pads `r` to."""
+    return max(_pow2(r), min_rank)
+
+
+def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int | None,
+              prefix_len: int, suffix_len: int, ranks: tuple[int, int], rank_p: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`positions.edit_positions` for inference (prompt = attended tokens), in one launch, already in
+    the layout the LM sites use: (flat row index [B·P + B·S] int64, valid [B·P + B·S] bool, slot ×
+    column mask [B·P + B·S, rank_p] fp32). Prefix slots b·P + k come first, then suffix slots
+    B·P + b·S + k; flat rows are b·T + t; invalid slots hold row b·T + 0 and a zero mask row.
+    `ranks` = (prefix rank, suffix rank) of the layer's editors (0 for an absent group): prefix rows
+    use mask columns [0, r_p), suffix rows [r_p, r_p + r_s); `rank_p` ≥ r_p + r_s is the packed rank."""
+    positions_kernel = _triton()[2]
+    batch, seq = input_ids.shape
+    r_p, r_s = ranks
+    if rank_p < r_p + r_s:
+        raise ValueError(f"positions: packed rank {rank_p} < {r_p} + {r_s}")
+    n_slots = batch * (prefix_len + suffix_len)
+    dev = input_ids.device
+    idx = torch.empty(n_slots, dtype=torch.long, device=dev)
+    valid = torch.empty(n_slots, dtype=torch.int8, device=dev)
+    mask = torch.empty(n_slots, rank_p, dtype=torch.float32, device=dev)
+    if n_slots and batch:
+        ids = input_ids if input_ids.is_contiguous() else input_ids.contiguous()
+        att = attention_mask
+        if att is not None and not att.is_contiguous():
+            att = att.contiguous()
+        positions_kernel[(batch,)](
+            ids, ids if att is None else att, idx, valid, mask, seq,
+            -1 if image_token_id is None else int(image_token_id), batch * prefix_len,
+            HAS_ATT=att is not None, HAS_IMAGE=image_token_id is not None, P=prefix_len, S=suffix_len,
+            PP=_pow2(max(prefix_len, 1)), SP=_pow2(max(suffix_len, 1)), RP=r_p, RS=r_s, R=rank_p, BLOCK=_BLOCK_T,
+            NB=_pow2(triton_cdiv(seq, _BLOCK_T)))
+    return idx, valid.view(torch.bool), mask
 
 
 def triton_cdiv(n: int, m: int) -> int:

@@ -171,6 +171,18 @@ class _Sites:
             got = self._fused[key] = (idx, slot_mask([v for _, v in slots], list(ranks), dtype))
         return got
 
+    @classmethod
+    def from_kernel(cls, shape, prefix_len: int, groups: tuple[str, ...], ranks: tuple[int, ...],
+                    idx: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor) -> "_Sites":
+        """From `kernels.positions`' output, with the fused layout of `groups` (the groups every LM
+        layer carries) and its padded mask in place, so that no layer builds them again."""
+        n_p = shape[0] * prefix_len
+        sites = cls(shape, {"prefix": (idx[:n_p], valid[:n_p]), "suffix": (idx[n_p:], valid[n_p:])})
+        view = mask[:, : sum(ranks)]
+        sites._fused[("fused", idx.device, groups, ranks, torch.float32)] = (idx, view)
+        sites._fused[("padded", view.data_ptr(), mask.shape[1])] = mask
+        return sites
+
     def padded_mask(self, mask: torch.Tensor, rank: int) -> torch.Tensor:
         """`mask` [S, R] as fp32 [S, rank] (kernels.pad_mask), built once per forward."""
         key = ("padded", mask.data_ptr(), rank)
@@ -501,17 +513,56 @@ class MRTEditors(nn.Module):
         self._lm_pending = (input_ids, attention_mask, labels, batched)
         self._edit_lm = True
 
+    def _lm_groups(self) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+        """(groups, ranks) when every LM layer carries the same groups with the same ranks (the
+        paper's placement: prefix and suffix everywhere), else None."""
+        per_layer: dict[int, list[str]] = {}
+        for layer, group in self._lm_order():
+            per_layer.setdefault(layer, []).append(group)
+        layouts = {tuple(g) for g in per_layer.values()}
+        if len(layouts) != 1:
+            return None
+        groups = layouts.pop()
+        ranks = {g: {getattr(self, g)[str(i)].r for i in per_layer} for g in groups}
+        if any(len(r) != 1 for r in ranks.values()):
+            return None
+        return groups, tuple(next(iter(ranks[g])) for g in groups)
+
+    def _kernel_sites(self, input_ids: torch.Tensor, attention_mask: Any, lengths: tuple[int, int]) -> "_Sites | None":
+        """The positions in one kernel launch (kernels.positions) where the LM sites will use the
+        fused kernels too: inference on a GPU, the same groups and ranks on every LM layer, fp32
+        editors. None: the operator path (positions.edit_positions) serves."""
+        if not kernels.usable_on(input_ids.device) or input_ids.dim() != 2:
+            return None
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            return None  # edit_positions raises the error that names the shapes
+        layout = self._lm_groups()
+        if layout is None or any(p.dtype != torch.float32 for p in self._param_list):
+            return None
+        groups, ranks = layout
+        by_group = dict(zip(groups, ranks))
+        r_p, r_s = by_group.get("prefix", 0), by_group.get("suffix", 0)
+        idx, valid, mask = kernels.positions(input_ids, attention_mask, self._image_token_id, *lengths, (r_p, r_s),
+                                             kernels.padded_rank(r_p + r_s))
+        return _Sites.from_kernel(tuple(input_ids.shape), lengths[0], groups, ranks, idx, valid, mask)
+
     def _prepare_lm(self) -> None:
         """This pass's prefix/suffix positions and LM editor parameters (see `_begin_pass`)."""
         input_ids, attention_mask, labels, batched = self._lm_pending
         self._lm_pending = None
+        lengths = (self.params.prefix.length if len(self.prefix) else 0,
+                   self.params.suffix.length if len(self.suffix) else 0)
+        if labels is None and batched:
+            self._sites = self._kernel_sites(input_ids, attention_mask, lengths)
+            if self._sites is not None:
+                self._prepare_stacks(whole=False, lm=True)
+                return
         prompt_mask = prompt_mask_from_labels(attention_mask, labels) if labels is not None else None
         positions = edit_positions(
             input_ids,
             attention_mask,
             self._image_token_id,
-            self.params.prefix.length if len(self.prefix) else 0,
-            self.params.suffix.length if len(self.suffix) else 0,
+            *lengths,
             prompt_mask=prompt_mask,
         )
         self._sites = _Sites.from_positions(tuple(input_ids.shape), *positions)

@@ -25,6 +25,7 @@ kernels in Triton's interpreter on CPU tensors (the tests' way to check them wit
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -234,8 +235,9 @@ def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.
     out = torch.empty((flat.shape[0], d), dtype=h.dtype, device=h.device)
     block_n = 16
     grid = (triton_cdiv(flat.shape[0], block_n),)
-    whole_kernel[grid](flat, out, a_p, u_p, b_p, flat.shape[0], flat.stride(0), out.stride(0), d=d,
-                       R=a_p.shape[0], BLOCK_N=block_n, BLOCK_D=_BLOCK_D_WHOLE)
+    with _on_device(h):
+        whole_kernel[grid](flat, out, a_p, u_p, b_p, flat.shape[0], flat.stride(0), out.stride(0), d=d,
+                           R=a_p.shape[0], BLOCK_N=block_n, BLOCK_D=_BLOCK_D_WHOLE)
     return out.view(h.shape)
 
 
@@ -247,8 +249,17 @@ def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
     a_p, u_p, b_p = packed
     if idx.numel() == 0:
         return
-    rows_kernel[(idx.numel(),)](flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
-                                BLOCK_D=_BLOCK_D)
+    with _on_device(flat):
+        rows_kernel[(idx.numel(),)](flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
+                                    BLOCK_D=_BLOCK_D)
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it `t`'s (a device-mapped model keeps
+    layers on several GPUs). A no-op context when it already is, or on CPU (interpreter)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def padded_rank(r: int, min_rank: int = 2) -> int:
@@ -280,12 +291,13 @@ def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, imag
         att = attention_mask
         if att is not None and not att.is_contiguous():
             att = att.contiguous()
-        positions_kernel[(batch,)](
-            ids, ids if att is None else att, idx, valid, mask, seq,
-            -1 if image_token_id is None else int(image_token_id), batch * prefix_len,
-            HAS_ATT=att is not None, HAS_IMAGE=image_token_id is not None, P=prefix_len, S=suffix_len,
-            PP=_pow2(max(prefix_len, 1)), SP=_pow2(max(suffix_len, 1)), RP=r_p, RS=r_s, R=rank_p, BLOCK=_BLOCK_T,
-            NB=_pow2(triton_cdiv(seq, _BLOCK_T)))
+        with _on_device(ids):
+            positions_kernel[(batch,)](
+                ids, ids if att is None else att, idx, valid, mask, seq,
+                -1 if image_token_id is None else int(image_token_id), batch * prefix_len,
+                HAS_ATT=att is not None, HAS_IMAGE=image_token_id is not None, P=prefix_len, S=suffix_len,
+                PP=_pow2(max(prefix_len, 1)), SP=_pow2(max(suffix_len, 1)), RP=r_p, RS=r_s, R=rank_p,
+                BLOCK=_BLOCK_T, NB=_pow2(triton_cdiv(seq, _BLOCK_T)))
     return idx, valid.view(torch.bool), mask
 
 

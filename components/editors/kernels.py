@@ -31,8 +31,10 @@ import os
 
 import torch
 
-_BLOCK_D = 128  # columns per step of a rows-kernel program
-_BLOCK_D_WHOLE = 64
+# Launch configurations (benchmarks/gpu_kernel_tuning.py measures the alternatives on a GPU).
+# PRECISION "ieee": true fp32 products, as the operator path computes them.
+WHOLE_CONFIG = {"BLOCK_N": 16, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "ieee"}
+ROWS_CONFIG = {"BLOCK_D": 128, "num_warps": 4}
 _BLOCK_T = 256  # tokens per step of the positions kernel
 WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16
 
@@ -47,7 +49,7 @@ def _triton():
 
     @triton.jit
     def whole_kernel(h_ptr, out_ptr, a_ptr, u_ptr, b_ptr, n_rows, stride_h, stride_o, d: tl.constexpr,
-                     R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         rr = tl.arange(0, R)
@@ -60,7 +62,7 @@ def _triton():
             a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
             # "ieee": true fp32 products. (A broadcast-multiply-reduce gets rewritten by Triton into a
             # dot at its default TF32 precision — 10-bit mantissas, visible after the bf16 rounding.)
-            acc += tl.dot(h, tl.trans(a), input_precision="ieee")
+            acc += tl.dot(h, tl.trans(a), input_precision=PRECISION)
         z = acc + tl.load(b_ptr + rr)[None, :]
         for d0 in range(0, d, BLOCK_D):  # out = h + z U, rounded once to the output dtype
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -68,7 +70,7 @@ def _triton():
             ok = row_ok[:, None] & col_ok[None, :]
             h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
-            out = h + tl.dot(z, u, input_precision="ieee")
+            out = h + tl.dot(z, u, input_precision=PRECISION)
             tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
 
     @triton.jit
@@ -222,8 +224,9 @@ def pad_mask(mask: torch.Tensor, rp: int) -> torch.Tensor:
     return out
 
 
-def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """ψ(h) over every row of h [..., d] (new tensor, h's dtype), one kernel launch."""
+def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], **config) -> torch.Tensor:
+    """ψ(h) over every row of h [..., d] (new tensor, h's dtype), one kernel launch. `config`
+    overrides entries of WHOLE_CONFIG (tuning)."""
     whole_kernel = _triton()[0]
     a_p, u_p, b_p = packed
     if a_p.shape[0] < WHOLE_MIN_RANK:
@@ -233,16 +236,16 @@ def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     out = torch.empty((flat.shape[0], d), dtype=h.dtype, device=h.device)
-    block_n = 16
-    grid = (triton_cdiv(flat.shape[0], block_n),)
+    cfg = {**WHOLE_CONFIG, **config} if config else WHOLE_CONFIG
+    grid = (triton_cdiv(flat.shape[0], cfg["BLOCK_N"]),)
     with _on_device(h):
         whole_kernel[grid](flat, out, a_p, u_p, b_p, flat.shape[0], flat.stride(0), out.stride(0), d=d,
-                           R=a_p.shape[0], BLOCK_N=block_n, BLOCK_D=_BLOCK_D_WHOLE)
+                           R=a_p.shape[0], **cfg)
     return out.view(h.shape)
 
 
 def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
-               packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+               packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], **config) -> None:
     """In place on contiguous flat [N, d]: rows idx [S] ← row + (mask ⊙ (row Aᵀ + b)) U, one launch.
     `mask_p` [S, R] fp32 with R = the packed rank (see `pad_mask`)."""
     rows_kernel = _triton()[1]
@@ -251,7 +254,7 @@ def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
         return
     with _on_device(flat):
         rows_kernel[(idx.numel(),)](flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
-                                    BLOCK_D=_BLOCK_D)
+                                    **({**ROWS_CONFIG, **config} if config else ROWS_CONFIG))
 
 
 def _on_device(t: torch.Tensor):

@@ -7,7 +7,7 @@
 #   4. the training step, floor and MRT in turn (--cycles 3; LoRA arms: add them to --arms);
 #   with --trace first: one traced b8 step of floor and MRT, split into phases (trace_phases.py).
 # Usage (repository root, a CUDA machine; OUT defaults to ./gpu_out):
-#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--trace] [--baseline-editors DIR]
+#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--trace] [--no-train] [--baseline-editors DIR]
 # On the lent H200 (no network, no pydantic): carry .whl/ and first
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
 # Every step writes its JSON/markdown under $OUT and goes on after a failure; the exit status is the
@@ -19,9 +19,11 @@ mkdir -p "$OUT"
 BASELINE=()
 TRAIN_ARMS=(floor mrt)
 TRACE=0
+TRAIN=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --trace) TRACE=1; shift ;;
+    --no-train) TRAIN=0; shift ;;
     --baseline-editors) BASELINE=(--baseline-editors "$2"); TRAIN_ARMS+=(mrt_before); shift 2 ;;
     *) echo "gpu_validate.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -43,8 +45,10 @@ fi
 step host_overhead python3 benchmarks/gpu_host_overhead.py --json "$OUT/host_overhead.json"
 step generate python3 benchmarks/gpu_generate.py "${BASELINE[@]}" --compare-kernels --rounds 30 \
   --profile "$OUT/prof" --json "$OUT/generate.json" --markdown "$OUT/generate.md"
-step train python3 benchmarks/gpu_train_step.py "${BASELINE[@]}" --cycles 3 --warmup 2 --steps 8 \
-  --arms "${TRAIN_ARMS[@]}" --json "$OUT/train.json" --markdown "$OUT/train.md"
+if [[ $TRAIN == 1 ]]; then
+  step train python3 benchmarks/gpu_train_step.py "${BASELINE[@]}" --cycles 3 --warmup 2 --steps 8 \
+    --arms "${TRAIN_ARMS[@]}" --json "$OUT/train.json" --markdown "$OUT/train.md"
+fi
 # the device returns at most 8 files: traces and op tables travel as one archive
 if [[ -d "$OUT/prof" ]]; then tar czf "$OUT/prof.tgz" -C "$OUT" prof && rm -rf "$OUT/prof"; fi
 echo "failed steps: $failed"

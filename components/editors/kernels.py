@@ -1,25 +1,31 @@
-"""Fused inference kernels for the editors (Triton): one launch per edit site.
+"""Fused inference kernels for the editors (Triton): one launch per edit site, one for the positions.
 
 Why (issue 7, benchmarks/RESULTS.md): at generation time a LLaVA-7B prompt pass is bound by the
-host, not the GPU — on the H200 host every PyTorch operator costs ~10–20 µs of CPU before its kernel
-starts, and a prompt pass has 56 edit sites. With plain operators a site costs ~8–12 dispatcher
-calls (casts, two GEMMs, mask, gather/scatter), ~150–200 µs per site, ~11 ms per b1 prompt pass
-(+35%). Each kernel here does a site's whole edit in one launch, in fp32 like the operator path:
+host, not the GPU — on the H200 host every PyTorch operator costs ~5–12 µs of CPU before its kernel
+starts (benchmarks/gpu_host_overhead.py), and a prompt pass has 56 edit sites. With plain operators
+a site is 8–12 dispatcher calls (casts, two GEMMs, mask, gather/scatter) and the positions ~45
+more: +451 kernel launches per b1 generate(). With these kernels it is +56 (one per site and one
+for the positions), measured by the profiler:
 
 - `edit_whole`: ψ(h) = h + (h Aᵀ + b) U over every row (visual layers, projector), into a new tensor;
 - `edit_rows_`: the same at the prefix/suffix rows of an LM layer, in place, for all the layer's
   editors at once (rows gathered by flat index, a slot × column mask keeping each slot to its own
-  editor's columns, exactly as `loreft.edit_rows_fused_`).
+  editor's columns, exactly as `loreft.edit_rows_fused_`);
+- `positions`: `positions.edit_positions` for inference (prompt = attended tokens), written straight
+  into the layout `edit_rows_` reads (flat row indices, validity, padded slot × column mask).
+
+Arithmetic: fp32 like the operator path, rounded once to the hidden states' dtype. The whole-tensor
+products use `tl.dot` with `input_precision="tf32x3"` (see WHOLE_CONFIG): a plain `tf32` dot — what
+Triton makes of a broadcast-multiply-reduce by default — put 19% of bf16 outputs 1 step off in a
+first version, and the GPU test (tests/test_editor_kernels.py) checks the configured kernels and the
+operator path against float64 alike.
 
 Inference only (no autograd): training keeps the operator path with its hand-written backward.
 The rank dimension is padded to a power of two with zero rows (`pack`), done once per parameter
 change by the owner (sites.py keeps packs with its no-grad stacks), so a site launches exactly one
-kernel. Opt-in for now: used on CUDA tensors when `MRT_FUSED_KERNELS=1` and Triton imports (it
-ships with PyTorch's CUDA wheels); anything else takes the operator path. Why opt-in: the H200
-measurements (benchmarks/RESULTS.md) were taken with a first version whose whole-tensor products
-Triton compiled to TF32 (1-ulp bf16 differences in 19% of outputs, caught by the GPU test); the
-fixed version (`tl.dot(..., input_precision="ieee")`) passes the interpreter tests but has not yet
-run on a GPU. Once `tests/test_editor_kernels.py` passes there, this becomes the default. `MRT_TRITON_INTERPRET=1` together with `TRITON_INTERPRET=1` runs the
+kernel. On by default for CUDA tensors when Triton imports (it ships with PyTorch's CUDA wheels);
+`MRT_FUSED_KERNELS=0` turns them off (the operator path everywhere, e.g. to compare); CPU tensors
+always take the operator path. `MRT_TRITON_INTERPRET=1` together with `TRITON_INTERPRET=1` runs the
 kernels in Triton's interpreter on CPU tensors (the tests' way to check them without a GPU).
 """
 

@@ -21,12 +21,14 @@ suffix editors are stacked by rows and applied in one gather → two addmm → s
 (`loreft.edit_rows_fused_`: in place, no copy of the layer output in forward, one in backward, no
 host synchronisation anywhere in a step). Launches and per-tensor host work, not arithmetic, are what
 the editors cost on a GPU (benchmarks/RESULTS.md). Without gradients the per-site parameters are kept
-across passes until a parameter changes, and with `MRT_FUSED_KERNELS=1` on a GPU each site is one
-Triton kernel (kernels.py).
+across passes until a parameter changes, and on a GPU each site is one Triton kernel and the
+positions another (kernels.py; `MRT_FUSED_KERNELS=0` turns them off).
 During generation only the prompt pass is edited: a forward whose KV cache already holds tokens
 (or whose cache_position starts past 0, transformers < 5.2x) is a decode step and its LM layers are
-left alone — the cache carries the prompt's edited keys and values. Generation must therefore use
-the KV cache (the default); with `use_cache=False` every step re-reads the whole sequence.
+left alone — the cache carries the prompt's edited keys and values. A no-grad decode step removes
+the LM layers' hooks for its duration (no Python call per layer per generated token); the next
+prompt pass puts them back. Generation must therefore use the KV cache (the default); with
+`use_cache=False` every step re-reads the whole sequence.
 
 The positions of the last forward stay available to the layer hooks after it returns, because
 gradient checkpointing re-runs decoder layers (and their hooks) during backward. Calling the inner

@@ -12,7 +12,9 @@ figures are what one more call of each kind costs the host there:
 - an edit site on the operator path (`loreft.edit_whole`, no grad) and with the fused kernels
   (`kernels.edit_whole`, `kernels.edit_rows_`), LLaVA-7B shapes at batch 1.
 
-Timing: median over `--repeats` loops of `--calls` calls, wall-clock per call.
+Timing: median over `--repeats` loops of `--calls` calls, wall-clock per call, each loop queued
+behind a GPU sleep so that device time never paces it (the first version of this script had no
+sleep: its kernel-site figures were bounded by the kernels' device time).
 
 Run (GPU):   python benchmarks/gpu_host_overhead.py [--json out.json]
 Check (CPU): python benchmarks/gpu_host_overhead.py --cpu   (same calls on CPU tensors; the
@@ -33,20 +35,52 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))
 
 
-def per_call_us(fn, calls: int, repeats: int, sync) -> float:
-    """Median host µs per call of `fn` over `repeats` loops of `calls` calls."""
+def per_call_us(fn, calls: int, repeats: int, sync, hold=None) -> float:
+    """Median host µs per call of `fn` over `repeats` loops of `calls` calls. `hold(ms)` (CUDA) queues
+    a GPU sleep before each loop, longer than the loop, so that the launches only queue up behind it:
+    the loop then measures host time alone, even for kernels whose device time exceeds their launch
+    cost (a plain back-to-back loop converges to the device time for those)."""
     for _ in range(max(calls // 4, 2)):
         fn()
     sync()
     times = []
-    for _ in range(repeats):
+    hold_ms, retries = 20.0, 0
+    while len(times) < repeats:
         sync()
+        if hold is not None:
+            hold(hold_ms)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
+        loop_ms = (time.perf_counter() - t0) * 1e3
         sync()
+        if hold is not None and loop_ms > 0.8 * hold_ms:
+            # The GPU woke before the loop ended (or the launch queue filled and the host waited):
+            # hold it longer and measure again; give up after 4 tries rather than loop forever.
+            retries += 1
+            if retries > 4:
+                raise RuntimeError(f"host loop of {calls} calls not shorter than a {hold_ms:.0f} ms GPU hold: "
+                                   "fewer calls per loop (--calls) keep the launch queue from filling")
+            hold_ms = 2 * loop_ms
+            continue
+        times.append(loop_ms / calls * 1e3)
     return statistics.median(times)
+
+
+def gpu_hold(device):
+    """hold(ms): queue a GPU sleep of about `ms` (torch.cuda._sleep, calibrated once), or None on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 10_000_000
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    per_ms = cycles / max(start.elapsed_time(end), 1e-3)
+    return lambda ms: torch.cuda._sleep(int(per_ms * ms))
 
 
 def measure(device, calls: int, repeats: int) -> dict[str, float]:
@@ -57,23 +91,24 @@ def measure(device, calls: int, repeats: int) -> dict[str, float]:
     from components.editors.loreft import edit_whole
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    hold = gpu_hold(device)
     small = torch.zeros(16, device=device)
     out: dict[str, float] = {}
     with torch.no_grad():
-        out["torch_add_us"] = per_call_us(lambda: torch.add(small, 1.0), calls, repeats, sync)
+        out["torch_add_us"] = per_call_us(lambda: torch.add(small, 1.0), calls, repeats, sync, hold)
         out["torch_empty_us"] = per_call_us(lambda: torch.empty(577, 1024, dtype=torch.bfloat16, device=device),
-                                            calls, repeats, sync)
+                                            calls, repeats, sync, hold)
 
         plain = nn.Identity()
         x = small
-        out["module_call_us"] = per_call_us(lambda: plain(x), calls, repeats, sync)
+        out["module_call_us"] = per_call_us(lambda: plain(x), calls, repeats, sync, hold)
         hooked = nn.Identity()
         hooked.register_forward_hook(lambda m, a, o: None, prepend=True)
-        out["module_with_forward_hook_us"] = per_call_us(lambda: hooked(x), calls, repeats, sync)
+        out["module_with_forward_hook_us"] = per_call_us(lambda: hooked(x), calls, repeats, sync, hold)
         both = nn.Identity()
         both.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True, prepend=True)
         both.register_forward_hook(lambda m, a, k, o: None, with_kwargs=True, always_call=True)
-        out["module_with_pass_hooks_us"] = per_call_us(lambda: both(x), calls, repeats, sync)
+        out["module_with_pass_hooks_us"] = per_call_us(lambda: both(x), calls, repeats, sync, hold)
 
         # An edit site at LLaVA-7B shapes, batch 1: CLIP-L layer output [1, 577, 1024] rank 6;
         # an LM layer [1, 672, 4096], prefix + suffix rank 8 each at 2 × 1 rows (b1).
@@ -82,11 +117,13 @@ def measure(device, calls: int, repeats: int) -> dict[str, float]:
         u = torch.randn(6, 1024, generator=g).to(device)
         a = torch.randn(6, 1024, generator=g).to(device) * 0.01
         b = torch.randn(6, generator=g).to(device) * 0.01
-        out["site_whole_operator_path_us"] = per_call_us(lambda: edit_whole(h, u, a, b), calls, repeats, sync)
+        # ~8 launches per call: a tenth of the calls keeps the driver's launch queue from filling
+        out["site_whole_operator_path_us"] = per_call_us(lambda: edit_whole(h, u, a, b), max(calls // 10, 5), repeats,
+                                                         sync, hold)
         kernels_run = kernels._triton() is not None and (device.type == "cuda" or kernels._interpreting())
         if kernels_run:
             packed = kernels.pack(u, a, b, min_rank=kernels.WHOLE_MIN_RANK)
-            out["site_whole_kernel_us"] = per_call_us(lambda: kernels.edit_whole(h, packed), calls, repeats, sync)
+            out["site_whole_kernel_us"] = per_call_us(lambda: kernels.edit_whole(h, packed), calls, repeats, sync, hold)
             lm = torch.randn(672, 4096, generator=g).to(device=device, dtype=torch.bfloat16)
             ul = torch.randn(16, 4096, generator=g).to(device)
             al = torch.randn(16, 4096, generator=g).to(device) * 0.001
@@ -97,14 +134,14 @@ def measure(device, calls: int, repeats: int) -> dict[str, float]:
             mask[:2, :8] = 1
             mask[2:, 8:] = 1
             out["site_rows_kernel_us"] = per_call_us(lambda: kernels.edit_rows_(lm, idx, mask, lpacked), calls,
-                                                     repeats, sync)
+                                                     repeats, sync, hold)
     return out
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="CPU tensors (a logic check; the numbers mean little)")
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=400, help="calls per loop (an operator-path site queues ~8 launches each: keep calls × launches under the driver's queue, ~1000)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)

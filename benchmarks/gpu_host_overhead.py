@@ -135,6 +135,30 @@ def measure(device, calls: int, repeats: int) -> dict[str, float]:
             mask[2:, 8:] = 1
             out["site_rows_kernel_us"] = per_call_us(lambda: kernels.edit_rows_(lm, idx, mask, lpacked), calls,
                                                      repeats, sync, hold)
+            if device.type == "cuda":  # what Triton's launcher itself costs: the same kernel launched
+                # through JITFunction (binding, specialisation, cache lookup) and as the compiled kernel
+                out.update(launcher_costs(kernels, lm, idx, mask, lpacked, calls, repeats, sync, hold))
+    return out
+
+
+def launcher_costs(kernels, lm, idx, mask, packed, calls, repeats, sync, hold) -> dict[str, float | str]:
+    """Host µs of one rows-kernel launch through `JITFunction` (`kernel[grid](...)`) and through the
+    `CompiledKernel` it returns (no argument binding or specialisation), an exploration for the
+    next lever of issue 7: the compiled-kernel call is Triton-internal API and may change."""
+    rows_kernel = kernels._triton()[1]
+    cfg = dict(kernels.ROWS_CONFIG)
+    grid = (idx.numel(),)
+    consts = dict(d=lm.shape[-1], R=packed[0].shape[0], BLOCK_D=cfg["BLOCK_D"])
+    out: dict[str, float | str] = {}
+    out["launch_jit_us"] = per_call_us(lambda: rows_kernel[grid](lm, idx, mask, *packed, **consts, **cfg), calls,
+                                       repeats, sync, hold)
+    try:
+        compiled = rows_kernel[grid](lm, idx, mask, *packed, **consts, **cfg)
+        runner = compiled[(grid[0], 1, 1)]
+        args = (lm, idx, mask, *packed, consts["d"], consts["R"], consts["BLOCK_D"])
+        out["launch_compiled_us"] = per_call_us(lambda: runner(*args), calls, repeats, sync, hold)
+    except Exception as exc:  # noqa: BLE001 - internal API of this Triton version
+        out["launch_compiled_error"] = repr(exc)[:300]
     return out
 
 

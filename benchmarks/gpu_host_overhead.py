@@ -146,9 +146,9 @@ def launcher_costs(kernels, lm, idx, mask, packed, calls, repeats, sync, hold) -
     `CompiledKernel` it returns (no argument binding or specialisation), an exploration for the
     next lever of issue 7: the compiled-kernel call is Triton-internal API and may change."""
     rows_kernel = kernels._triton()[1]
-    cfg = dict(kernels.ROWS_CONFIG)
+    cfg = {k: v for k, v in kernels.ROWS_CONFIG.items() if k != "BLOCK_D"}  # launch options (num_warps)
     grid = (idx.numel(),)
-    consts = dict(d=lm.shape[-1], R=packed[0].shape[0], BLOCK_D=cfg["BLOCK_D"])
+    consts = dict(d=lm.shape[-1], R=packed[0].shape[0], BLOCK_D=kernels.ROWS_CONFIG["BLOCK_D"])
     out: dict[str, float | str] = {}
     out["launch_jit_us"] = per_call_us(lambda: rows_kernel[grid](lm, idx, mask, *packed, **consts, **cfg), calls,
                                        repeats, sync, hold)

@@ -1,4 +1,4 @@
-"""Fused inference kernels for the editors (Triton): one launch per edit site, one for the positions.
+"""Fused kernels for the editors (Triton): one launch per edit site, one for the positions.
 
 Why (issue 7, benchmarks/RESULTS.md): at generation time a LLaVA-7B prompt pass is bound by the
 host, not the GPU — on the H200 host every PyTorch operator costs ~5–12 µs of CPU before its kernel
@@ -20,11 +20,15 @@ Triton makes of a broadcast-multiply-reduce by default — put 19% of bf16 outpu
 first version, and the GPU test (tests/test_editor_kernels.py) checks the configured kernels and the
 operator path against float64 alike.
 
-Inference only (no autograd): training keeps the operator path with its hand-written backward.
-The rank dimension is padded to a power of two with zero rows (`pack`), done once per parameter
-change by the owner (sites.py keeps packs with its no-grad stacks), so a site launches exactly one
-kernel. On by default for CUDA tensors when Triton imports (it ships with PyTorch's CUDA wheels);
-`MRT_FUSED_KERNELS=0` turns them off (the operator path everywhere, e.g. to compare); CPU tensors
+Training: `EditWhole` is the whole-tensor edit with gradients — the same forward kernel (also
+keeping z = h Aᵀ + b) and one backward kernel (∂L/∂h, and per-block shares of the parameters'
+gradients summed by one deterministic `sum`): 1 + 2 launches per visual/projector site and step
+where the operator path (`loreft._Edit`) makes ~12, in the host-bound vision tower of a b8 step.
+The prefix/suffix rows keep the operator path in training (a few rows; the LM phase is GPU-bound).
+The rank dimension is padded to a power of two: with zero rows (`pack`, once per parameter change,
+kept by sites.py with its no-grad stacks) for inference, by masked loads for training, so a site
+launches exactly one kernel. On by default for CUDA tensors when Triton imports (it ships with
+PyTorch's CUDA wheels); `MRT_FUSED_KERNELS=0` turns them off (the operator path everywhere, e.g. to compare); CPU tensors
 always take the operator path. `MRT_TRITON_INTERPRET=1` together with `TRITON_INTERPRET=1` runs the
 kernels in Triton's interpreter on CPU tensors (the tests' way to check them without a GPU).
 """
@@ -45,6 +49,7 @@ import torch
 # plain "tf32" is 2^13 times coarser. The GPU test checks the configured kernels against float64.
 WHOLE_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "PRECISION": "tf32x3"}
 ROWS_CONFIG = {"BLOCK_D": 1024, "num_warps": 2}
+BACKWARD_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "PRECISION": "tf32x3"}
 _BLOCK_T = 256  # tokens per step of the positions kernel
 WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16
 
@@ -58,30 +63,80 @@ def _triton():
         return None
 
     @triton.jit
-    def whole_kernel(h_ptr, out_ptr, a_ptr, u_ptr, b_ptr, n_rows, stride_h, stride_o, d: tl.constexpr,
-                     R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    def whole_kernel(h_ptr, out_ptr, z_ptr, a_ptr, u_ptr, b_ptr, n_rows, stride_h, stride_o, d: tl.constexpr,
+                     R: tl.constexpr, RANK: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        # ψ(h) = h + (h Aᵀ + b) U for BLOCK_N rows. A, U: [RANK, d] rows (R = RANK padded to a power
+        # of two ≥ 16 in registers: masked loads, no padded copies). STORE_Z keeps z = h Aᵀ + b
+        # [n_rows, R] fp32 for the backward (training).
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         rr = tl.arange(0, R)
+        rank_ok = rr < RANK
         acc = tl.zeros((BLOCK_N, R), dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):  # z = h Aᵀ (fp32)
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < d
             h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
-            # "ieee": true fp32 products. (A broadcast-multiply-reduce gets rewritten by Triton into a
-            # dot at its default TF32 precision — 10-bit mantissas, visible after the bf16 rounding.)
+            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            # PRECISION "tf32x3" (WHOLE_CONFIG): fp32-grade products on tensor cores. (A broadcast-
+            # multiply-reduce gets rewritten by Triton into a dot at its default TF32 precision —
+            # 10-bit mantissas, visible after the bf16 rounding.)
             acc += tl.dot(h, tl.trans(a), input_precision=PRECISION)
-        z = acc + tl.load(b_ptr + rr)[None, :]
+        z = acc + tl.load(b_ptr + rr, mask=rank_ok, other=0.0)[None, :]
+        if STORE_Z:
+            tl.store(z_ptr + rows[:, None] * R + rr[None, :], z, mask=row_ok[:, None])
         for d0 in range(0, d, BLOCK_D):  # out = h + z U, rounded once to the output dtype
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < d
             ok = row_ok[:, None] & col_ok[None, :]
             h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
+            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             out = h + tl.dot(z, u, input_precision=PRECISION)
-            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :],
+                     out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+
+    @triton.jit
+    def whole_backward_kernel(g_ptr, h_ptr, z_ptr, a_ptr, u_ptr, gh_ptr, part_ptr, n_rows, stride_g, stride_h,
+                              stride_gh, d: tl.constexpr, R: tl.constexpr, RANK: tl.constexpr,
+                              NEED_GH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                              PRECISION: tl.constexpr):
+        # The backward of whole_kernel for BLOCK_N rows, g = ∂L/∂out: gz = g Uᵀ; ∂L/∂h = g + gz A;
+        # this block's shares of ∂L/∂U (direct) = zᵀ g, ∂L/∂A = gzᵀ h and ∂L/∂b = Σ gz, written to its
+        # own row of `part` [programs, 2·R·d + R] (summed by the caller: deterministic, no atomics).
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        rr = tl.arange(0, R)
+        rank_ok = rr < RANK
+        gz = tl.zeros((BLOCK_N, R), dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            gz += tl.dot(g, tl.trans(u), input_precision=PRECISION)
+        z = tl.load(z_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
+        part = part_ptr + pid.to(tl.int64) * (2 * R * d + R)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            ok = row_ok[:, None] & col_ok[None, :]
+            g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            if NEED_GH:
+                a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
+                            other=0.0)
+                gh = g + tl.dot(gz, a, input_precision=PRECISION)
+                tl.store(gh_ptr + rows[:, None] * stride_gh + cols[None, :],
+                         gh.to(gh_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+            du = tl.dot(tl.trans(z), g, input_precision=PRECISION)  # [R, BLOCK_D]
+            da = tl.dot(tl.trans(gz), h, input_precision=PRECISION)
+            tl.store(part + rr[:, None] * d + cols[None, :], du, mask=col_ok[None, :])
+            tl.store(part + R * d + rr[:, None] * d + cols[None, :], da, mask=col_ok[None, :])
+        tl.store(part + 2 * R * d + rr, tl.sum(gz, axis=0))
 
     @triton.jit
     def rows_kernel(h_ptr, idx_ptr, mask_ptr, a_ptr, u_ptr, b_ptr, d: tl.constexpr, R: tl.constexpr,
@@ -177,7 +232,7 @@ def _triton():
                          mask=inst & (rank >= suffix_start))
             carry += tl.sum(inst.to(tl.int32), axis=0)
 
-    return whole_kernel, rows_kernel, positions_kernel
+    return whole_kernel, rows_kernel, positions_kernel, whole_backward_kernel
 
 
 def _interpreting() -> bool:
@@ -234,24 +289,93 @@ def pad_mask(mask: torch.Tensor, rp: int) -> torch.Tensor:
     return out
 
 
+def _rows_of(h: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(tensor, rows, row stride) for a kernel reading h [..., d] row by row: h itself when its rows
+    are evenly strided with unit column stride (the usual case: no reshape call), else a copy."""
+    d = h.shape[-1]
+    if not h.is_contiguous():
+        h = h.contiguous()
+    return h, h.numel() // d if d else 0, d
+
+
 def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], **config) -> torch.Tensor:
-    """ψ(h) over every row of h [..., d] (new tensor, h's dtype), one kernel launch. `config`
-    overrides entries of WHOLE_CONFIG (tuning)."""
+    """ψ(h) over every row of h [..., d] (new tensor, h's dtype and shape), one kernel launch, no
+    autograd. `config` overrides entries of WHOLE_CONFIG (tuning)."""
     whole_kernel = _triton()[0]
     a_p, u_p, b_p = packed
     if a_p.shape[0] < WHOLE_MIN_RANK:
         raise ValueError(f"edit_whole needs a pack with rank ≥ {WHOLE_MIN_RANK} (pack(..., min_rank=WHOLE_MIN_RANK))")
-    d = h.shape[-1]
-    flat = h.reshape(-1, d)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    out = torch.empty((flat.shape[0], d), dtype=h.dtype, device=h.device)
+    h, n_rows, stride = _rows_of(h)
+    out = torch.empty_like(h)
     cfg = {**WHOLE_CONFIG, **config} if config else WHOLE_CONFIG
-    grid = (triton_cdiv(flat.shape[0], cfg["BLOCK_N"]),)
+    rank = a_p.shape[0]
     with _on_device(h):
-        whole_kernel[grid](flat, out, a_p, u_p, b_p, flat.shape[0], flat.stride(0), out.stride(0), d=d,
-                           R=a_p.shape[0], **cfg)
-    return out.view(h.shape)
+        whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](
+            h, out, out, a_p, u_p, b_p, n_rows, stride, stride, d=h.shape[-1], R=rank, RANK=rank, STORE_Z=False,
+            **cfg)
+    return out
+
+
+def trainable(hidden: torch.Tensor, u: torch.Tensor) -> bool:
+    """True when `EditWhole` can edit `hidden` with gradients: a CUDA tensor with the kernels enabled
+    (or the interpreter, for tests), a 16/32-bit float dtype, fp32 parameters, Triton importable."""
+    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32) or u.dtype != torch.float32:
+        return False
+    if not ((hidden.is_cuda and enabled()) or _interpreting()):
+        return False
+    return _triton() is not None
+
+
+class EditWhole(torch.autograd.Function):
+    """ψ(h) = h + (h Aᵀ + b) U over every row of h [..., d] with gradients, in Triton: one launch
+    forward, one launch plus one sum backward (the operator path, `loreft._Edit`, is ~4 and ~8
+    dispatcher calls, and a b8 step of LLaVA-7B's vision tower is bound by the host).
+
+    u, a [r, d] fp32 (A = W − U), b [r]: any rank (padded to R = a power of two ≥ 16 inside the
+    kernels by masked loads, no copies). Saves h in its own dtype and z = h Aᵀ + b [N, R] fp32, like
+    `_Edit`, whose gradient convention it keeps: U's gradient returned is the direct one (zᵀ g); A's
+    reaches U through the caller's subtraction A = W − U.
+    """
+
+    @staticmethod
+    def forward(ctx, h, u, a, b):
+        whole_kernel = _triton()[0]
+        h, n_rows, stride = _rows_of(h)
+        d, rank = h.shape[-1], u.shape[0]
+        rp = padded_rank(rank, WHOLE_MIN_RANK)
+        out = torch.empty_like(h)
+        z = torch.empty((n_rows, rp), dtype=torch.float32, device=h.device)
+        cfg = WHOLE_CONFIG
+        with _on_device(h):
+            whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](
+                h, out, z, a, u, b, n_rows, stride, stride, d=d, R=rp, RANK=rank, STORE_Z=True, **cfg)
+        ctx.save_for_backward(h, z, u, a)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        backward_kernel = _triton()[3]
+        h, z, u, a = ctx.saved_tensors
+        g, n_rows, stride_g = _rows_of(grad)
+        d, rank, rp = h.shape[-1], u.shape[0], z.shape[1]
+        need_gh = ctx.needs_input_grad[0]
+        gh = torch.empty_like(h) if need_gh else g
+        cfg = BACKWARD_CONFIG
+        programs = triton_cdiv(n_rows, cfg["BLOCK_N"])
+        part = torch.empty((programs, 2 * rp * d + rp), dtype=torch.float32, device=h.device)
+        with _on_device(h):
+            backward_kernel[(programs,)](g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp, RANK=rank,
+                                         NEED_GH=need_gh, **cfg)
+        total = part.sum(0)  # the blocks' shares, in a fixed order: deterministic
+        grad_u = total[: rank * d].view(rank, d)
+        grad_a = total[rp * d: rp * d + rank * d].view(rank, d)
+        grad_b = total[2 * rp * d: 2 * rp * d + rank]
+        return (gh if need_gh else None), grad_u, grad_a, grad_b
+
+
+def edit_whole_train(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`EditWhole` (see `trainable` for when it applies); u, a, b must be contiguous."""
+    return EditWhole.apply(h, u.contiguous(), a.contiguous(), b.contiguous())
 
 
 def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,

@@ -22,7 +22,8 @@ suffix editors are stacked by rows and applied in one gather → two addmm → s
 host synchronisation anywhere in a step). Launches and per-tensor host work, not arithmetic, are what
 the editors cost on a GPU (benchmarks/RESULTS.md). Without gradients the per-site parameters are kept
 across passes until a parameter changes, and on a GPU each site is one Triton kernel and the
-positions another (kernels.py; `MRT_FUSED_KERNELS=0` turns them off).
+positions another; in training a GPU's visual/projector sites take the Triton `kernels.EditWhole`
+(kernels.py; `MRT_FUSED_KERNELS=0` turns them all off).
 During generation only the prompt pass is edited: a forward whose KV cache already holds tokens
 (or whose cache_position starts past 0, transformers < 5.2x) is a decode step and its LM layers are
 left alone — the cache carries the prompt's edited keys and values. A no-grad decode step removes
@@ -597,6 +598,8 @@ class MRTEditors(nn.Module):
             packed = self._packed(("whole", group, key), params, hidden)
             if packed is not None:  # inference on a GPU: the whole edit in one kernel (kernels.py)
                 return _replace_first(output, kernels.edit_whole(hidden, packed))
+            if torch.is_grad_enabled() and kernels.trainable(hidden, params[0]):  # training on a GPU
+                return _replace_first(output, kernels.edit_whole_train(hidden, *params))
             return _replace_first(output, edit_whole(hidden, *params))
 
         return hook

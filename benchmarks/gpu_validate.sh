@@ -7,7 +7,7 @@
 #   4. the training step, floor and MRT in turn (--cycles 3; LoRA arms: add them to --arms);
 #   with --trace first: one traced b8 step of floor and MRT, split into phases (trace_phases.py).
 # Usage (repository root, a CUDA machine; OUT defaults to ./gpu_out):
-#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--trace] [--no-train] [--baseline-editors DIR]
+#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--trace] [--no-train] [--no-generate] [--baseline-editors DIR]
 # On the lent H200 (no network, no pydantic): carry .whl/ and first
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
 # Every step writes its JSON/markdown under $OUT and goes on after a failure; the exit status is the
@@ -20,10 +20,12 @@ BASELINE=()
 TRAIN_ARMS=(floor mrt)
 TRACE=0
 TRAIN=1
+GENERATE=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --trace) TRACE=1; shift ;;
     --no-train) TRAIN=0; shift ;;
+    --no-generate) GENERATE=0; shift ;;
     --baseline-editors) BASELINE=(--baseline-editors "$2"); TRAIN_ARMS+=(mrt_before); shift 2 ;;
     *) echo "gpu_validate.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -35,16 +37,18 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, count failures
   if "$@" > "$OUT/$name.log" 2>&1; then echo "   ok"; else echo "   FAILED (see $OUT/$name.log)"; failed=$((failed + 1)); fi
   tail -n 3 "$OUT/$name.log"
 }
-step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_editor_kernels.py tests/test_editors_gpu.py \
-  tests/test_editors_speed.py
+step gpu_tests python3 -m pytest -q -p no:cacheprovider -s tests/test_editor_kernels.py tests/test_editors_gpu.py \
+  tests/test_editors_speed.py tests/test_orthonormal_kernel.py tests/test_launch.py
 if [[ $TRACE == 1 ]]; then
   step trace python3 benchmarks/gpu_train_step.py --batch-sizes 8 --arms floor mrt --warmup 2 --steps 4 \
     --profile-steps 1 --trace --profile "$OUT/prof" --json "$OUT/trace_step.json"
   step phases python3 benchmarks/trace_phases.py "$OUT/prof/trace_floor_b8.json.gz" "$OUT/prof/trace_mrt_b8.json.gz"
 fi
 step host_overhead python3 benchmarks/gpu_host_overhead.py --json "$OUT/host_overhead.json"
-step generate python3 benchmarks/gpu_generate.py "${BASELINE[@]}" --compare-kernels --rounds 30 \
-  --profile "$OUT/prof" --json "$OUT/generate.json" --markdown "$OUT/generate.md"
+if [[ $GENERATE == 1 ]]; then
+  step generate python3 benchmarks/gpu_generate.py "${BASELINE[@]}" --compare-kernels --rounds 30 \
+    --profile "$OUT/prof" --json "$OUT/generate.json" --markdown "$OUT/generate.md"
+fi
 if [[ $TRAIN == 1 ]]; then
   step train python3 benchmarks/gpu_train_step.py "${BASELINE[@]}" --cycles 3 --warmup 2 --steps 8 \
     --arms "${TRAIN_ARMS[@]}" --json "$OUT/train.json" --markdown "$OUT/train.md"

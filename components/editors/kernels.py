@@ -41,6 +41,8 @@ import os
 
 import torch
 
+from .launch import launch
+
 # Launch configurations, chosen by benchmarks/gpu_kernel_tuning.py on an H200 (fastest correct at
 # both b1 and b8 of the 7B shapes; device µs per call whole 48.7/77.3 → 32.7/35.2, rows 31.5/32.2 →
 # 17.3/19.4 against the first configuration; benchmarks/RESULTS.md). PRECISION "tf32x3": each fp32
@@ -310,9 +312,8 @@ def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.
     cfg = {**WHOLE_CONFIG, **config} if config else WHOLE_CONFIG
     rank = a_p.shape[0]
     with _on_device(h):
-        whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](
-            h, out, out, a_p, u_p, b_p, n_rows, stride, stride, d=h.shape[-1], R=rank, RANK=rank, STORE_Z=False,
-            **cfg)
+        launch(whole_kernel, (triton_cdiv(n_rows, cfg["BLOCK_N"]),), h, out, out, a_p, u_p, b_p, n_rows, stride,
+               stride, d=h.shape[-1], R=rank, RANK=rank, STORE_Z=False, **cfg)
     return out
 
 
@@ -347,8 +348,8 @@ class EditWhole(torch.autograd.Function):
         z = torch.empty((n_rows, rp), dtype=torch.float32, device=h.device)
         cfg = WHOLE_CONFIG
         with _on_device(h):
-            whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](
-                h, out, z, a, u, b, n_rows, stride, stride, d=d, R=rp, RANK=rank, STORE_Z=True, **cfg)
+            launch(whole_kernel, (triton_cdiv(n_rows, cfg["BLOCK_N"]),), h, out, z, a, u, b, n_rows, stride,
+                   stride, d=d, R=rp, RANK=rank, STORE_Z=True, **cfg)
         ctx.save_for_backward(h, z, u, a)
         return out
 
@@ -364,8 +365,8 @@ class EditWhole(torch.autograd.Function):
         programs = triton_cdiv(n_rows, cfg["BLOCK_N"])
         part = torch.empty((programs, 2 * rp * d + rp), dtype=torch.float32, device=h.device)
         with _on_device(h):
-            backward_kernel[(programs,)](g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp, RANK=rank,
-                                         NEED_GH=need_gh, **cfg)
+            launch(backward_kernel, (programs,), g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
+                   RANK=rank, NEED_GH=need_gh, **cfg)
         total = part.sum(0)  # the blocks' shares, in a fixed order: deterministic
         grad_u = total[: rank * d].view(rank, d)
         grad_a = total[rp * d: rp * d + rank * d].view(rank, d)
@@ -387,8 +388,8 @@ def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
     if idx.numel() == 0:
         return
     with _on_device(flat):
-        rows_kernel[(idx.numel(),)](flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
-                                    **({**ROWS_CONFIG, **config} if config else ROWS_CONFIG))
+        launch(rows_kernel, (idx.numel(),), flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
+               **({**ROWS_CONFIG, **config} if config else ROWS_CONFIG))
 
 
 def _on_device(t: torch.Tensor):
@@ -429,8 +430,8 @@ def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, imag
         if att is not None and not att.is_contiguous():
             att = att.contiguous()
         with _on_device(ids):
-            positions_kernel[(batch,)](
-                ids, ids if att is None else att, idx, valid, mask, seq,
+            launch(
+                positions_kernel, (batch,), ids, ids if att is None else att, idx, valid, mask, seq,
                 -1 if image_token_id is None else int(image_token_id), batch * prefix_len,
                 HAS_ATT=att is not None, HAS_IMAGE=image_token_id is not None, P=prefix_len, S=suffix_len,
                 PP=_pow2(max(prefix_len, 1)), SP=_pow2(max(suffix_len, 1)), RP=r_p, RS=r_s, R=rank_p,

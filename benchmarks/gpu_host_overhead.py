@@ -10,7 +10,12 @@ figures are what one more call of each kind costs the host there:
 - an `nn.Module` call without hooks, with one forward hook that returns None (what an LM layer's
   hook costs in a decode step), and with a prepended pre-hook taking kwargs (the pass hook);
 - an edit site on the operator path (`loreft.edit_whole`, no grad) and with the fused kernels
-  (`kernels.edit_whole`, `kernels.edit_rows_`), LLaVA-7B shapes at batch 1.
+  (`kernels.edit_whole`, `kernels.edit_rows_`), LLaVA-7B shapes at batch 1;
+- one rows-kernel launch through `kernel[grid]`, through the `CompiledKernel` it returns, through
+  its launcher alone (the floor) and through `components.editors.launch.launch` (`launcher_costs`);
+- a bank's orthonormalisation forward, with gradients (`loreft.orthonormal_rows_stacked`, the start
+  of every training step), LLaVA-7B's three bank shapes: operator path (shifted Cholesky-QR3, ~20
+  launches) and one-launch kernel (orthonormal_kernel.py).
 
 Timing: median over `--repeats` loops of `--calls` calls, wall-clock per call, each loop queued
 behind a GPU sleep so that device time never paces it (the first version of this script had no
@@ -24,6 +29,7 @@ Check (CPU): python benchmarks/gpu_host_overhead.py --cpu   (same calls on CPU t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -135,16 +141,60 @@ def measure(device, calls: int, repeats: int) -> dict[str, float]:
             mask[2:, 8:] = 1
             out["site_rows_kernel_us"] = per_call_us(lambda: kernels.edit_rows_(lm, idx, mask, lpacked), calls,
                                                      repeats, sync, hold)
-            if device.type == "cuda":  # what Triton's launcher itself costs: the same kernel launched
-                # through JITFunction (binding, specialisation, cache lookup) and as the compiled kernel
-                out.update(launcher_costs(kernels, lm, idx, mask, lpacked, calls, repeats, sync, hold))
+            # what Triton's launcher itself costs: the same kernel launched through JITFunction (binding,
+            # specialisation, cache lookup), as the compiled kernel, and through launch.launch (our
+            # cache of compiled kernels); in the interpreter (--cpu) a logic check of the same calls
+            out.update(launcher_costs(kernels, lm, idx, mask, lpacked, calls, repeats, sync, hold))
+    out.update(bank_orthonormalisation(device, g, calls, repeats, sync, hold))
+    return out
+
+
+@contextlib.contextmanager
+def _env(**values):
+    """Set (str) or unset (None) environment variables for the duration of the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def bank_orthonormalisation(device, g, calls, repeats, sync, hold) -> dict[str, float]:
+    """Host µs of one bank orthonormalisation forward with gradients on (`orthonormal_rows_stacked`
+    of a bank's U Parameter, as at the start of a training step), LLaVA-7B's banks: the operator
+    path (kernels off) and, where they run, the one-launch kernels."""
+    import torch
+
+    from components.editors import orthonormal_kernel
+    from components.editors.loreft import orthonormal_rows_stacked
+
+    out: dict[str, float] = {}
+    for name, (n, r, d) in (("vision", (22, 6, 1024)), ("projector", (1, 6, 4096)), ("lm", (64, 4, 4096))):
+        bank = torch.nn.Parameter(torch.linalg.qr(torch.randn(n, d, r, generator=g))[0].mT.contiguous().to(device))
+        with torch.enable_grad():
+            with _env(MRT_FUSED_KERNELS="0", MRT_TRITON_INTERPRET=None):  # ~20 launches a call: fewer calls
+                assert not orthonormal_kernel.usable(bank)
+                out[f"bank_orth_{name}_operator_path_us"] = per_call_us(
+                    lambda: orthonormal_rows_stacked(bank), max(calls // 20, 5), repeats, sync, hold)
+            if orthonormal_kernel.usable(bank):
+                out[f"bank_orth_{name}_kernel_us"] = per_call_us(lambda: orthonormal_rows_stacked(bank), calls,
+                                                                 repeats, sync, hold)
     return out
 
 
 def launcher_costs(kernels, lm, idx, mask, packed, calls, repeats, sync, hold) -> dict[str, float | str]:
-    """Host µs of one rows-kernel launch through `JITFunction` (`kernel[grid](...)`) and through the
-    `CompiledKernel` it returns (no argument binding or specialisation), an exploration for the
-    next lever of issue 7: the compiled-kernel call is Triton-internal API and may change."""
+    """Host µs of one rows-kernel launch through `JITFunction` (`kernel[grid](...)`), through the
+    `CompiledKernel` it returns (no argument binding or specialisation; Triton-internal API), and
+    through `components.editors.launch.launch` (a drop-in for `kernel[grid]` that keeps the compiled
+    kernels and calls their launcher directly; `launch_direct_share`: the share of its timed calls
+    that took the direct path — 0 in Triton's interpreter, where it falls back to `kernel[grid]`)."""
+    import torch
+
+    from components.editors import launch as direct
+
     rows_kernel = kernels._triton()[1]
     cfg = {k: v for k, v in kernels.ROWS_CONFIG.items() if k != "BLOCK_D"}  # launch options (num_warps)
     grid = (idx.numel(),)
@@ -154,11 +204,25 @@ def launcher_costs(kernels, lm, idx, mask, packed, calls, repeats, sync, hold) -
                                        repeats, sync, hold)
     try:
         compiled = rows_kernel[grid](lm, idx, mask, *packed, **consts, **cfg)
+        if compiled is None:
+            raise TypeError("no CompiledKernel (Triton's interpreter)")
         runner = compiled[(grid[0], 1, 1)]
         args = (lm, idx, mask, *packed, consts["d"], consts["R"], consts["BLOCK_D"])
         out["launch_compiled_us"] = per_call_us(lambda: runner(*args), calls, repeats, sync, hold)
+        # the floor of launch.launch's direct path: the compiled kernel's launcher alone, on the
+        # current stream, no launch metadata or hooks (what launch adds is the rest of its figure)
+        run, function, packed_md, stream = compiled.run, compiled.function, compiled.packed_metadata, \
+            torch.cuda.current_stream().cuda_stream
+        out["launch_floor_us"] = per_call_us(lambda: run(grid[0], 1, 1, stream, function, packed_md, None, None, None,
+                                                         *args), calls, repeats, sync, hold)
     except Exception as exc:  # noqa: BLE001 - internal API of this Triton version
         out["launch_compiled_error"] = repr(exc)[:300]
+    before = direct.stats()
+    out["launch_direct_us"] = per_call_us(lambda: direct.launch(rows_kernel, grid, lm, idx, mask, *packed, **consts,
+                                                                **cfg), calls, repeats, sync, hold)
+    after = direct.stats()
+    taken = {k: after[k] - before[k] for k in after}
+    out["launch_direct_share"] = taken["direct"] / max(sum(taken.values()), 1)
     return out
 
 

@@ -50,6 +50,8 @@ import math
 import torch
 from torch import nn
 
+from . import orthonormal_kernel
+
 
 def orthonormal_rows(u: torch.Tensor) -> torch.Tensor:
     """Rows of `u` (r×d, r ≤ d) made orthonormal: sign-fixed QR of uᵀ, so the result is unique
@@ -94,17 +96,25 @@ class _OrthonormalRows(torch.autograd.Function):
     shape in every backward and returned U's gradient transposed (so every editor's U.grad was
     copied once more); the closed form needs ~6. With U = Rᵀ Q (Rᵀ = U Qᵀ lower-triangular):
     ∂L/∂U = R⁻¹ (G − copyltu(G Qᵀ) Q), copyltu(X) = tril(X) + tril(X, −1)ᵀ, G = ∂L/∂Q
-    (the transpose of the standard QR backward with no gradient to R)."""
+    (the transpose of the standard QR backward with no gradient to R).
+    On CUDA (and in the tests' interpreter) each direction is one Triton launch instead
+    (orthonormal_kernel.py: Gram–Schmidt twice, and this closed form), same values to rounding."""
 
     @staticmethod
     def forward(ctx, u):
-        q = _cholesky_qr3(u).contiguous()  # the solver's result is column-major
+        ctx.fused = orthonormal_kernel.usable(u)
+        if ctx.fused:
+            q = orthonormal_kernel.orthonormal_rows(u)
+        else:
+            q = _cholesky_qr3(u).contiguous()  # the solver's result is column-major
         ctx.save_for_backward(u, q)
         return q
 
     @staticmethod
     def backward(ctx, grad):
         u, q = ctx.saved_tensors
+        if ctx.fused and not torch.is_grad_enabled():  # (create_graph: the differentiable operators)
+            return orthonormal_kernel.orthonormal_rows_backward(u, q, grad)
         lower = u @ q.mT  # Rᵀ [n, r, r]
         c = grad @ q.mT
         c = c.tril() + c.tril(-1).mT
@@ -131,6 +141,7 @@ def orthonormal_rows_stacked(u: torch.Tensor) -> torch.Tensor:
     rank-deficient U has no unique basis; the result then stays finite but not orthonormal.)
     R = R₃R₂R₁ is upper triangular with a positive diagonal, so the result IS the sign-fixed QR
     factor of `orthonormal_rows` (same values up to rounding, same gradients: `_OrthonormalRows`).
+    On CUDA fp32 (r ≤ 16) forward and backward are one Triton launch each (orthonormal_kernel.py).
     """
     return _OrthonormalRows.apply(u)
 

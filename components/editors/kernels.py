@@ -56,13 +56,23 @@ _BLOCK_T = 256  # tokens per step of the positions kernel
 WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16
 
 
-@functools.lru_cache(maxsize=1)
-def _triton():
+def import_triton():
+    """(triton, triton.language), or None where Triton does not import (not installed, or broken for
+    this platform): the operator path serves then."""
     try:
         import triton
         import triton.language as tl
-    except Exception:  # noqa: BLE001 - not installed, or broken for this platform: the operator path serves
+    except Exception:  # noqa: BLE001 - any import failure means "no kernels"
         return None
+    return triton, tl
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    imported = import_triton()
+    if imported is None:
+        return None
+    triton, tl = imported
 
     @triton.jit
     def whole_kernel(h_ptr, out_ptr, z_ptr, a_ptr, u_ptr, b_ptr, n_rows, stride_h, stride_o, d: tl.constexpr,

@@ -59,11 +59,10 @@ _TINY = 1.1754943508222875e-38  # smallest normal fp32: the floor of a residual'
 
 @functools.lru_cache(maxsize=1)
 def _triton():
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001 - not installed, or broken for this platform: the operator path serves
+    imported = kernels.import_triton()
+    if imported is None:
         return None
+    triton, tl = imported
 
     @triton.jit
     def fwd_regs_kernel(u_ptr, q_ptr, r: tl.constexpr, d: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr,

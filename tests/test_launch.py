@@ -126,6 +126,7 @@ def fake(monkeypatch):
     kernel = JITFunction(_axpy)
     calls = {"jit": [], "launcher": []}
     compiled = object.__new__(CompiledKernel)  # only .run / .function / .packed_metadata are read
+    compiled.module = None  # what CompiledKernel.__del__ reads (nothing loaded: nothing to unload)
     compiled._run = lambda *args: calls["launcher"].append(args)
     compiled.function, compiled.packed_metadata = "function", "packed"
 

@@ -5,9 +5,10 @@
 #   3. generation: base, MRT on the operator path and MRT with the fused kernels (the default) in the
 #      same 30 rounds (prompt pass, 8 decode steps, whole generate()), then one profiled generate();
 #   4. the training step, floor and MRT in turn (--cycles 3; LoRA arms: add them to --arms);
-#   with --trace first: one traced b8 step of floor and MRT, split into phases (trace_phases.py).
+#   with --tune first: launch configurations of the training backward kernel (gpu_kernel_tuning.py);
+#   with --trace: one traced b8 step of floor and MRT, split into phases (trace_phases.py).
 # Usage (repository root, a CUDA machine; OUT defaults to ./gpu_out):
-#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--trace] [--no-train] [--no-generate] [--baseline-editors DIR]
+#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--tune] [--trace] [--no-train] [--no-generate] [--baseline-editors DIR]
 # On the lent H200 (no network, no pydantic): carry .whl/ and first
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
 # Every step writes its JSON/markdown under $OUT and goes on after a failure; the exit status is the
@@ -21,11 +22,13 @@ TRAIN_ARMS=(floor mrt)
 TRACE=0
 TRAIN=1
 GENERATE=1
+TUNE=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --trace) TRACE=1; shift ;;
     --no-train) TRAIN=0; shift ;;
     --no-generate) GENERATE=0; shift ;;
+    --tune) TUNE=1; shift ;;
     --baseline-editors) BASELINE=(--baseline-editors "$2"); TRAIN_ARMS+=(mrt_before); shift 2 ;;
     *) echo "gpu_validate.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -39,6 +42,9 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, count failures
 }
 step gpu_tests python3 -m pytest -q -p no:cacheprovider -s tests/test_editor_kernels.py tests/test_editors_gpu.py \
   tests/test_editors_speed.py tests/test_orthonormal_kernel.py tests/test_launch.py
+if [[ $TUNE == 1 ]]; then
+  step tune python3 benchmarks/gpu_kernel_tuning.py --kernels backward --json "$OUT/kernel_tuning.json"
+fi
 if [[ $TRACE == 1 ]]; then
   step trace python3 benchmarks/gpu_train_step.py --batch-sizes 8 --arms floor mrt --warmup 2 --steps 4 \
     --profile-steps 1 --trace --profile "$OUT/prof" --json "$OUT/trace_step.json"

@@ -233,3 +233,29 @@ def test_host_overhead_benchmark_measures_every_call_kind():
     for key in ("torch_add_us", "module_call_us", "module_with_forward_hook_us", "module_with_pass_hooks_us",
                 "site_whole_operator_path_us"):
         assert per_call[key] > 0, key
+
+
+def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monkeypatch):
+    """gpu_kernel_tuning.py --smoke: every kernel (whole, rows, backward) times its configurations in
+    Triton's interpreter, checks each against float64 and names the fastest correct ones."""
+    pytest.importorskip("triton")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the smoke run is the interpreter's; on a GPU run the real tuning")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored afterwards (main sets both)
+    monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
+    bench = _load("gpu_kernel_tuning")
+    out = bench.main(["--smoke", "--json", str(tmp_path / "t.json")])
+    saved = json.loads((tmp_path / "t.json").read_text())
+    for kind in ("whole", "rows", "backward"):
+        rows = out[kind]
+        assert rows and all("us" in r and r["us"] > 0 for r in rows), rows  # none refused
+        assert all(r["beyond_fp32_units"] <= bench.TOLERANCE for r in rows), rows
+        best = saved[f"{kind}_best"]
+        assert best and all(len(v) == len(rows) // len(best) for v in best.values())
+        for listed in best.values():
+            assert [r["us"] for r in listed] == sorted(r["us"] for r in listed)
+    from components.editors import kernels
+
+    kernels._triton.cache_clear()  # the next test builds its own

@@ -365,23 +365,30 @@ class EditWhole(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        backward_kernel = _triton()[3]
         h, z, u, a = ctx.saved_tensors
-        g, n_rows, stride_g = _rows_of(grad)
-        d, rank, rp = h.shape[-1], u.shape[0], z.shape[1]
-        need_gh = ctx.needs_input_grad[0]
-        gh = torch.empty_like(h) if need_gh else g
-        cfg = BACKWARD_CONFIG
-        programs = triton_cdiv(n_rows, cfg["BLOCK_N"])
-        part = torch.empty((programs, 2 * rp * d + rp), dtype=torch.float32, device=h.device)
-        with _on_device(h):
-            launch(backward_kernel, (programs,), g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
-                   RANK=rank, NEED_GH=need_gh, **cfg)
-        total = part.sum(0)  # the blocks' shares, in a fixed order: deterministic
-        grad_u = total[: rank * d].view(rank, d)
-        grad_a = total[rp * d: rp * d + rank * d].view(rank, d)
-        grad_b = total[2 * rp * d: 2 * rp * d + rank]
-        return (gh if need_gh else None), grad_u, grad_a, grad_b
+        return whole_backward(grad, h, z, u, a, ctx.needs_input_grad[0])
+
+
+def whole_backward(grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
+                   need_gh: bool = True, **config) -> tuple:
+    """`EditWhole`'s backward: (∂L/∂h or None, ∂L/∂U direct, ∂L/∂A, ∂L/∂b) from g = `grad` [..., d],
+    the saved h [..., d] (contiguous) and z [N, R] fp32, u, a [r, d]. One kernel launch and one sum;
+    `config` overrides entries of BACKWARD_CONFIG (tuning)."""
+    backward_kernel = _triton()[3]
+    g, n_rows, stride_g = _rows_of(grad)
+    d, rank, rp = h.shape[-1], u.shape[0], z.shape[1]
+    gh = torch.empty_like(h) if need_gh else g
+    cfg = {**BACKWARD_CONFIG, **config} if config else BACKWARD_CONFIG
+    programs = triton_cdiv(n_rows, cfg["BLOCK_N"])
+    part = torch.empty((programs, 2 * rp * d + rp), dtype=torch.float32, device=h.device)
+    with _on_device(h):
+        launch(backward_kernel, (programs,), g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
+               RANK=rank, NEED_GH=need_gh, **cfg)
+    total = part.sum(0)  # the blocks' shares, in a fixed order: deterministic
+    grad_u = total[: rank * d].view(rank, d)
+    grad_a = total[rp * d: rp * d + rank * d].view(rank, d)
+    grad_b = total[2 * rp * d: 2 * rp * d + rank]
+    return (gh if need_gh else None), grad_u, grad_a, grad_b
 
 
 def edit_whole_train(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

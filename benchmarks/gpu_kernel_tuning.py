@@ -5,13 +5,14 @@ is latency and occupancy, not bandwidth or arithmetic, and the best block sizes 
 This times each kernel at the shapes the LLaVA-7B placement uses for a grid of block sizes / warps /
 dot precision, checks each result against float64 (the tests' criterion: within one bf16 step plus
 at most 64 fp32 roundings of Σ|terms|) and reports the fastest correct configuration next to the
-current one (kernels.WHOLE_CONFIG, ROWS_CONFIG, BACKWARD_CONFIG):
+current one (kernels.WHOLE_CONFIG, ROWS_CONFIG, BACKWARD_CONFIG, ROWS_GRAD_CONFIG):
 
 - whole: the whole-tensor edit (vision layer / projector; inference and the training forward), b1 and b8;
 - rows: the prefix/suffix rows of an LM layer (inference), b1 and b8;
-- backward: `EditWhole`'s backward (∂L/∂h and the parameters' gradients, training), b8 and b16.
+- backward: `EditWhole`'s backward (∂L/∂h and the parameters' gradients, training), b8 and b16;
+- rows_backward: `EditRows`' backward at an LM layer (training; ROWS_GRAD_CONFIG), b8 and b16.
 
-Run (GPU): python benchmarks/gpu_kernel_tuning.py [--kernels whole rows backward] [--json out.json]
+Run (GPU): python benchmarks/gpu_kernel_tuning.py [--kernels whole rows backward rows_backward] [--json out.json]
 `--smoke`: tiny shapes and two configurations per kernel in Triton's interpreter on CPU (a logic
 check for the tests; the times mean nothing).
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))
 
+KINDS = ("whole", "rows", "backward", "rows_backward")
 TOLERANCE = 64  # fp32 roundings of Σ|terms| beyond one bf16 step, as in tests/test_editor_kernels.py
 
 
@@ -78,13 +80,17 @@ def _configs(smoke: bool) -> dict[str, list[dict]]:
                           {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}],
                 "rows": [{"BLOCK_D": 32, "num_warps": 1}, {"BLOCK_D": 64, "num_warps": 2}],
                 "backward": [{"BLOCK_N": 16, "BLOCK_D": 32, "num_warps": 4, "PRECISION": "ieee"},
-                             {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}]}
+                             {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}],
+                "rows_backward": [{"BLOCK_S": 16, "BLOCK_D": 32, "num_warps": 4, "PRECISION": "ieee"},
+                                  {"BLOCK_S": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}]}
     return {
         "whole": [{"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": nw, "PRECISION": p}
                   for bn, bd, nw, p in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), ("ieee", "tf32x3"))],
         "rows": [{"BLOCK_D": bd, "num_warps": nw} for bd, nw in itertools.product((128, 256, 512, 1024, 2048), (1, 2, 4, 8))],
         "backward": [{"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": nw, "PRECISION": p}
                      for bn, bd, nw, p in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), ("ieee", "tf32x3"))],
+        "rows_backward": [{"BLOCK_S": bs, "BLOCK_D": bd, "num_warps": nw, "PRECISION": p}
+                          for bs, bd, nw, p in itertools.product((16, 32, 64), (32, 64, 128), (2, 4, 8), ("ieee", "tf32x3"))],
     }
 
 
@@ -167,11 +173,61 @@ def tune_backward(out, kernels, dev, g, batch, tokens, d, configs, reps):
              check, reps)
 
 
+def tune_rows_backward(out, kernels, slot_mask, dev, g, batch, tokens, d, configs, reps):
+    """`kernels.rows_backward` (∂L/∂h's rows, and the parameters' gradients) on the saved state of a
+    real `EditRows` forward at an LM layer: 4 prefix + 4 suffix slots per sample, ranks 4 + 4."""
+    import torch
+
+    hidden = torch.randn(batch * tokens, d, generator=g).to(dev, torch.bfloat16)
+    gout = torch.randn(batch * tokens, d, generator=g).to(dev, torch.bfloat16)
+    starts = torch.arange(batch)[:, None] * tokens
+    idx = torch.cat([(starts + torch.arange(tokens - 90, tokens - 86)).reshape(-1),
+                     (starts + torch.arange(tokens - 10, tokens - 6)).reshape(-1)]).to(dev)
+    mask = slot_mask([torch.ones(batch * 4, dtype=torch.bool, device=dev)] * 2, [4, 4], torch.float32)
+    u = (torch.randn(8, d, generator=g) / d**0.5).to(dev)
+    a, b = (0.03 * torch.randn(8, d, generator=g)).to(dev), torch.randn(8, generator=g).to(dev)
+    work = hidden.clone()
+    _, saved_state = _rows_forward(kernels, work, idx, mask, u, a, b)
+    saved, z = saved_state
+    rows64, g64, m64 = hidden[idx].double(), gout[idx].double(), mask.double()
+    u64, a64, b64 = u.double(), a.double(), b.double()
+    z64, gz64 = (rows64 @ a64.T + b64) * m64, (g64 @ u64.T) * m64
+    exact = {"h": g64 + gz64 @ a64, "U": z64.T @ g64, "A": gz64.T @ rows64, "b": gz64.sum(0)}
+    gza = (g64.abs() @ u64.abs().T) * m64
+    za = (rows64.abs() @ a64.abs().T + b64.abs()) * m64
+    scale = {"h": g64.abs() + gza @ a64.abs(), "U": za.T @ g64.abs(), "A": gza.T @ rows64.abs(), "b": gza.sum(0)}
+
+    def check(got):
+        return max(beyond_fp32_units(got[0][idx], exact["h"], scale["h"]),
+                   *(beyond_fp32_units(t, exact[k], scale[k], rounded=False) for t, k in zip(got[1:], "UAb")))
+
+    for cfg in configs:
+        _try(out, {"batch": batch}, cfg,
+             lambda cfg=cfg: kernels.rows_backward(gout, saved, z, u, a, idx, mask, True, **cfg), check, reps)
+
+
+def _rows_forward(kernels, hidden, idx, mask, u, a, b):
+    """An `EditRows` forward outside autograd: (edited hidden, (saved rows, z))."""
+    import torch
+
+    class Ctx:
+        def mark_dirty(self, *_):
+            pass
+
+        def save_for_backward(self, *tensors):
+            self.saved = tensors
+
+    ctx = Ctx()
+    with torch.no_grad():
+        out = kernels.EditRows.forward(ctx, hidden, idx, mask, u, a, b)
+    return out, ctx.saved[:2]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=100)
-    ap.add_argument("--kernels", nargs="+", choices=("whole", "rows", "backward"), default=("whole", "rows", "backward"))
+    ap.add_argument("--kernels", nargs="+", choices=KINDS, default=KINDS)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's interpreter on CPU (a logic check)")
     args = ap.parse_args(argv)
     if args.smoke:  # before Triton is imported anywhere
@@ -185,16 +241,18 @@ def main(argv=None) -> dict:
     if args.smoke:
         kernels._triton.cache_clear()
         dev, reps = torch.device("cpu"), 1
-        shapes = {"whole": (577 // 36, 64), "rows": (672 // 6, 128), "backward": (577 // 36, 64)}
-        batches = {"whole": (1, 2), "rows": (1, 2), "backward": (2,)}
+        shapes = {"whole": (577 // 36, 64), "rows": (672 // 6, 128), "backward": (577 // 36, 64),
+                  "rows_backward": (704 // 6, 128)}
+        batches = {"whole": (1, 2), "rows": (1, 2), "backward": (2,), "rows_backward": (2,)}
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_kernel_tuning.py: needs a CUDA device (or --smoke)")
         dev, reps = torch.device("cuda"), args.reps
-        shapes = {"whole": (577, 1024), "rows": (672, 4096), "backward": (577, 1024)}
-        batches = {"whole": (1, 8), "rows": (1, 8), "backward": (8, 16)}
+        shapes = {"whole": (577, 1024), "rows": (672, 4096), "backward": (577, 1024), "rows_backward": (704, 4096)}
+        batches = {"whole": (1, 8), "rows": (1, 8), "backward": (8, 16), "rows_backward": (8, 16)}
     configs = _configs(args.smoke)
-    current = {"whole": kernels.WHOLE_CONFIG, "rows": kernels.ROWS_CONFIG, "backward": kernels.BACKWARD_CONFIG}
+    current = {"whole": kernels.WHOLE_CONFIG, "rows": kernels.ROWS_CONFIG, "backward": kernels.BACKWARD_CONFIG,
+               "rows_backward": kernels.ROWS_GRAD_CONFIG}
     g = torch.Generator(device="cpu").manual_seed(0)
     out: dict = {"smoke": args.smoke, "current": {k: current[k] for k in args.kernels}}
     with torch.no_grad():
@@ -206,8 +264,10 @@ def main(argv=None) -> dict:
                     tune_whole(out[kind], kernels, dev, g, batch, tokens, d, configs[kind], reps)
                 elif kind == "rows":
                     tune_rows(out[kind], kernels, slot_mask, dev, g, batch, tokens, d, configs[kind], reps)
-                else:
+                elif kind == "backward":
                     tune_backward(out[kind], kernels, dev, g, batch, tokens, d, configs[kind], reps)
+                else:
+                    tune_rows_backward(out[kind], kernels, slot_mask, dev, g, batch, tokens, d, configs[kind], reps)
     for kind in args.kernels:
         ok = [r for r in out[kind] if "us" in r and r["beyond_fp32_units"] <= TOLERANCE]
         out[f"{kind}_best"], out[f"{kind}_current"] = {}, {}

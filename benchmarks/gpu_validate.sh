@@ -5,7 +5,7 @@
 #   3. generation: base, MRT on the operator path and MRT with the fused kernels (the default) in the
 #      same 30 rounds (prompt pass, 8 decode steps, whole generate()), then one profiled generate();
 #   4. the training step, floor and MRT in turn (--cycles 3; LoRA arms: add them to --arms);
-#   with --tune first: launch configurations of the training backward kernel (gpu_kernel_tuning.py);
+#   with --tune first: launch configurations of the training backward kernels (gpu_kernel_tuning.py);
 #   with --trace: one traced b8 step of floor and MRT, split into phases (trace_phases.py).
 # Usage (repository root, a CUDA machine; OUT defaults to ./gpu_out):
 #   OUT=/some/dir bash benchmarks/gpu_validate.sh [--tune] [--trace] [--no-train] [--no-generate] [--baseline-editors DIR]
@@ -43,7 +43,7 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, count failures
 step gpu_tests python3 -m pytest -q -p no:cacheprovider -s tests/test_editor_kernels.py tests/test_editors_gpu.py \
   tests/test_editors_speed.py tests/test_orthonormal_kernel.py tests/test_launch.py
 if [[ $TUNE == 1 ]]; then
-  step tune python3 benchmarks/gpu_kernel_tuning.py --kernels backward --json "$OUT/kernel_tuning.json"
+  step tune python3 benchmarks/gpu_kernel_tuning.py --kernels backward rows_backward --json "$OUT/kernel_tuning.json"
 fi
 if [[ $TRACE == 1 ]]; then
   step trace python3 benchmarks/gpu_train_step.py --batch-sizes 8 --arms floor mrt --warmup 2 --steps 4 \

@@ -16,7 +16,7 @@ from test_editors import ALL_GROUPS, batch, tiny_llava, words  # noqa: E402
 
 from components.config import EditorParams  # noqa: E402
 from components.editors import kernels  # noqa: E402
-from components.editors.loreft import _Edit, edit_rows_fused_, edit_whole, slot_mask  # noqa: E402
+from components.editors.loreft import _Edit, _EditRows, edit_rows_fused_, edit_whole, slot_mask  # noqa: E402
 from components.editors.positions import edit_positions  # noqa: E402
 from components.editors.sites import attach  # noqa: E402
 
@@ -119,17 +119,86 @@ def test_whole_tensor_training_kernel_matches_the_operator_path_and_its_gradient
     torch.testing.assert_close(g_kernel, g_ops, atol=2e-5, rtol=1e-5)
 
 
-def test_model_training_with_the_whole_tensor_kernel_equals_the_operator_path(interpreter, monkeypatch):
+def _rows_grads(fn, h0, idx, mask, u, a, b, gout):
+    hidden = h0 * 1  # not a leaf: the edit may happen in place, as in a layer's output
+    out = fn(hidden, idx, mask, u, a, b)
+    wanted = [t for t in (h0, u, a, b) if t.requires_grad]
+    return out, torch.autograd.grad(out, wanted, gout)
+
+
+def test_rows_training_kernel_matches_the_operator_path_and_its_gradients(interpreter):
+    """`EditRows` (Triton) against `_EditRows` (operators): the edited tensor, ∂L/∂h and the
+    parameters' gradients, for stacked prefix+suffix ranks below, at and above the padded 16,
+    fp32 and bf16 hidden states, invalid slots repeating an unedited row, no gradient for h, and a
+    gradient that is not contiguous."""
+    torch.manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for (batch_size, seq, d), ranks in (((3, 20, 64), (4, 4)), ((2, 33, 200), (3, 5)), ((2, 9, 48), (8, 8)),
+                                            ((1, 40, 72), (12, 8))):
+            n_p, n_s = 3, 2  # slots per sample
+            idx, valids = [], [[], []]
+            for smp in range(batch_size):
+                base = smp * seq
+                for k in range(n_p):  # the last prefix slot of sample 0 is invalid: it repeats row base + 0
+                    ok = not (smp == 0 and k == n_p - 1)
+                    idx.append(base + 1 + k if ok else base)
+                    valids[0].append(ok)
+            for smp in range(batch_size):
+                base = smp * seq
+                for k in range(n_s):
+                    idx.append(base + seq - 1 - k)
+                    valids[1].append(True)
+            idx = torch.tensor(idx)
+            mask = slot_mask([torch.tensor(v) for v in valids], list(ranks), torch.float32)
+            r = sum(ranks)
+            h0 = torch.randn(batch_size, seq, d).to(dtype).requires_grad_()
+            u = torch.randn(r, d).div(d ** 0.5).requires_grad_()
+            a, b = (0.1 * torch.randn(r, d)).requires_grad_(), torch.randn(r).requires_grad_()
+            gout = torch.randn(batch_size, seq, d).to(dtype)
+            got, got_g = _rows_grads(kernels.EditRows.apply, h0, idx, mask, u, a, b, gout)
+            want, want_g = _rows_grads(_EditRows.apply, h0, idx, mask, u, a, b, gout)
+            assert got.dtype == dtype and got_g[0].dtype == dtype and got_g[0].shape == h0.shape
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(got_g[0], want_g[0], atol=2e-5, rtol=1e-5)
+            else:  # bf16: within one bf16 step of the fp32 value (the interpreter truncates)
+                ref = _EditRows.apply(h0.detach().float(), idx, mask, u.detach(), a.detach(), b.detach())
+                assert ((got.float() - ref).abs() <= _bf16_step(ref) + 1e-6).all()
+                ref_gh = _EditRows.apply(gout.float(), idx, mask, a.detach(), u.detach(), torch.zeros(r))
+                assert ((got_g[0].float() - ref_gh).abs() <= _bf16_step(ref_gh) + 1e-6).all()
+            untouched = torch.ones(batch_size * seq, dtype=torch.bool)
+            untouched[idx] = False
+            assert torch.equal(got.detach().view(-1, d)[untouched], h0.detach().view(-1, d)[untouched])
+            assert torch.equal(got_g[0].view(-1, d)[untouched], gout.view(-1, d)[untouched])
+            for name, g_k, g_o in zip(("U", "A", "b"), got_g[1:], want_g[1:]):
+                assert g_k.shape == g_o.shape, name
+                torch.testing.assert_close(g_k, g_o, atol=1e-4, rtol=1e-5, msg=f"{name} {dtype} d={d} ranks={ranks}")
+    # no gradient for h; a gradient that is not contiguous (sum's backward expands a scalar)
+    h = torch.randn(2, 10, 32)
+    idx, mask = torch.tensor([1, 2, 13, 14]), torch.ones(4, 3)
+    u, a, b = (torch.randn(3, 32).requires_grad_(), torch.randn(3, 32).requires_grad_(), torch.randn(3).requires_grad_())
+    got = torch.autograd.grad(kernels.EditRows.apply(h.clone(), idx, mask, u, a, b).sum(), (u, a, b))
+    want = torch.autograd.grad(_EditRows.apply(h.clone(), idx, mask, u, a, b).sum(), (u, a, b))
+    for g_k, g_o in zip(got, want):
+        torch.testing.assert_close(g_k, g_o, atol=1e-4, rtol=1e-5)
+
+
+def test_model_training_with_the_training_kernels_equals_the_operator_path(interpreter, monkeypatch):
     """A training forward + backward of a tiny LLaVA: every visual/projector site takes `EditWhole`
-    (counted), and the loss and every bank's gradient equal the operator path's."""
+    and every LM layer `EditRows` (counted), and the loss and every bank's gradient equal the
+    operator path's."""
     model = tiny_llava(2)
     editors = attach(model, EditorParams.model_validate(ALL_GROUPS))
-    calls = {"train": 0}
-    train = kernels.edit_whole_train
+    calls = {"train": 0, "rows": 0}
+    train, rows = kernels.edit_whole_train, kernels.edit_rows_train
 
     def count_train(*a, **k):
         calls["train"] += 1
         return train(*a, **k)
+
+    def count_rows(*a, **k):
+        calls["rows"] += 1
+        return rows(*a, **k)
 
     b = batch([words(9), words(5)], left_pad=True)
     try:
@@ -142,11 +211,14 @@ def test_model_training_with_the_whole_tensor_kernel_equals_the_operator_path(in
             return loss.detach(), {n: p.grad.clone() for n, p in editors.named_parameters() if p.grad is not None}
 
         monkeypatch.setattr(kernels, "edit_whole_train", count_train)
+        monkeypatch.setattr(kernels, "edit_rows_train", count_rows)
         loss_k, grads_k = step()
+        lm_layers = len(set(editors.prefix) | set(editors.suffix))
         assert calls["train"] == len(editors.visual) + len(editors.projector) > 0
+        assert calls["rows"] == lm_layers > 0
         monkeypatch.setattr(kernels, "trainable", lambda hidden, u: False)
         loss_o, grads_o = step()
-        assert calls["train"] == len(editors.visual) + len(editors.projector)  # not called again
+        assert calls == {"train": len(editors.visual) + len(editors.projector), "rows": lm_layers}  # not called again
         torch.testing.assert_close(loss_k, loss_o, atol=1e-6, rtol=1e-5)
         assert grads_k.keys() == grads_o.keys() and grads_k
         for name in grads_o:
@@ -370,6 +442,58 @@ def test_training_kernel_on_the_gpu_against_float64():
         out = fn(h, u, a, b)
         grads = dict(zip(("h", "U", "A", "b"), torch.autograd.grad(out, (h, u, a, b), gout)))
         got = {"out": out.reshape(-1, 1024), "h": grads["h"].reshape(-1, 1024), **{k: grads[k] for k in "UAb"}}
+        for k in ("out", "h"):
+            report[f"{path} {k}"] = _error_report(got[k], exact[k], scale[k])
+        for k in "UAb":
+            report[f"{path} d{k}"] = float(((got[k].double() - exact[k]).abs() / (scale[k] * 2.0**-24)).max())
+    print(report)
+    for path in ("kernel", "operator path"):
+        for k in ("out", "h"):
+            assert report[f"{path} {k}"]["beyond_one_step_in_fp32_units"] <= 64, report
+        for k in "UAb":
+            assert report[f"{path} d{k}"] <= 64, report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rows_training_kernel_on_the_gpu_against_float64():
+    """Compiled for real, at an LLaVA-7B LM layer's shape (b8, 704 tokens, 4 prefix + 4 suffix slots
+    per sample, ranks 4 + 4 as in params.yaml): `EditRows`' edited rows and ∂L/∂h rows are within one bf16 step of exact
+    up to fp32 summation error, like `_EditRows`'; the parameter gradients within 64 fp32 roundings
+    of Σ|terms|; rows outside the slots untouched in both the output and ∂L/∂h."""
+    kernels._triton.cache_clear()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    bsz, seq, d = 8, 704, 4096
+    h0 = torch.randn(bsz, seq, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    starts = torch.arange(bsz, device=dev)[:, None] * seq
+    idx = torch.cat([(starts + torch.arange(600, 604, device=dev)).reshape(-1),
+                     (starts + torch.arange(690, 694, device=dev)).reshape(-1)])
+    valid = torch.ones(bsz * 4, dtype=torch.bool, device=dev)
+    valid[3] = False  # sample 0's last prefix slot: invalid, pointed at row 0 (never edited)
+    idx[3] = 0
+    mask = slot_mask([valid, torch.ones(bsz * 4, dtype=torch.bool, device=dev)], [4, 4], torch.float32)
+    u = (torch.randn(8, d, device=dev) / d**0.5).requires_grad_()
+    a = (0.03 * torch.randn(8, d, device=dev)).requires_grad_()
+    b = torch.randn(8, device=dev, requires_grad=True)
+    gout = torch.randn(bsz, seq, d, device=dev, dtype=torch.bfloat16)
+    rows64, g64 = h0.detach().view(-1, d)[idx].double(), gout.view(-1, d)[idx].double()
+    u64, a64, b64, m64 = u.detach().double(), a.detach().double(), b.detach().double(), mask.double()
+    z64, gz64 = (rows64 @ a64.T + b64) * m64, (g64 @ u64.T) * m64
+    exact = {"out": rows64 + z64 @ u64, "h": g64 + gz64 @ a64, "U": z64.T @ g64, "A": gz64.T @ rows64,
+             "b": gz64.sum(0)}
+    ra, ga = rows64.abs(), g64.abs()
+    za, gza = (ra @ a64.abs().T + b64.abs()) * m64, (ga @ u64.abs().T) * m64
+    scale = {"out": ra + za @ u64.abs(), "h": ga + gza @ a64.abs(), "U": za.T @ ga, "A": gza.T @ ra, "b": gza.sum(0)}
+    untouched = torch.ones(bsz * seq, dtype=torch.bool, device=dev)
+    untouched[idx] = False
+    report = {}
+    for path, fn in (("kernel", kernels.EditRows.apply), ("operator path", _EditRows.apply)):
+        out = fn(h0 * 1, idx, mask, u, a, b)
+        grads = dict(zip(("h", "U", "A", "b"), torch.autograd.grad(out, (h0, u, a, b), gout)))
+        got = {"out": out.detach().view(-1, d)[idx], "h": grads["h"].view(-1, d)[idx], **{k: grads[k] for k in "UAb"}}
+        assert torch.equal(out.view(-1, d)[untouched], h0.detach().view(-1, d)[untouched]), path
+        assert torch.equal(grads["h"].view(-1, d)[untouched], gout.view(-1, d)[untouched]), path
         for k in ("out", "h"):
             report[f"{path} {k}"] = _error_report(got[k], exact[k], scale[k])
         for k in "UAb":

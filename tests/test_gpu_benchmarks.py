@@ -236,7 +236,7 @@ def test_host_overhead_benchmark_measures_every_call_kind():
 
 
 def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monkeypatch):
-    """gpu_kernel_tuning.py --smoke: every kernel (whole, rows, backward) times its configurations in
+    """gpu_kernel_tuning.py --smoke: every kernel (whole, rows, backward, rows_backward) times its configurations in
     Triton's interpreter, checks each against float64 and names the fastest correct ones."""
     pytest.importorskip("triton")
     import torch
@@ -248,7 +248,8 @@ def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monk
     bench = _load("gpu_kernel_tuning")
     out = bench.main(["--smoke", "--json", str(tmp_path / "t.json")])
     saved = json.loads((tmp_path / "t.json").read_text())
-    for kind in ("whole", "rows", "backward"):
+    assert set(bench.KINDS) == {"whole", "rows", "backward", "rows_backward"}
+    for kind in bench.KINDS:
         rows = out[kind]
         assert rows and all("us" in r and r["us"] > 0 for r in rows), rows  # none refused
         assert all(r["beyond_fp32_units"] <= bench.TOLERANCE for r in rows), rows

@@ -24,7 +24,10 @@ Training: `EditWhole` is the whole-tensor edit with gradients — the same forwa
 keeping z = h Aᵀ + b) and one backward kernel (∂L/∂h, and per-block shares of the parameters'
 gradients summed by one deterministic `sum`): 1 + 2 launches per visual/projector site and step
 where the operator path (`loreft._Edit`) makes ~12, in the host-bound vision tower of a b8 step.
-The prefix/suffix rows keep the operator path in training (a few rows; the LM phase is GPU-bound).
+`EditRows` does the same for the prefix/suffix rows of an LM layer: one launch forward (the
+inference kernel, also saving the rows and z), and backward one gradient copy (as the operator
+path) plus two launches, where `loreft._EditRows` makes ~16 small kernels per layer in the GPU-bound
+LM phases (five of them SIMT fp32 GEMMs of 10–30 µs each at b8).
 The rank dimension is padded to a power of two: with zero rows (`pack`, once per parameter change,
 kept by sites.py with its no-grad stacks) for inference, by masked loads for training, so a site
 launches exactly one kernel. On by default for CUDA tensors when Triton imports (it ships with
@@ -51,7 +54,8 @@ from .launch import launch
 # plain "tf32" is 2^13 times coarser. The GPU test checks the configured kernels against float64.
 WHOLE_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "PRECISION": "tf32x3"}
 ROWS_CONFIG = {"BLOCK_D": 1024, "num_warps": 2}
-BACKWARD_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "PRECISION": "tf32x3"}
+BACKWARD_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}
+ROWS_GRAD_CONFIG = {"BLOCK_S": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}
 _BLOCK_T = 256  # tokens per step of the positions kernel
 WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16
 
@@ -151,26 +155,77 @@ def _triton():
         tl.store(part + 2 * R * d + rr, tl.sum(gz, axis=0))
 
     @triton.jit
-    def rows_kernel(h_ptr, idx_ptr, mask_ptr, a_ptr, u_ptr, b_ptr, d: tl.constexpr, R: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+    def rows_kernel(h_ptr, idx_ptr, mask_ptr, a_ptr, u_ptr, b_ptr, z_ptr, saved_ptr, d: tl.constexpr,
+                    R: tl.constexpr, RANK: tl.constexpr, HAS_B: tl.constexpr, SAVE_ROWS: tl.constexpr,
+                    STORE_Z: tl.constexpr, WRITE: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per slot: row ← row + (mask ⊙ (row Aᵀ + b)) U, in place. A, U [RANK, d] (R =
+        # RANK padded to a power of two in registers), mask [S, RANK]. Training adds: SAVE_ROWS
+        # (the rows as read, [S, d] in h's dtype) and STORE_Z (z [S, R] fp32, zero past RANK). The
+        # backward runs the same kernel on a copy of the gradient with U and A swapped and no b
+        # (gz = mask ⊙ g Uᵀ, g ← g + gz A); WRITE=False computes z alone.
         slot = tl.program_id(0)
         row = tl.load(idx_ptr + slot).to(tl.int64)
         rr = tl.arange(0, R)
+        rank_ok = rr < RANK
         acc = tl.zeros((R,), dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < d
-            h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
+            h_raw = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0)
+            if SAVE_ROWS:
+                tl.store(saved_ptr + slot.to(tl.int64) * d + cols, h_raw, mask=col_ok)
+            h = h_raw.to(tl.float32)
+            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             acc += tl.sum(a * h[None, :], axis=1)
-        z = (acc + tl.load(b_ptr + rr)) * tl.load(mask_ptr + slot * R + rr)
-        for d0 in range(0, d, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < d
-            h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
-            out = h + tl.sum(z[:, None] * u, axis=0)
-            tl.store(h_ptr + row * d + cols, out.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col_ok)
+        if HAS_B:
+            acc += tl.load(b_ptr + rr, mask=rank_ok, other=0.0)
+        z = acc * tl.load(mask_ptr + slot * RANK + rr, mask=rank_ok, other=0.0)
+        if STORE_Z:
+            tl.store(z_ptr + slot * R + rr, z)
+        if WRITE:
+            for d0 in range(0, d, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                col_ok = cols < d
+                h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+                u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
+                            other=0.0)
+                out = h + tl.sum(z[:, None] * u, axis=0)
+                tl.store(h_ptr + row * d + cols, out.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                         mask=col_ok)
+
+    @triton.jit
+    def rows_param_grad_kernel(g_ptr, saved_ptr, idx_ptr, z_ptr, gz_ptr, du_ptr, da_ptr, db_ptr, n_slots,
+                               d: tl.constexpr, R: tl.constexpr, RANK: tl.constexpr, BLOCK_S: tl.constexpr,
+                               NB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        # The rows edit's parameter gradients for BLOCK_D columns, every slot in blocks of BLOCK_S:
+        # ∂U (direct) = zᵀ g[idx], ∂A = gzᵀ rows, and (program 0) ∂b = Σ gz. Each program owns its
+        # columns: no atomics, deterministic. NB = blocks of slots rounded up to a power of two (a
+        # constexpr trip count, as in positions_kernel: Triton's interpreter needs one).
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        rr = tl.arange(0, R)
+        rank_ok = rr < RANK
+        du = tl.zeros((R, BLOCK_D), dtype=tl.float32)
+        da = tl.zeros((R, BLOCK_D), dtype=tl.float32)
+        db = tl.zeros((R,), dtype=tl.float32)
+        for i in range(NB):
+            slots = i * BLOCK_S + tl.arange(0, BLOCK_S)
+            slot_ok = slots < n_slots
+            rows = tl.load(idx_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+            ok = slot_ok[:, None] & col_ok[None, :]
+            g = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            h = tl.load(saved_ptr + slots[:, None].to(tl.int64) * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + slots[:, None] * R + rr[None, :], mask=slot_ok[:, None], other=0.0)
+            gz = tl.load(gz_ptr + slots[:, None] * R + rr[None, :], mask=slot_ok[:, None], other=0.0)
+            du += tl.dot(tl.trans(z), g, input_precision=PRECISION)
+            da += tl.dot(tl.trans(gz), h, input_precision=PRECISION)
+            db += tl.sum(gz, axis=0)
+        out = rr[:, None] * d + cols[None, :]
+        tl.store(du_ptr + out, du, mask=rank_ok[:, None] & col_ok[None, :])
+        tl.store(da_ptr + out, da, mask=rank_ok[:, None] & col_ok[None, :])
+        if pid == 0:
+            tl.store(db_ptr + rr, db, mask=rank_ok)
 
     @triton.jit
     def positions_kernel(ids_ptr, att_ptr, idx_ptr, valid_ptr, mask_ptr, T, image_id, suffix_off,
@@ -244,7 +299,7 @@ def _triton():
                          mask=inst & (rank >= suffix_start))
             carry += tl.sum(inst.to(tl.int32), axis=0)
 
-    return whole_kernel, rows_kernel, positions_kernel, whole_backward_kernel
+    return whole_kernel, rows_kernel, positions_kernel, whole_backward_kernel, rows_param_grad_kernel
 
 
 def _interpreting() -> bool:
@@ -404,9 +459,77 @@ def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
     a_p, u_p, b_p = packed
     if idx.numel() == 0:
         return
+    rank = a_p.shape[0]
     with _on_device(flat):
-        launch(rows_kernel, (idx.numel(),), flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
+        launch(rows_kernel, (idx.numel(),), flat, idx, mask_p, a_p, u_p, b_p, b_p, flat, d=flat.shape[-1], R=rank,
+               RANK=rank, HAS_B=True, SAVE_ROWS=False, STORE_Z=False, WRITE=True,
                **({**ROWS_CONFIG, **config} if config else ROWS_CONFIG))
+
+
+class EditRows(torch.autograd.Function):
+    """`loreft._EditRows` in Triton: rows idx [S] of hidden (contiguous, flat [N, d]) ← row +
+    (mask ⊙ (row Aᵀ + b)) U, in place, with gradients. One launch forward (which also saves the
+    rows as read and z); backward one copy of the gradient (as the operator path), one launch for
+    gz and ∂L/∂h's rows, one for the parameters' gradients. The operator path is ~16 dispatcher
+    calls per LM layer and step (gathers, casts, five small fp32 GEMMs, scatters), whose kernels
+    sit in the GPU-bound LM phases of a training step.
+
+    u, a [r, d] fp32 contiguous (A = W − U), b [r]; mask [S, r] fp32 (1 where slot s uses column
+    j's editor and is valid). Same contract as `_EditRows`: invalid slots (all-zero mask rows) may
+    repeat a row that no valid slot edits; U's gradient returned is the direct one (zᵀ g).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, idx, mask, u, a, b):
+        rows_kernel = _triton()[1]
+        d, rank, n_slots = hidden.shape[-1], u.shape[0], idx.numel()
+        rp = padded_rank(rank, WHOLE_MIN_RANK)  # the gradient kernel's tl.dot needs ≥ 16
+        saved = torch.empty((n_slots, d), dtype=hidden.dtype, device=hidden.device)
+        z = torch.empty((n_slots, rp), dtype=torch.float32, device=hidden.device)
+        if n_slots:
+            with _on_device(hidden):
+                launch(rows_kernel, (n_slots,), hidden, idx, mask, a, u, b, z, saved, d=d, R=rp, RANK=rank,
+                       HAS_B=True, SAVE_ROWS=True, STORE_Z=True, WRITE=True, **ROWS_CONFIG)
+        ctx.mark_dirty(hidden)
+        ctx.save_for_backward(saved, z, u, a, idx, mask)
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved, z, u, a, idx, mask = ctx.saved_tensors
+        gh, du, da, db = rows_backward(grad, saved, z, u, a, idx, mask, ctx.needs_input_grad[0])
+        return gh, None, None, du, da, db
+
+
+def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
+                  idx: torch.Tensor, mask: torch.Tensor, need_gh: bool = True, **config) -> tuple:
+    """`EditRows`' backward: (∂L/∂hidden or None, ∂L/∂U direct, ∂L/∂A, ∂L/∂b) from g = `grad`
+    [..., d], the saved rows [S, d] and z [S, R] fp32. `config` overrides ROWS_GRAD_CONFIG (tuning)."""
+    rows_kernel, grad_kernel = _triton()[1], _triton()[4]
+    d, rank, n_slots, rp = grad.shape[-1], u.shape[0], idx.numel(), z.shape[1]
+    g = grad if grad.is_contiguous() else grad.contiguous()
+    gh = g.clone() if need_gh else None  # the one full-size copy: its rows are rewritten below
+    gz = torch.empty_like(z)
+    du = torch.empty((rank, d), dtype=torch.float32, device=g.device)
+    da = torch.empty_like(du)
+    db = torch.empty((rank,), dtype=torch.float32, device=g.device)
+    cfg = {**ROWS_GRAD_CONFIG, **config} if config else ROWS_GRAD_CONFIG
+    with _on_device(g):
+        if n_slots:  # gz = mask ⊙ g Uᵀ, and gh's rows ← g + gz A: the forward kernel with U and A swapped
+            launch(rows_kernel, (n_slots,), gh if need_gh else g, idx, mask, u, a, u, gz, g, d=d, R=rp,
+                   RANK=rank, HAS_B=False, SAVE_ROWS=False, STORE_Z=True, WRITE=need_gh, **ROWS_CONFIG)
+        else:
+            gz.zero_()
+        launch(grad_kernel, (triton_cdiv(d, cfg["BLOCK_D"]),), g, saved, idx, z, gz, du, da, db, n_slots, d=d,
+               R=rp, RANK=rank, NB=_pow2(triton_cdiv(n_slots, cfg["BLOCK_S"])), **cfg)
+    return (gh.view_as(grad) if need_gh else None), du, da, db
+
+
+def edit_rows_train(hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
+                    b: torch.Tensor) -> torch.Tensor:
+    """`EditRows` on a contiguous `hidden` that autograd lets us edit in place (see
+    `loreft._writable`); see `trainable` for when it applies. Returns `hidden`."""
+    return EditRows.apply(hidden, idx, mask.contiguous(), u.contiguous(), a.contiguous(), b.contiguous())
 
 
 def _on_device(t: torch.Tensor):

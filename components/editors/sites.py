@@ -643,6 +643,8 @@ class MRTEditors(nn.Module):
                 kernels.edit_rows_(hidden.view(-1, hidden.shape[-1]), idx,
                                    sites.padded_mask(mask, packed[0].shape[0]), packed)
                 return _replace_first(output, hidden)
+            if torch.is_grad_enabled() and kernels.trainable(hidden, params[0]):  # training on a GPU
+                return _replace_first(output, kernels.edit_rows_train(_writable(hidden), idx, mask, *params))
             return _replace_first(output, edit_rows_fused_(hidden, idx, mask, *params))
 
         return hook

@@ -329,10 +329,19 @@ def free_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def time_steps(step: Callable[[], Any], device, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """(step times in ms, losses). CUDA events on GPU, perf_counter on CPU."""
+def time_steps(step: Callable[[], Any], device, warmup: int, steps: int, gc_off: bool = False
+               ) -> tuple[list[float], list[float]]:
+    """(step times in ms, losses). CUDA events on GPU, perf_counter on CPU. `gc_off`: Python's cyclic
+    garbage collector disabled during warm-up and timed steps (re-enabled after), to see what its
+    collections cost a host-bound step."""
     import torch
 
+    if gc_off and gc.isenabled():
+        gc.disable()
+        try:
+            return time_steps(step, device, warmup, steps)
+        finally:
+            gc.enable()
     losses = []
     for _ in range(warmup):
         losses.append(step())
@@ -440,7 +449,7 @@ def export_trace(step, device, path: Path) -> None:
 
 
 def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=None, profile_steps_n=0, lora_r=128,
-            trace=False):
+            trace=False, gc_off=False):
     """One arm at one batch size: setup, warm-up, timed steps, optional profile, cleanup."""
     import torch
 
@@ -451,7 +460,7 @@ def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=Non
     try:
         kwargs = {"r": lora_r} if arm.startswith("lora") else {}
         step, trainable, cleanup = SETUP[arm](model, batch, device, placement, **kwargs)
-        times, losses = time_steps(step, device, warmup, steps)
+        times, losses = time_steps(step, device, warmup, steps, gc_off)
         median = statistics.median(times)
         tokens = result["batch"] * result["seq"]
         result.update(
@@ -678,6 +687,8 @@ def parse_args(argv=None):
                     help="with --profile: also write a gzipped Chrome trace of one step (first batch size, floor/mrt)")
     ap.add_argument("--json", type=Path, default=None, help="write the summary here (rewritten after every arm)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the results tables here")
+    ap.add_argument("--gc", choices=("on", "off"), default="on",
+                    help="off: Python's garbage collector disabled during each arm's warm-up and timed steps")
     ap.add_argument("--label", default="", help="free text recorded in the summary (e.g. 'before', 'after')")
     return ap.parse_args(argv)
 
@@ -732,6 +743,7 @@ def main(argv=None) -> dict[str, Any]:
         "warmup": warmup,
         "steps": steps,
         "gradient_checkpointing": False,
+        "gc": args.gc,
         "results": [],
     }
     print(f"built {summary['base_params'] / 1e9:.2f} B params in {build_s:.1f} s on {summary['env']['device']}", flush=True)
@@ -744,7 +756,7 @@ def main(argv=None) -> dict[str, Any]:
             prof = args.profile if arm in ("floor", "mrt", *EXTRA_ARMS) and cycle == 0 else None
             trace = bool(args.trace and prof and b == batch_sizes[0] and arm in ("floor", "mrt"))
             r = run_arm(arm, model, batch, device, placement, warmup, steps, prof, args.profile_steps, args.lora_r,
-                        trace=trace)
+                        trace=trace, gc_off=args.gc == "off")
             r["cycle"] = cycle
             summary["results"].append(r)
             brief = {k: v for k, v in r.items() if k != "profile"}

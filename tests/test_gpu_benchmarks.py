@@ -224,6 +224,18 @@ def test_trace_phases_cuts_a_step_at_its_attention_kernels(tmp_path):
     assert got["vision backward"] == (0.010, 0.0)
     assert got["tail"] == (0.010, 0.004)
     assert got["step"] == (0.090, 0.009)
+    # host ops: top-level ones per thread (nested ones not counted again), placed by their start
+    ops = [{"cat": "cpu_op", "ph": "X", "name": n, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+           for n, ts, dur, tid in (("aten::linear", 12, 6, 1), ("aten::addmm", 13, 4, 1), ("EditWhole", 22, 3, 1),
+                                   ("EditWhole", 26, 2, 1), ("EditRowsBackward", 55, 4, 2), ("tail_op", 85, 1, 1))]
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events + ops}, fh)
+    host = tp.host_ops(str(path), lm_layers=2)
+    assert host["vision forward"] == {"aten::linear": (0.006, 1), "EditWhole": (0.005, 2)}
+    assert host["LM backward"] == {"EditRowsBackward": (0.004, 1)}
+    assert host["tail"] == {"tail_op": (0.001, 1)} and host["front"] == {}
+    diff = tp.host_op_diff({p: {} for p in host}, host, top=1)
+    assert diff["vision forward"] == [("aten::linear", 0.006, 0, 1)]
 
 
 def test_host_overhead_benchmark_measures_every_call_kind():

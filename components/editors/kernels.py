@@ -195,8 +195,9 @@ def _triton():
 
     @triton.jit
     def rows_param_grad_kernel(g_ptr, saved_ptr, idx_ptr, z_ptr, gz_ptr, du_ptr, da_ptr, db_ptr, n_slots,
-                               d: tl.constexpr, R: tl.constexpr, RANK: tl.constexpr, BLOCK_S: tl.constexpr,
-                               NB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                               d: tl.constexpr, R: tl.constexpr, RANK: tl.constexpr, Z_STRIDE: tl.constexpr,
+                               BLOCK_S: tl.constexpr, NB: tl.constexpr, BLOCK_D: tl.constexpr,
+                               PRECISION: tl.constexpr):
         # The rows edit's parameter gradients for BLOCK_D columns, every slot in blocks of BLOCK_S:
         # ∂U (direct) = zᵀ g[idx], ∂A = gzᵀ rows, and (program 0) ∂b = Σ gz. Each program owns its
         # columns: no atomics, deterministic. NB = blocks of slots rounded up to a power of two (a
@@ -216,8 +217,9 @@ def _triton():
             ok = slot_ok[:, None] & col_ok[None, :]
             g = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             h = tl.load(saved_ptr + slots[:, None].to(tl.int64) * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + slots[:, None] * R + rr[None, :], mask=slot_ok[:, None], other=0.0)
-            gz = tl.load(gz_ptr + slots[:, None] * R + rr[None, :], mask=slot_ok[:, None], other=0.0)
+            zmask = slot_ok[:, None] & rank_ok[None, :]  # z, gz [S, Z_STRIDE]: R ≥ 16 only in registers
+            z = tl.load(z_ptr + slots[:, None] * Z_STRIDE + rr[None, :], mask=zmask, other=0.0)
+            gz = tl.load(gz_ptr + slots[:, None] * Z_STRIDE + rr[None, :], mask=zmask, other=0.0)
             du += tl.dot(tl.trans(z), g, input_precision=PRECISION)
             da += tl.dot(tl.trans(gz), h, input_precision=PRECISION)
             db += tl.sum(gz, axis=0)
@@ -483,7 +485,9 @@ class EditRows(torch.autograd.Function):
     def forward(ctx, hidden, idx, mask, u, a, b):
         rows_kernel = _triton()[1]
         d, rank, n_slots = hidden.shape[-1], u.shape[0], idx.numel()
-        rp = padded_rank(rank, WHOLE_MIN_RANK)  # the gradient kernel's tl.dot needs ≥ 16
+        # the rank as the inference kernel pads it (the gradient kernel widens it to 16 for tl.dot in
+        # registers only: a [16, BLOCK_D] tile here would double the registers per program)
+        rp = padded_rank(rank)
         saved = torch.empty((n_slots, d), dtype=hidden.dtype, device=hidden.device)
         z = torch.empty((n_slots, rp), dtype=torch.float32, device=hidden.device)
         if n_slots:
@@ -521,7 +525,8 @@ def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: t
         else:
             gz.zero_()
         launch(grad_kernel, (triton_cdiv(d, cfg["BLOCK_D"]),), g, saved, idx, z, gz, du, da, db, n_slots, d=d,
-               R=rp, RANK=rank, NB=_pow2(triton_cdiv(n_slots, cfg["BLOCK_S"])), **cfg)
+               R=max(rp, WHOLE_MIN_RANK), RANK=rank, Z_STRIDE=rp, NB=_pow2(triton_cdiv(n_slots, cfg["BLOCK_S"])),
+               **cfg)
     return (gh.view_as(grad) if need_gh else None), du, da, db
 
 

@@ -708,3 +708,38 @@ def test_fingerprint_is_stable_and_sensitive(model):
     with torch.no_grad():
         changed.model.multi_modal_projector.linear_2.weight[0, 0] += 1.0
     assert model_fingerprint(changed) != fp
+
+
+def test_lm_hooks_take_the_dropout_path_exactly_while_dropout_is_active(monkeypatch):
+    """The LM hooks decide once per pass whether any editor drops out: training with dropout > 0
+    takes the per-editor path (`edit_rows_`) at every LM layer, eval (dropout off) the stacked one,
+    and switching between them between passes is seen by the next pass."""
+    from components.editors import sites as sites_mod
+
+    model = tiny_llava(2)
+    params = EditorParams.model_validate({**ALL_GROUPS, "dropout": 0.5})
+    editors = attach(model, params)
+    calls = {"plain": 0}
+    plain = sites_mod.edit_rows_
+
+    def count(*a, **k):
+        calls["plain"] += 1
+        return plain(*a, **k)
+
+    monkeypatch.setattr(sites_mod, "edit_rows_", count)
+    b = batch([words(9), words(5)], left_pad=True)
+    lm_layers = len(set(editors.prefix) | set(editors.suffix))
+    try:
+        editors.train()
+        model(**b).logits.sum().backward()
+        assert calls["plain"] == lm_layers > 0
+        editors.eval()
+        with torch.no_grad():
+            model(**b)
+        assert calls["plain"] == lm_layers  # dropout off: the stacked path, not the per-editor one
+        editors.train()
+        with torch.no_grad():
+            model(**b)
+        assert calls["plain"] == 2 * lm_layers
+    finally:
+        editors.detach()

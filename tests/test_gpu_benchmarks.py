@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -272,3 +273,25 @@ def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monk
     from components.editors import kernels
 
     kernels._triton.cache_clear()  # the next test builds its own
+
+
+def test_cpu_prefill_host_benchmark_times_every_arm_and_restores_the_launcher(tmp_path):
+    """cpu_prefill_host.py: base, current and baseline editors, interleaved, on the kernel path with
+    launches stubbed; the real launcher is back afterwards and the JSON holds what was printed."""
+    pytest.importorskip("triton")
+    import shutil
+
+    from components.editors import kernels, launch
+
+    interp_before = os.environ.get("MRT_TRITON_INTERPRET")
+    base = tmp_path / "before"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "components" / "editors", base)
+    bench = _load("cpu_prefill_host")
+    out = bench.main(["--baseline-editors", str(base), "--rounds", "1", "--passes", "2",
+                      "--json", str(tmp_path / "p.json")])
+    assert set(out["ms_min"]) == {"base", "now", "before"}
+    assert all(0 < v <= out["ms_median"][k] for k, v in out["ms_min"].items())
+    assert set(out["added_ms_min"]) == {"now", "before"}
+    assert json.loads((tmp_path / "p.json").read_text()) == out
+    assert kernels.launch is launch.launch
+    assert os.environ.get("MRT_TRITON_INTERPRET") == interp_before

@@ -248,6 +248,12 @@ class MRTEditors(nn.Module):
         self._stack_cache: tuple[tuple, tuple[dict, dict]] | None = None  # no-grad: kept across passes
         self._param_list: list[nn.Parameter] = []
         self._lm_pending: tuple | None = None  # (input_ids, attention_mask, labels, prepare stacks) until the LM
+        # Per pass: what every LM hook of the pass would recompute alike (present groups, the fused
+        # slot layout, whether the kernel path applies), keyed by (device, dtype, groups); and whether
+        # any editor drops out. A b1 prompt pass is bound by the host: 32 hooks × a few µs each.
+        self._lm_plans: dict[tuple, tuple] = {}
+        self._dropout_on = False
+        self._lm_layout_cache: tuple | None = None  # _lm_groups(): fixed once the editors exist
         # The trainable tensors: every editor's U, W, b live in a bank of its shape (bank.py).
         self.banks = nn.ModuleList()
         self._whole_layout: list[tuple[EditorBank, list]] = []
@@ -446,10 +452,13 @@ class MRTEditors(nn.Module):
             self._stack_cache = (key, self._build_stacks(True, True), {})
         return self._stack_cache[1]
 
-    def _packed(self, site: tuple, params: tuple, hidden: torch.Tensor) -> tuple | None:
+    def _packed(self, site: tuple, params: tuple, hidden: torch.Tensor, usable: bool | None = None) -> tuple | None:
         """The fused kernel's (A, U, b) for `site` when the kernel can edit `hidden` (inference on a
-        GPU, kernels.usable), made once per parameter change and kept with the no-grad stacks."""
-        if not kernels.usable(hidden) or params[0].dtype != torch.float32 or self._stack_cache is None:
+        GPU, kernels.usable — or `usable`, when the caller already knows it for this pass), made once
+        per parameter change and kept with the no-grad stacks."""
+        if usable is None:
+            usable = kernels.usable(hidden)
+        if not usable or params[0].dtype != torch.float32 or self._stack_cache is None:
             return None
         packs = self._stack_cache[2]
         got = packs.get(site)
@@ -471,6 +480,7 @@ class MRTEditors(nn.Module):
 
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._sites, self._edit_lm, self._lm_pending = None, False, None
+        self._lm_plans = {}
         has_pixels = self._argument("pixel_values", args, kwargs) is not None
         lm_editors = bool(len(self.prefix) or len(self.suffix))
         decode = False
@@ -486,8 +496,11 @@ class MRTEditors(nn.Module):
         self._pass_open = has_pixels or (lm_editors and not decode)
         if not self._pass_open:  # a decode step (or a forward no editor sees): nothing to prepare
             return
+        dropout_on = False
         for editor in self.editors():
             editor.begin_pass()
+            dropout_on = dropout_on or (editor.dropout.p > 0 and editor.training)
+        self._dropout_on = dropout_on
         batched = not self._checkpointing()
         self._site_whole, self._site_lm = {}, {}
         if not lm_editors or decode:
@@ -518,7 +531,13 @@ class MRTEditors(nn.Module):
 
     def _lm_groups(self) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
         """(groups, ranks) when every LM layer carries the same groups with the same ranks (the
-        paper's placement: prefix and suffix everywhere), else None."""
+        paper's placement: prefix and suffix everywhere), else None. Computed once: the editors'
+        layers and ranks are fixed at construction."""
+        if self._lm_layout_cache is None:
+            self._lm_layout_cache = (self._compute_lm_groups(),)
+        return self._lm_layout_cache[0]
+
+    def _compute_lm_groups(self) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
         per_layer: dict[int, list[str]] = {}
         for layer, group in self._lm_order():
             per_layer.setdefault(layer, []).append(group)
@@ -625,19 +644,29 @@ class MRTEditors(nn.Module):
                     "call the model the editors were attached to, not its inner language model"
                 )
             device = hidden.device
-            present = tuple(g for g in groups if sites.slots(device, g)[0].numel())
+            plan_key = (device, hidden.dtype, groups)
+            plan = self._lm_plans.get(plan_key)
+            if plan is None:  # the first hook of the pass with this key: the rest reuse it
+                present = tuple(g for g in groups if sites.slots(device, g)[0].numel())
+                plan = self._lm_plans[plan_key] = (present, kernels.usable(hidden), {})
+            present, usable, fused = plan
             if not present:
                 return None
             for group in present:
                 self.edit_counts[group] += 1
             params = self._site_lm.get(layer)
-            if params is None or present != groups or dropping() or hidden.shape[-1] != editors[0].d:
+            if (params is None or present != groups or (self._dropout_on and dropping())
+                    or hidden.shape[-1] != editors[0].d):
                 edits = [(getattr(self, g)[key], *sites.slots(device, g)) for g in present]
                 return _replace_first(output, edit_rows_(hidden, edits))
             # Prefix and suffix rows in one in-place pass (one gradient copy in backward instead of
             # out-of-place index_put and full-size zero-filled gradients): see loreft.edit_rows_fused_.
-            idx, mask = sites.fused(device, groups, ranks, _compute_dtype(hidden.dtype, params[0].dtype))
-            packed = self._packed(("lm", layer), params, hidden)
+            layout = fused.get((ranks, params[0].dtype))
+            if layout is None:
+                layout = fused[(ranks, params[0].dtype)] = sites.fused(
+                    device, groups, ranks, _compute_dtype(hidden.dtype, params[0].dtype))
+            idx, mask = layout
+            packed = self._packed(("lm", layer), params, hidden, usable)
             if packed is not None:  # inference on a GPU: the whole edit in one kernel (kernels.py)
                 hidden = _writable(hidden)
                 kernels.edit_rows_(hidden.view(-1, hidden.shape[-1]), idx,

@@ -198,21 +198,16 @@ def launcher_costs(kernels, lm, idx, mask, packed, calls, repeats, sync, hold) -
     rows_kernel = kernels._triton()[1]
     cfg = {k: v for k, v in kernels.ROWS_CONFIG.items() if k != "BLOCK_D"}  # launch options (num_warps)
     grid = (idx.numel(),)
-    rank = packed[0].shape[0]
-    # the inference call of kernels.edit_rows_ (z_ptr and saved_ptr unused there), constexprs in the
-    # kernel's parameter order: the compiled runner takes them positionally
-    pointers = (lm, idx, mask, *packed, packed[2], lm)
-    consts = dict(d=lm.shape[-1], R=rank, RANK=rank, HAS_B=True, SAVE_ROWS=False, STORE_Z=False, WRITE=True,
-                  BLOCK_D=kernels.ROWS_CONFIG["BLOCK_D"])
+    consts = dict(d=lm.shape[-1], R=packed[0].shape[0], BLOCK_D=kernels.ROWS_CONFIG["BLOCK_D"])
     out: dict[str, float | str] = {}
-    out["launch_jit_us"] = per_call_us(lambda: rows_kernel[grid](*pointers, **consts, **cfg), calls,
+    out["launch_jit_us"] = per_call_us(lambda: rows_kernel[grid](lm, idx, mask, *packed, **consts, **cfg), calls,
                                        repeats, sync, hold)
     try:
-        compiled = rows_kernel[grid](*pointers, **consts, **cfg)
+        compiled = rows_kernel[grid](lm, idx, mask, *packed, **consts, **cfg)
         if compiled is None:
             raise TypeError("no CompiledKernel (Triton's interpreter)")
         runner = compiled[(grid[0], 1, 1)]
-        args = (*pointers, *consts.values())
+        args = (lm, idx, mask, *packed, consts["d"], consts["R"], consts["BLOCK_D"])
         out["launch_compiled_us"] = per_call_us(lambda: runner(*args), calls, repeats, sync, hold)
         # the floor of launch.launch's direct path: the compiled kernel's launcher alone, on the
         # current stream, no launch metadata or hooks (what launch adds is the rest of its figure)
@@ -223,8 +218,8 @@ def launcher_costs(kernels, lm, idx, mask, packed, calls, repeats, sync, hold) -
     except Exception as exc:  # noqa: BLE001 - internal API of this Triton version
         out["launch_compiled_error"] = repr(exc)[:300]
     before = direct.stats()
-    out["launch_direct_us"] = per_call_us(lambda: direct.launch(rows_kernel, grid, *pointers, **consts, **cfg), calls,
-                                          repeats, sync, hold)
+    out["launch_direct_us"] = per_call_us(lambda: direct.launch(rows_kernel, grid, lm, idx, mask, *packed, **consts,
+                                                                **cfg), calls, repeats, sync, hold)
     after = direct.stats()
     taken = {k: after[k] - before[k] for k in after}
     out["launch_direct_share"] = taken["direct"] / max(sum(taken.values()), 1)

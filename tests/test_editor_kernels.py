@@ -130,11 +130,12 @@ def test_rows_training_kernel_matches_the_operator_path_and_its_gradients(interp
     """`EditRows` (Triton) against `_EditRows` (operators): the edited tensor, ∂L/∂h and the
     parameters' gradients, for stacked prefix+suffix ranks below, at and above the padded 16,
     fp32 and bf16 hidden states, invalid slots repeating an unedited row, no gradient for h, and a
-    gradient that is not contiguous."""
+    gradient that is not contiguous. d = 600 splits each row over three programs (one partial)."""
+    assert kernels.ROWS_TRAIN_CONFIG["BLOCK_D"] < 600
     torch.manual_seed(2)
     for dtype in (torch.float32, torch.bfloat16):
         for (batch_size, seq, d), ranks in (((3, 20, 64), (4, 4)), ((2, 33, 200), (3, 5)), ((2, 9, 48), (8, 8)),
-                                            ((1, 40, 72), (12, 8))):
+                                            ((1, 40, 72), (12, 8)), ((2, 9, 600), (4, 4))):  # 600: 3 column chunks
             n_p, n_s = 3, 2  # slots per sample
             idx, valids = [], [[], []]
             for smp in range(batch_size):

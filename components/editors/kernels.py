@@ -24,10 +24,12 @@ Training: `EditWhole` is the whole-tensor edit with gradients — the same forwa
 keeping z = h Aᵀ + b) and one backward kernel (∂L/∂h, and per-block shares of the parameters'
 gradients summed by one deterministic `sum`): 1 + 2 launches per visual/projector site and step
 where the operator path (`loreft._Edit`) makes ~12, in the host-bound vision tower of a b8 step.
-`EditRows` does the same for the prefix/suffix rows of an LM layer: one launch forward (the
-inference kernel, also saving the rows and z), and backward one gradient copy (as the operator
-path) plus two launches, where `loreft._EditRows` makes ~16 small kernels per layer in the GPU-bound
-LM phases (five of them SIMT fp32 GEMMs of 10–30 µs each at b8).
+`EditRows` does the same for the prefix/suffix rows of an LM layer: two launches forward (split over
+d: partial z per column chunk, then the sum and the write; they also save the rows and z), and
+backward one gradient copy (as the operator path) plus three launches, where `loreft._EditRows`
+makes ~16 small kernels per layer in the GPU-bound LM phases (five of them SIMT fp32 GEMMs of
+10–30 µs each at b8). Inference keeps one launch per layer (`rows_kernel`, one program per slot
+walking d): at batch 1 an extra launch costs the host more than the split saves the GPU.
 The rank dimension is padded to a power of two: with zero rows (`pack`, once per parameter change,
 kept by sites.py with its no-grad stacks) for inference, by masked loads for training, so a site
 launches exactly one kernel. On by default for CUDA tensors when Triton imports (it ships with
@@ -58,6 +60,7 @@ from .launch import launch
 WHOLE_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "PRECISION": "tf32x3"}
 ROWS_CONFIG = {"BLOCK_D": 1024, "num_warps": 2}
 BACKWARD_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}
+ROWS_TRAIN_CONFIG = {"BLOCK_D": 256, "num_warps": 2}  # EditRows' split kernels: untuned
 ROWS_GRAD_CONFIG = {"BLOCK_S": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}
 _BLOCK_T = 256  # tokens per step of the positions kernel
 WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16
@@ -158,43 +161,75 @@ def _triton():
         tl.store(part + 2 * R * d + rr, tl.sum(gz, axis=0))
 
     @triton.jit
-    def rows_kernel(h_ptr, idx_ptr, mask_ptr, a_ptr, u_ptr, b_ptr, z_ptr, saved_ptr, d: tl.constexpr,
-                    R: tl.constexpr, RANK: tl.constexpr, HAS_B: tl.constexpr, SAVE_ROWS: tl.constexpr,
-                    STORE_Z: tl.constexpr, WRITE: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per slot: row ← row + (mask ⊙ (row Aᵀ + b)) U, in place. A, U [RANK, d] (R =
-        # RANK padded to a power of two in registers), mask [S, RANK]. Training adds: SAVE_ROWS
-        # (the rows as read, [S, d] in h's dtype) and STORE_Z (z [S, R] fp32, zero past RANK). The
-        # backward runs the same kernel on a copy of the gradient with U and A swapped and no b
-        # (gz = mask ⊙ g Uᵀ, g ← g + gz A); WRITE=False computes z alone.
+    def rows_kernel(h_ptr, idx_ptr, mask_ptr, a_ptr, u_ptr, b_ptr, d: tl.constexpr, R: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        # Inference, one program per slot: row ← row + (mask ⊙ (row Aᵀ + b)) U, in place; A, U, b
+        # packed to rank R (zero rows), mask [S, R]. One launch per LM layer: at batch 1 the host's
+        # launch costs more than this kernel's serial walk over d (training splits it over d instead).
         slot = tl.program_id(0)
         row = tl.load(idx_ptr + slot).to(tl.int64)
         rr = tl.arange(0, R)
-        rank_ok = rr < RANK
         acc = tl.zeros((R,), dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < d
-            h_raw = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0)
-            if SAVE_ROWS:
-                tl.store(saved_ptr + slot.to(tl.int64) * d + cols, h_raw, mask=col_ok)
-            h = h_raw.to(tl.float32)
-            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
             acc += tl.sum(a * h[None, :], axis=1)
+        z = (acc + tl.load(b_ptr + rr)) * tl.load(mask_ptr + slot * R + rr)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=col_ok[None, :], other=0.0)
+            out = h + tl.sum(z[:, None] * u, axis=0)
+            tl.store(h_ptr + row * d + cols, out.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col_ok)
+
+    @triton.jit
+    def rows_partial_kernel(h_ptr, idx_ptr, a_ptr, zpart_ptr, saved_ptr, d: tl.constexpr, R: tl.constexpr,
+                            RANK: tl.constexpr, NC: tl.constexpr, SAVE_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Training, step 1 of 2, program (slot, chunk): zpart[slot, chunk] = row[chunk] · A[:, chunk]ᵀ
+        # (fp32) for BLOCK_D columns; SAVE_ROWS copies the chunk as read. Split over d so that a
+        # slot's 4,096 columns are read by NC programs at once, not walked by one (rows_kernel).
+        slot = tl.program_id(0)
+        c = tl.program_id(1)
+        row = tl.load(idx_ptr + slot).to(tl.int64)
+        cols = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        rr = tl.arange(0, R)
+        rank_ok = rr < RANK
+        h_raw = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0)
+        if SAVE_ROWS:
+            tl.store(saved_ptr + slot.to(tl.int64) * d + cols, h_raw, mask=col_ok)
+        a = tl.load(a_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        tl.store(zpart_ptr + (slot * NC + c) * R + rr, tl.sum(a * h_raw.to(tl.float32)[None, :], axis=1))
+
+    @triton.jit
+    def rows_apply_kernel(h_ptr, idx_ptr, mask_ptr, u_ptr, b_ptr, zpart_ptr, z_ptr, d: tl.constexpr,
+                          R: tl.constexpr, RANK: tl.constexpr, NC: tl.constexpr, HAS_B: tl.constexpr,
+                          WRITE: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Training, step 2 of 2, program (slot, chunk): z = mask ⊙ (Σ_c zpart[slot, c] + b), summed in
+        # a fixed order (deterministic); chunk 0 stores z [S, R]; WRITE: row[chunk] += z U[:, chunk].
+        slot = tl.program_id(0)
+        c = tl.program_id(1)
+        rr = tl.arange(0, R)
+        rank_ok = rr < RANK
+        acc = tl.zeros((R,), dtype=tl.float32)
+        for i in range(NC):
+            acc += tl.load(zpart_ptr + (slot * NC + i) * R + rr)
         if HAS_B:
             acc += tl.load(b_ptr + rr, mask=rank_ok, other=0.0)
         z = acc * tl.load(mask_ptr + slot * RANK + rr, mask=rank_ok, other=0.0)
-        if STORE_Z:
+        if c == 0:
             tl.store(z_ptr + slot * R + rr, z)
         if WRITE:
-            for d0 in range(0, d, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                col_ok = cols < d
-                h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
-                u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
-                            other=0.0)
-                out = h + tl.sum(z[:, None] * u, axis=0)
-                tl.store(h_ptr + row * d + cols, out.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-                         mask=col_ok)
+            row = tl.load(idx_ptr + slot).to(tl.int64)
+            cols = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            h = tl.load(h_ptr + row * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            out = h + tl.sum(z[:, None] * u, axis=0)
+            tl.store(h_ptr + row * d + cols, out.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col_ok)
 
     @triton.jit
     def rows_param_grad_kernel(g_ptr, saved_ptr, idx_ptr, z_ptr, gz_ptr, du_ptr, da_ptr, db_ptr, n_slots,
@@ -304,7 +339,8 @@ def _triton():
                          mask=inst & (rank >= suffix_start))
             carry += tl.sum(inst.to(tl.int32), axis=0)
 
-    return whole_kernel, rows_kernel, positions_kernel, whole_backward_kernel, rows_param_grad_kernel
+    return (whole_kernel, rows_kernel, positions_kernel, whole_backward_kernel, rows_param_grad_kernel,
+            rows_partial_kernel, rows_apply_kernel)
 
 
 def _interpreting() -> bool:
@@ -464,20 +500,18 @@ def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
     a_p, u_p, b_p = packed
     if idx.numel() == 0:
         return
-    rank = a_p.shape[0]
     with _on_device(flat):
-        launch(rows_kernel, (idx.numel(),), flat, idx, mask_p, a_p, u_p, b_p, b_p, flat, d=flat.shape[-1], R=rank,
-               RANK=rank, HAS_B=True, SAVE_ROWS=False, STORE_Z=False, WRITE=True,
+        launch(rows_kernel, (idx.numel(),), flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
                **({**ROWS_CONFIG, **config} if config else ROWS_CONFIG))
 
 
 class EditRows(torch.autograd.Function):
     """`loreft._EditRows` in Triton: rows idx [S] of hidden (contiguous, flat [N, d]) ← row +
-    (mask ⊙ (row Aᵀ + b)) U, in place, with gradients. One launch forward (which also saves the
-    rows as read and z); backward one copy of the gradient (as the operator path), one launch for
-    gz and ∂L/∂h's rows, one for the parameters' gradients. The operator path is ~16 dispatcher
-    calls per LM layer and step (gathers, casts, five small fp32 GEMMs, scatters), whose kernels
-    sit in the GPU-bound LM phases of a training step.
+    (mask ⊙ (row Aᵀ + b)) U, in place, with gradients. Forward two launches split over d
+    (`_rows_split`; they also save the rows as read and z); backward one copy of the gradient (as
+    the operator path), the same two launches for gz and ∂L/∂h's rows, one for the parameters'
+    gradients. The operator path is ~16 dispatcher calls per LM layer and step (gathers, casts, five
+    small fp32 GEMMs, scatters), whose kernels sit in the GPU-bound LM phases of a training step.
 
     u, a [r, d] fp32 contiguous (A = W − U), b [r]; mask [S, r] fp32 (1 where slot s uses column
     j's editor and is valid). Same contract as `_EditRows`: invalid slots (all-zero mask rows) may
@@ -486,17 +520,14 @@ class EditRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, idx, mask, u, a, b):
-        rows_kernel = _triton()[1]
         d, rank, n_slots = hidden.shape[-1], u.shape[0], idx.numel()
-        # the rank as the inference kernel pads it (the gradient kernel widens it to 16 for tl.dot in
-        # registers only: a [16, BLOCK_D] tile here would double the registers per program)
+        # z at the rank the inference kernel pads to (the gradient kernel widens it to 16 for tl.dot
+        # in registers only)
         rp = padded_rank(rank)
         saved = torch.empty((n_slots, d), dtype=hidden.dtype, device=hidden.device)
         z = torch.empty((n_slots, rp), dtype=torch.float32, device=hidden.device)
         if n_slots:
-            with _on_device(hidden):
-                launch(rows_kernel, (n_slots,), hidden, idx, mask, a, u, b, z, saved, d=d, R=rp, RANK=rank,
-                       HAS_B=True, SAVE_ROWS=True, STORE_Z=True, WRITE=True, **ROWS_CONFIG)
+            _rows_split(hidden, idx, mask, a, u, b, z, saved, rank, rp, write=True)
         ctx.mark_dirty(hidden)
         ctx.save_for_backward(saved, z, u, a, idx, mask)
         return hidden
@@ -508,11 +539,29 @@ class EditRows(torch.autograd.Function):
         return gh, None, None, du, da, db
 
 
+def _rows_split(h: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, u: torch.Tensor,
+                b: torch.Tensor | None, z: torch.Tensor, saved: torch.Tensor | None, rank: int, rp: int,
+                write: bool) -> None:
+    """z = mask ⊙ (rows Aᵀ + b) into z [S, rp], and (write) rows ← rows + z U in place on h, in two
+    launches split over d (rows_partial_kernel, rows_apply_kernel; ROWS_TRAIN_CONFIG). `saved`: copy
+    the rows as read into it. b None: no bias (the backward's gz = mask ⊙ g Uᵀ, with U passed as `a`)."""
+    partial, apply = _triton()[5], _triton()[6]
+    d, n_slots = h.shape[-1], idx.numel()
+    cfg = ROWS_TRAIN_CONFIG
+    nc = triton_cdiv(d, cfg["BLOCK_D"])
+    zpart = torch.empty((n_slots, nc, rp), dtype=torch.float32, device=h.device)
+    with _on_device(h):
+        launch(partial, (n_slots, nc), h, idx, a, zpart, h if saved is None else saved, d=d, R=rp, RANK=rank,
+               NC=nc, SAVE_ROWS=saved is not None, **cfg)
+        launch(apply, (n_slots, nc), h, idx, mask, u, a if b is None else b, zpart, z, d=d, R=rp, RANK=rank,
+               NC=nc, HAS_B=b is not None, WRITE=write, **cfg)
+
+
 def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
                   idx: torch.Tensor, mask: torch.Tensor, need_gh: bool = True, **config) -> tuple:
     """`EditRows`' backward: (∂L/∂hidden or None, ∂L/∂U direct, ∂L/∂A, ∂L/∂b) from g = `grad`
     [..., d], the saved rows [S, d] and z [S, R] fp32. `config` overrides ROWS_GRAD_CONFIG (tuning)."""
-    rows_kernel, grad_kernel = _triton()[1], _triton()[4]
+    grad_kernel = _triton()[4]
     d, rank, n_slots, rp = grad.shape[-1], u.shape[0], idx.numel(), z.shape[1]
     g = grad if grad.is_contiguous() else grad.contiguous()
     gh = g.clone() if need_gh else None  # the one full-size copy: its rows are rewritten below
@@ -521,12 +570,11 @@ def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: t
     da = torch.empty_like(du)
     db = torch.empty((rank,), dtype=torch.float32, device=g.device)
     cfg = {**ROWS_GRAD_CONFIG, **config} if config else ROWS_GRAD_CONFIG
+    if n_slots:  # gz = mask ⊙ g Uᵀ, and gh's rows ← g + gz A: the forward's kernels with U and A swapped
+        _rows_split(gh if need_gh else g, idx, mask, u, a, None, gz, None, rank, rp, write=need_gh)
+    else:
+        gz.zero_()
     with _on_device(g):
-        if n_slots:  # gz = mask ⊙ g Uᵀ, and gh's rows ← g + gz A: the forward kernel with U and A swapped
-            launch(rows_kernel, (n_slots,), gh if need_gh else g, idx, mask, u, a, u, gz, g, d=d, R=rp,
-                   RANK=rank, HAS_B=False, SAVE_ROWS=False, STORE_Z=True, WRITE=need_gh, **ROWS_CONFIG)
-        else:
-            gz.zero_()
         launch(grad_kernel, (triton_cdiv(d, cfg["BLOCK_D"]),), g, saved, idx, z, gz, du, da, db, n_slots, d=d,
                R=max(rp, WHOLE_MIN_RANK), RANK=rank, Z_STRIDE=rp, NB=_pow2(triton_cdiv(n_slots, cfg["BLOCK_S"])),
                **cfg)

@@ -275,8 +275,9 @@ def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monk
     kernels._triton.cache_clear()  # the next test builds its own
 
 
-def test_cpu_prefill_host_benchmark_times_every_arm_and_restores_the_launcher(tmp_path):
-    """cpu_prefill_host.py: base, current and baseline editors, interleaved, on the kernel path with
+@pytest.mark.parametrize("mode", ["prefill", "train"])
+def test_cpu_host_cost_benchmark_times_every_arm_and_restores_the_launcher(tmp_path, mode):
+    """cpu_host_cost.py: base, current and baseline editors, interleaved, on the kernel path with
     launches stubbed; the real launcher is back afterwards and the JSON holds what was printed."""
     pytest.importorskip("triton")
     import shutil
@@ -286,10 +287,10 @@ def test_cpu_prefill_host_benchmark_times_every_arm_and_restores_the_launcher(tm
     interp_before = os.environ.get("MRT_TRITON_INTERPRET")
     base = tmp_path / "before"
     shutil.copytree(Path(__file__).resolve().parents[1] / "components" / "editors", base)
-    bench = _load("cpu_prefill_host")
-    out = bench.main(["--baseline-editors", str(base), "--rounds", "1", "--passes", "2",
+    bench = _load("cpu_host_cost")
+    out = bench.main(["--mode", mode, "--baseline-editors", str(base), "--rounds", "1", "--passes", "2",
                       "--json", str(tmp_path / "p.json")])
-    assert set(out["ms_min"]) == {"base", "now", "before"}
+    assert out["mode"] == mode and set(out["ms_min"]) == {"base", "now", "before"}
     assert all(0 < v <= out["ms_median"][k] for k, v in out["ms_min"].items())
     assert set(out["added_ms_min"]) == {"now", "before"}
     assert json.loads((tmp_path / "p.json").read_text()) == out

@@ -1,9 +1,12 @@
-"""Host cost the editors add to a prompt pass, on CPU, with the GPU code path and no GPU (issue 7).
+"""Host cost the editors add to a prompt pass or a training step, on CPU, with the GPU code path and
+no GPU (issue 7).
 
 Why: a b1 generate() of LLaVA-7B on an H200 is bound by the host (benchmarks/RESULTS.md), and the
 device hosts are too noisy to compare two versions of the editors' Python at the 0.5 ms level. Here a
 LLaVA with the 7B model's depth (24 vision layers, 32 LM layers) at tiny widths runs no-grad prompt
-passes on one CPU thread. Triton's interpreter switch makes the editors take their GPU path
+passes (`--mode prefill`) or training steps (`--mode train`: forward with labels, backward, and for
+the editors clipping and a fused-style AdamW step, as `gpu_train_step.py`; the base arm is its
+frozen floor, backward to the pixels) on one CPU thread. Triton's interpreter switch makes the editors take their GPU path
 (fused kernels, positions kernel), with every kernel launch stubbed out. What the editors then add to
 the pass is their hooks, bookkeeping and dispatcher calls (not the launches themselves, which
 `gpu_host_overhead.py` measures on the GPU host).
@@ -13,7 +16,7 @@ base (no editors), `now` (components/editors), and with `--baseline-editors DIR`
 editors (`before`). Reported: fastest pass and median per arm, and what each set of editors adds
 (fastest pass − base's fastest).
 
-Run: python benchmarks/cpu_prefill_host.py [--baseline-editors .before_s6] [--rounds 6] [--json out.json]
+Run: python benchmarks/cpu_host_cost.py [--mode prefill|train] [--baseline-editors .before_s6] [--rounds 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(_HERE))
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("prefill", "train"), default="prefill")
     ap.add_argument("--baseline-editors", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--passes", type=int, default=15)
@@ -62,12 +66,13 @@ def _run(args) -> dict:
     from components.editors import attach, kernels
 
     kernels._triton.cache_clear()
-    stubs = [kernels]
+    stubs = [sys.modules["components.editors.kernels"], sys.modules["components.editors.orthonormal_kernel"]]
     arms = {"now": attach}
     if args.baseline_editors:
         before = load_editors_package(args.baseline_editors)
         arms["before"] = before.attach
-        stubs.append(sys.modules[f"{before.__name__}.kernels"])
+        stubs += [m for name in ("kernels", "orthonormal_kernel") if (m := sys.modules.get(f"{before.__name__}.{name}"))
+                  and hasattr(m, "launch")]
     saved = [(m, m.launch) for m in stubs]
     for m in stubs:
         m.launch = lambda *a, **k: None  # no kernel runs: the interpreter would take seconds
@@ -84,24 +89,53 @@ def _run(args) -> dict:
             "visual": {"layers": "1-22", "rank": 6}, "projector": {"enabled": True, "rank": 6},
             "prefix": {"layers": "all", "rank": 4, "length": 4}, "suffix": {"layers": "all", "rank": 4, "length": 4}})
 
-        def timed() -> list[float]:
-            with torch.no_grad():
-                for _ in range(3):
-                    model(**prompts, use_cache=True)
-                out = []
-                for _ in range(args.passes):
-                    t0 = time.perf_counter()
-                    model(**prompts, use_cache=True)
-                    out.append((time.perf_counter() - t0) * 1e3)
+        if args.mode == "train":
+            from gpu_train_step import make_batch
+
+            inputs = make_batch(cfg, 2, 24, torch.device("cpu"), torch.float32, seed=1)
+            model.train()
+
+        def step_fn(editors):
+            """One pass (prefill) or training step (train) of the arm `editors` (None: base/floor)."""
+            if args.mode == "prefill":
+                def run():
+                    with torch.no_grad():
+                        model(**prompts, use_cache=True)
+                return run
+            if editors is None:  # the floor: frozen model, backward to the pixels
+                def run():
+                    batch = dict(inputs)
+                    batch["pixel_values"] = inputs["pixel_values"].detach().requires_grad_(True)
+                    model(**batch).loss.backward()
+                return run
+            params = [p for p in editors.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
+
+            def run():
+                model(**inputs).loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return run
+
+        def timed(run) -> list[float]:
+            for _ in range(3):
+                run()
+            out = []
+            for _ in range(args.passes):
+                t0 = time.perf_counter()
+                run()
+                out.append((time.perf_counter() - t0) * 1e3)
             return out
 
+        model.requires_grad_(False)
         times: dict[str, list[float]] = {"base": [], **{k: [] for k in arms}}
         for _ in range(args.rounds):
-            times["base"] += timed()
+            times["base"] += timed(step_fn(None))
             for name, attach_fn in arms.items():
                 editors = attach_fn(model, placement)
                 try:
-                    times[name] += timed()
+                    times[name] += timed(step_fn(editors))
                 finally:
                     editors.detach()
     finally:
@@ -110,6 +144,7 @@ def _run(args) -> dict:
         torch.set_num_threads(threads)
         kernels._triton.cache_clear()
     result = {
+        "mode": args.mode,
         "rounds": args.rounds, "passes": args.passes, "baseline_editors": str(args.baseline_editors or ""),
         "ms_min": {k: min(v) for k, v in times.items()},
         "ms_median": {k: statistics.median(v) for k, v in times.items()},

@@ -415,6 +415,26 @@ def test_kernels_on_the_gpu_round_like_the_operator_path():
             assert report[f"{site} {path}"]["beyond_one_step_in_fp32_units"] <= 64, report
     assert report["whole differ"] < 1e-2 and report["rows differ"] < 1e-2, report
 
+def _training_errors(path: str, got: dict, exact: dict, scale: dict) -> dict:
+    """Errors of an edit with gradients against float64: the bf16 output and ∂L/∂h as
+    `_error_report`s, the parameter gradients (U, A, b) in fp32 roundings of Σ|terms|."""
+    report = {f"{path} {k}": _error_report(got[k], exact[k], scale[k]) for k in ("out", "h")}
+    for k in "UAb":
+        report[f"{path} d{k}"] = float(((got[k].double() - exact[k]).abs() / (scale[k] * 2.0**-24)).max())
+    return report
+
+
+def _assert_training_errors(report: dict) -> None:
+    """Kernel and operator path alike: within one bf16 step of exact up to 64 fp32 roundings of the
+    summed terms (outputs), within 64 fp32 roundings (gradients). Printed: shown with -s or on failure."""
+    print(report)
+    for path in ("kernel", "operator path"):
+        for k in ("out", "h"):
+            assert report[f"{path} {k}"]["beyond_one_step_in_fp32_units"] <= 64, report
+        for k in "UAb":
+            assert report[f"{path} d{k}"] <= 64, report
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_kernel_on_the_gpu_against_float64():
@@ -443,16 +463,8 @@ def test_training_kernel_on_the_gpu_against_float64():
         out = fn(h, u, a, b)
         grads = dict(zip(("h", "U", "A", "b"), torch.autograd.grad(out, (h, u, a, b), gout)))
         got = {"out": out.reshape(-1, 1024), "h": grads["h"].reshape(-1, 1024), **{k: grads[k] for k in "UAb"}}
-        for k in ("out", "h"):
-            report[f"{path} {k}"] = _error_report(got[k], exact[k], scale[k])
-        for k in "UAb":
-            report[f"{path} d{k}"] = float(((got[k].double() - exact[k]).abs() / (scale[k] * 2.0**-24)).max())
-    print(report)
-    for path in ("kernel", "operator path"):
-        for k in ("out", "h"):
-            assert report[f"{path} {k}"]["beyond_one_step_in_fp32_units"] <= 64, report
-        for k in "UAb":
-            assert report[f"{path} d{k}"] <= 64, report
+        report.update(_training_errors(path, got, exact, scale))
+    _assert_training_errors(report)
 
 
 @pytest.mark.gpu
@@ -495,13 +507,5 @@ def test_rows_training_kernel_on_the_gpu_against_float64():
         got = {"out": out.detach().view(-1, d)[idx], "h": grads["h"].view(-1, d)[idx], **{k: grads[k] for k in "UAb"}}
         assert torch.equal(out.view(-1, d)[untouched], h0.detach().view(-1, d)[untouched]), path
         assert torch.equal(grads["h"].view(-1, d)[untouched], gout.view(-1, d)[untouched]), path
-        for k in ("out", "h"):
-            report[f"{path} {k}"] = _error_report(got[k], exact[k], scale[k])
-        for k in "UAb":
-            report[f"{path} d{k}"] = float(((got[k].double() - exact[k]).abs() / (scale[k] * 2.0**-24)).max())
-    print(report)
-    for path in ("kernel", "operator path"):
-        for k in ("out", "h"):
-            assert report[f"{path} {k}"]["beyond_one_step_in_fp32_units"] <= 64, report
-        for k in "UAb":
-            assert report[f"{path} d{k}"] <= 64, report
+        report.update(_training_errors(path, got, exact, scale))
+    _assert_training_errors(report)

@@ -248,9 +248,9 @@ class MRTEditors(nn.Module):
         self._stack_cache: tuple[tuple, tuple[dict, dict]] | None = None  # no-grad: kept across passes
         self._param_list: list[nn.Parameter] = []
         self._lm_pending: tuple | None = None  # (input_ids, attention_mask, labels, prepare stacks) until the LM
-        # Per pass: what every LM hook of the pass would recompute alike (present groups, the fused
-        # slot layout, whether the kernel path applies), keyed by (device, dtype, groups); and whether
-        # any editor drops out. A b1 prompt pass is bound by the host: 32 hooks × a few µs each.
+        # Per pass: what every LM hook of the pass would recompute alike (the groups present, whether
+        # the kernel path applies), keyed by (device, dtype, groups); and whether any editor drops
+        # out. A b1 prompt pass is bound by the host: 32 hooks × a few µs each.
         self._lm_plans: dict[tuple, tuple] = {}
         self._dropout_on = False
         self._lm_layout_cache: tuple | None = None  # _lm_groups(): fixed once the editors exist
@@ -648,8 +648,8 @@ class MRTEditors(nn.Module):
             plan = self._lm_plans.get(plan_key)
             if plan is None:  # the first hook of the pass with this key: the rest reuse it
                 present = tuple(g for g in groups if sites.slots(device, g)[0].numel())
-                plan = self._lm_plans[plan_key] = (present, kernels.usable(hidden), {})
-            present, usable, fused = plan
+                plan = self._lm_plans[plan_key] = (present, kernels.usable(hidden))
+            present, usable = plan
             if not present:
                 return None
             for group in present:
@@ -661,11 +661,7 @@ class MRTEditors(nn.Module):
                 return _replace_first(output, edit_rows_(hidden, edits))
             # Prefix and suffix rows in one in-place pass (one gradient copy in backward instead of
             # out-of-place index_put and full-size zero-filled gradients): see loreft.edit_rows_fused_.
-            layout = fused.get((ranks, params[0].dtype))
-            if layout is None:
-                layout = fused[(ranks, params[0].dtype)] = sites.fused(
-                    device, groups, ranks, _compute_dtype(hidden.dtype, params[0].dtype))
-            idx, mask = layout
+            idx, mask = sites.fused(device, groups, ranks, _compute_dtype(hidden.dtype, params[0].dtype))
             packed = self._packed(("lm", layer), params, hidden, usable)
             if packed is not None:  # inference on a GPU: the whole edit in one kernel (kernels.py)
                 hidden = _writable(hidden)

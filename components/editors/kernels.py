@@ -55,12 +55,14 @@ from .launch import launch
 # rounding (measured ≤ 0.3 fp32 roundings of Σ|terms| beyond one bf16 step; "ieee" 0.4–1.2), where
 # plain "tf32" is 2^13 times coarser. The GPU test checks the configured kernels against float64.
 # BACKWARD_CONFIG (EditWhole's backward): BLOCK_D 64 fastest correct at b8 of 48 configurations (73.9 →
-# 57.5 µs; at b16 85.2 against 83.0 for BLOCK_D 128). ROWS_GRAD_CONFIG: untuned (`gpu_kernel_tuning.py
-# --kernels rows_backward`); ~6 µs per call at b8 in a profiled step, against ~29 µs for rows_kernel.
+# 57.5 µs; at b16 85.2 against 83.0 for BLOCK_D 128). ROWS_TRAIN_CONFIG and ROWS_GRAD_CONFIG: untuned
+# (`gpu_kernel_tuning.py --kernels rows_backward` times the latter); per call in a profiled b8 step
+# rows_partial_kernel ~3.8 µs, rows_apply_kernel ~2.8, rows_param_grad_kernel ~6.0 — against ~29 µs
+# for one program per slot walking d (rows_kernel's design, which inference keeps).
 WHOLE_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "PRECISION": "tf32x3"}
 ROWS_CONFIG = {"BLOCK_D": 1024, "num_warps": 2}
 BACKWARD_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}
-ROWS_TRAIN_CONFIG = {"BLOCK_D": 256, "num_warps": 2}  # EditRows' split kernels: untuned
+ROWS_TRAIN_CONFIG = {"BLOCK_D": 256, "num_warps": 2}  # EditRows' split kernels
 ROWS_GRAD_CONFIG = {"BLOCK_S": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}
 _BLOCK_T = 256  # tokens per step of the positions kernel
 WHOLE_MIN_RANK = 16  # tl.dot needs every dimension ≥ 16: the whole-tensor kernel's rank is padded to 16

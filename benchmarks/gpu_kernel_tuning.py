@@ -10,9 +10,11 @@ current one (kernels.WHOLE_CONFIG, ROWS_CONFIG, BACKWARD_CONFIG, ROWS_GRAD_CONFI
 - whole: the whole-tensor edit (vision layer / projector; inference and the training forward), b1 and b8;
 - rows: the prefix/suffix rows of an LM layer (inference), b1 and b8;
 - backward: `EditWhole`'s backward (∂L/∂h and the parameters' gradients, training), b8 and b16;
-- rows_backward: `EditRows`' backward at an LM layer (training; ROWS_GRAD_CONFIG), b8 and b16.
+- rows_backward: `EditRows`' backward at an LM layer (training; ROWS_GRAD_CONFIG), b8 and b16;
+- rows_train: `EditRows`' forward, the split kernels (training; ROWS_TRAIN_CONFIG, which the backward's
+  first two launches use too), b8 and b16.
 
-Run (GPU): python benchmarks/gpu_kernel_tuning.py [--kernels whole rows backward rows_backward] [--json out.json]
+Run (GPU): python benchmarks/gpu_kernel_tuning.py [--kernels whole rows backward rows_backward rows_train] [--json out.json]
 `--smoke`: tiny shapes and two configurations per kernel in Triton's interpreter on CPU (a logic
 check for the tests; the times mean nothing).
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))
 
-KINDS = ("whole", "rows", "backward", "rows_backward")
+KINDS = ("whole", "rows", "backward", "rows_backward", "rows_train")
 TOLERANCE = 64  # fp32 roundings of Σ|terms| beyond one bf16 step, as in tests/test_editor_kernels.py
 
 
@@ -81,6 +83,7 @@ def _configs(smoke: bool) -> dict[str, list[dict]]:
                 "rows": [{"BLOCK_D": 32, "num_warps": 1}, {"BLOCK_D": 64, "num_warps": 2}],
                 "backward": [{"BLOCK_N": 16, "BLOCK_D": 32, "num_warps": 4, "PRECISION": "ieee"},
                              {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}],
+                "rows_train": [{"BLOCK_D": 32, "num_warps": 1}, {"BLOCK_D": 64, "num_warps": 2}],
                 "rows_backward": [{"BLOCK_S": 16, "BLOCK_D": 32, "num_warps": 4, "PRECISION": "ieee"},
                                   {"BLOCK_S": 32, "BLOCK_D": 64, "num_warps": 4, "PRECISION": "tf32x3"}]}
     return {
@@ -89,6 +92,7 @@ def _configs(smoke: bool) -> dict[str, list[dict]]:
         "rows": [{"BLOCK_D": bd, "num_warps": nw} for bd, nw in itertools.product((128, 256, 512, 1024, 2048), (1, 2, 4, 8))],
         "backward": [{"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": nw, "PRECISION": p}
                      for bn, bd, nw, p in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), ("ieee", "tf32x3"))],
+        "rows_train": [{"BLOCK_D": bd, "num_warps": nw} for bd, nw in itertools.product((64, 128, 256, 512, 1024), (1, 2, 4))],
         "rows_backward": [{"BLOCK_S": bs, "BLOCK_D": bd, "num_warps": nw, "PRECISION": p}
                           for bs, bd, nw, p in itertools.product((16, 32, 64), (32, 64, 128), (2, 4, 8), ("ieee", "tf32x3"))],
     }
@@ -206,6 +210,33 @@ def tune_rows_backward(out, kernels, slot_mask, dev, g, batch, tokens, d, config
              lambda cfg=cfg: kernels.rows_backward(gout, saved, z, u, a, idx, mask, True, **cfg), check, reps)
 
 
+def tune_rows_train(out, kernels, slot_mask, dev, g, batch, tokens, d, configs, reps):
+    """`EditRows`' forward (rows_partial_kernel + rows_apply_kernel) under each ROWS_TRAIN_CONFIG,
+    set on the module for the call (the kernels read it there), checked against float64."""
+    import torch
+
+    hidden = torch.randn(batch * tokens, d, generator=g).to(dev, torch.bfloat16)
+    starts = torch.arange(batch)[:, None] * tokens
+    idx = torch.cat([(starts + torch.arange(tokens - 90, tokens - 86)).reshape(-1),
+                     (starts + torch.arange(tokens - 10, tokens - 6)).reshape(-1)]).to(dev)
+    mask = slot_mask([torch.ones(batch * 4, dtype=torch.bool, device=dev)] * 2, [4, 4], torch.float32)
+    u = (torch.randn(8, d, generator=g) / d**0.5).to(dev)
+    a, b = (0.03 * torch.randn(8, d, generator=g)).to(dev), torch.randn(8, generator=g).to(dev)
+    rows64, m64, u64, a64, b64 = hidden[idx].double(), mask.double(), u.double(), a.double(), b.double()
+    exact = rows64 + ((rows64 @ a64.T + b64) * m64) @ u64
+    scale = rows64.abs() + ((rows64.abs() @ a64.abs().T + b64.abs()) * m64) @ u64.abs()
+    scratch = hidden.clone()  # timed calls edit it in place again and again: the time is the same
+    current = kernels.ROWS_TRAIN_CONFIG
+    try:
+        for cfg in configs:
+            kernels.ROWS_TRAIN_CONFIG = cfg
+            _try(out, {"batch": batch}, cfg, lambda: _rows_forward(kernels, hidden.clone(), idx, mask, u, a, b)[0][idx],
+                 lambda got: beyond_fp32_units(got, exact, scale), reps,
+                 timed=lambda: _rows_forward(kernels, scratch, idx, mask, u, a, b))
+    finally:
+        kernels.ROWS_TRAIN_CONFIG = current
+
+
 def _rows_forward(kernels, hidden, idx, mask, u, a, b):
     """An `EditRows` forward outside autograd: (edited hidden, (saved rows, z))."""
     import torch
@@ -242,17 +273,18 @@ def main(argv=None) -> dict:
         kernels._triton.cache_clear()
         dev, reps = torch.device("cpu"), 1
         shapes = {"whole": (577 // 36, 64), "rows": (672 // 6, 128), "backward": (577 // 36, 64),
-                  "rows_backward": (704 // 6, 128)}
-        batches = {"whole": (1, 2), "rows": (1, 2), "backward": (2,), "rows_backward": (2,)}
+                  "rows_backward": (704 // 6, 128), "rows_train": (704 // 6, 128)}
+        batches = {"whole": (1, 2), "rows": (1, 2), "backward": (2,), "rows_backward": (2,), "rows_train": (2,)}
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_kernel_tuning.py: needs a CUDA device (or --smoke)")
         dev, reps = torch.device("cuda"), args.reps
-        shapes = {"whole": (577, 1024), "rows": (672, 4096), "backward": (577, 1024), "rows_backward": (704, 4096)}
-        batches = {"whole": (1, 8), "rows": (1, 8), "backward": (8, 16), "rows_backward": (8, 16)}
+        shapes = {"whole": (577, 1024), "rows": (672, 4096), "backward": (577, 1024), "rows_backward": (704, 4096),
+                  "rows_train": (704, 4096)}
+        batches = {"whole": (1, 8), "rows": (1, 8), "backward": (8, 16), "rows_backward": (8, 16), "rows_train": (8, 16)}
     configs = _configs(args.smoke)
     current = {"whole": kernels.WHOLE_CONFIG, "rows": kernels.ROWS_CONFIG, "backward": kernels.BACKWARD_CONFIG,
-               "rows_backward": kernels.ROWS_GRAD_CONFIG}
+               "rows_backward": kernels.ROWS_GRAD_CONFIG, "rows_train": kernels.ROWS_TRAIN_CONFIG}
     g = torch.Generator(device="cpu").manual_seed(0)
     out: dict = {"smoke": args.smoke, "current": {k: current[k] for k in args.kernels}}
     with torch.no_grad():
@@ -266,8 +298,10 @@ def main(argv=None) -> dict:
                     tune_rows(out[kind], kernels, slot_mask, dev, g, batch, tokens, d, configs[kind], reps)
                 elif kind == "backward":
                     tune_backward(out[kind], kernels, dev, g, batch, tokens, d, configs[kind], reps)
-                else:
+                elif kind == "rows_backward":
                     tune_rows_backward(out[kind], kernels, slot_mask, dev, g, batch, tokens, d, configs[kind], reps)
+                else:
+                    tune_rows_train(out[kind], kernels, slot_mask, dev, g, batch, tokens, d, configs[kind], reps)
     for kind in args.kernels:
         ok = [r for r in out[kind] if "us" in r and r["beyond_fp32_units"] <= TOLERANCE]
         out[f"{kind}_best"], out[f"{kind}_current"] = {}, {}

@@ -43,7 +43,7 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, count failures
 step gpu_tests python3 -m pytest -q -p no:cacheprovider -s tests/test_editor_kernels.py tests/test_editors_gpu.py \
   tests/test_editors_speed.py tests/test_orthonormal_kernel.py tests/test_launch.py
 if [[ $TUNE == 1 ]]; then
-  step tune python3 benchmarks/gpu_kernel_tuning.py --kernels backward rows_backward --json "$OUT/kernel_tuning.json"
+  step tune python3 benchmarks/gpu_kernel_tuning.py --kernels rows_train rows_backward backward --json "$OUT/kernel_tuning.json"
 fi
 if [[ $TRACE == 1 ]]; then
   step trace python3 benchmarks/gpu_train_step.py --batch-sizes 8 --arms floor mrt --warmup 2 --steps 4 \

@@ -249,7 +249,7 @@ def test_host_overhead_benchmark_measures_every_call_kind():
 
 
 def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monkeypatch):
-    """gpu_kernel_tuning.py --smoke: every kernel (whole, rows, backward, rows_backward) times its configurations in
+    """gpu_kernel_tuning.py --smoke: every kernel (whole, rows, backward, rows_backward, rows_train) times its configurations in
     Triton's interpreter, checks each against float64 and names the fastest correct ones."""
     pytest.importorskip("triton")
     import torch
@@ -259,9 +259,13 @@ def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monk
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored afterwards (main sets both)
     monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
     bench = _load("gpu_kernel_tuning")
+    from components.editors import kernels as kernel_module
+
+    train_config = dict(kernel_module.ROWS_TRAIN_CONFIG)
     out = bench.main(["--smoke", "--json", str(tmp_path / "t.json")])
+    assert kernel_module.ROWS_TRAIN_CONFIG == train_config  # rows_train sets it per configuration, then restores it
     saved = json.loads((tmp_path / "t.json").read_text())
-    assert set(bench.KINDS) == {"whole", "rows", "backward", "rows_backward"}
+    assert set(bench.KINDS) == {"whole", "rows", "backward", "rows_backward", "rows_train"}
     for kind in bench.KINDS:
         rows = out[kind]
         assert rows and all("us" in r and r["us"] > 0 for r in rows), rows  # none refused

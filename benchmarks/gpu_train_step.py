@@ -20,6 +20,7 @@ B × L positions (576 image tokens + the padded text length).
 
 Run (GPU):   python benchmarks/gpu_train_step.py --json out.json --markdown out.md [--profile DIR]
 Check (CPU): python benchmarks/gpu_train_step.py --smoke
+Host cost:   python benchmarks/gpu_train_step.py --host-bound --arms floor mrt … (tiny widths, 7B depth)
 Prints one JSON object (the summary) as its last line.
 """
 
@@ -304,9 +305,38 @@ def setup_mrt_lm(model, batch, device, placement):
     return setup_mrt(model, batch, device, only_groups(placement, {"prefix", "suffix"}))
 
 
+def setup_mrt_nolaunch(model, batch, device, placement):
+    """MRT with every editor kernel launch skipped (kernels.launch and orthonormal_kernel.launch
+    stubbed; the outputs are whatever the allocator hands out): the editors' host work and their
+    few operator kernels without their Triton kernels' device time. Against `floor` and `mrt` it
+    says whether an editor kernel's device time or its host cost is what the step pays for."""
+    from components.editors import kernels, orthonormal_kernel
+
+    modules = (kernels, orthonormal_kernel)
+    saved = [m.launch for m in modules]
+    for m in modules:
+        m.launch = lambda *a, **k: None
+    try:
+        step, n, cleanup = setup_mrt(model, batch, device, placement)
+    except BaseException:
+        for m, fn in zip(modules, saved):
+            m.launch = fn
+        raise
+
+    def restore():
+        try:
+            cleanup()
+        finally:
+            for m, fn in zip(modules, saved):
+                m.launch = fn
+
+    return step, n, restore
+
+
 SETUP = {"floor": setup_floor, "mrt": setup_mrt, "lora": setup_lora, "lora_fp32": setup_lora_fp32, "full": setup_full,
-         BASELINE_ARM: setup_mrt_before, "mrt_vision": setup_mrt_vision, "mrt_lm": setup_mrt_lm}
-EXTRA_ARMS = (BASELINE_ARM, "mrt_vision", "mrt_lm")
+         BASELINE_ARM: setup_mrt_before, "mrt_vision": setup_mrt_vision, "mrt_lm": setup_mrt_lm,
+         "mrt_nolaunch": setup_mrt_nolaunch}
+EXTRA_ARMS = (BASELINE_ARM, "mrt_vision", "mrt_lm", "mrt_nolaunch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +458,32 @@ def profile_steps(step, device, steps: int, out_dir: Path, tag: str) -> dict[str
     }
 
 
+def cprofile_steps(step, device, steps: int, out_dir: Path, tag: str, top: int = 60) -> dict[str, Any]:
+    """`steps` steps under cProfile (Python's own profiler: host time per Python function,
+    backward hooks and autograd Functions included, the CUDA launches inside them too). Writes
+    the table sorted by own time and by cumulative time; returns the host ms per step."""
+    import cProfile
+    import io
+    import pstats
+
+    _sync(device)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    prof.disable()
+    wall = (time.perf_counter() - t0) * 1e3 / steps
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        text.write(f"== sorted by {key}, {steps} steps\n")
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"cprofile_{tag}.txt").write_text(text.getvalue())
+    return {"wall_ms_per_step": wall}
+
+
 def export_trace(step, device, path: Path) -> None:
     """One profiled step as a gzipped Chrome trace: where the GPU waits for the host is visible only
     on a timeline (kernel gaps against the host ops running meanwhile)."""
@@ -449,7 +505,7 @@ def export_trace(step, device, path: Path) -> None:
 
 
 def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=None, profile_steps_n=0, lora_r=128,
-            trace=False, gc_off=False):
+            trace=False, gc_off=False, cprofile_dir=None):
     """One arm at one batch size: setup, warm-up, timed steps, optional profile, cleanup."""
     import torch
 
@@ -478,6 +534,8 @@ def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=Non
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             result["static_gib"] = static / 2**30
+        if cprofile_dir is not None:
+            result["cprofile"] = cprofile_steps(step, device, steps, Path(cprofile_dir), f"{arm}_b{result['batch']}")
         if profile_dir is not None and profile_steps_n > 0:
             result["profile"] = profile_steps(step, device, profile_steps_n, Path(profile_dir), f"{arm}_b{result['batch']}")
             if trace:
@@ -670,6 +728,8 @@ def environment(device) -> dict[str, Any]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (or GPU): a logic check, not a benchmark")
+    ap.add_argument("--host-bound", action="store_true",
+                    help="the 7B depth and placement at tiny widths (default batch 8): step time = host time")
     ap.add_argument("--arms", nargs="+", default=None, choices=(*ARMS, *EXTRA_ARMS),
                     help=f"default: all of {ARMS}, plus {BASELINE_ARM} after mrt when --baseline-editors is given")
     ap.add_argument("--baseline-editors", type=Path, default=None,
@@ -681,6 +741,8 @@ def parse_args(argv=None):
     ap.add_argument("--lora-r", type=int, default=128)
     ap.add_argument("--profile", type=Path, default=None, help="folder for torch-profiler tables (floor and mrt arms)")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--cprofile", type=Path, default=None,
+                    help="folder for cProfile tables of each arm's host time (first cycle, after the timed steps)")
     ap.add_argument("--cycles", type=int, default=1,
                     help="run the arms this many times in turn per batch size (drift-robust ratios)")
     ap.add_argument("--trace", action="store_true",
@@ -701,7 +763,7 @@ def main(argv=None) -> dict[str, Any]:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
+    if device.type != "cuda" and not (args.smoke or args.host_bound):
         raise SystemExit("gpu_train_step.py: no CUDA device; use --smoke for a CPU logic check")
     if args.baseline_editors is not None:
         _BASELINE["attach"] = load_editors_package(args.baseline_editors).attach
@@ -709,7 +771,18 @@ def main(argv=None) -> dict[str, Any]:
         args.arms = list(ARMS)
         if args.baseline_editors is not None:
             args.arms.insert(args.arms.index("mrt") + 1, BASELINE_ARM)
-    if args.smoke:
+    if args.host_bound:
+        # The 7B model's depth (24 vision, 32 LM layers) and the paper's placement at tiny widths:
+        # every kernel is short, so a step's time is the host's, and MRT − floor is what the
+        # editors cost the host (launches included) on this machine.
+        from components.editors import paper_placement_7b
+
+        config, placement = tiny_config(), paper_placement_7b()
+        config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers = 24, 32
+        batch_sizes, text_tokens = args.batch_sizes or [8], args.text_tokens or 24
+        warmup, steps = args.warmup if args.warmup is not None else 3, args.steps or 10
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif args.smoke:
         from components.editors import count  # noqa: F401 - import check only
 
         config, placement = tiny_config(), tiny_placement()
@@ -735,6 +808,7 @@ def main(argv=None) -> dict[str, Any]:
         "baseline_editors": str(args.baseline_editors) if args.baseline_editors else None,
         "env": environment(device),
         "smoke": args.smoke,
+        "host_bound": args.host_bound,
         "build_s": build_s,
         "base_params": sum(p.numel() for p in model.parameters()),
         "image_tokens": n_image_tokens(config),
@@ -756,7 +830,7 @@ def main(argv=None) -> dict[str, Any]:
             prof = args.profile if arm in ("floor", "mrt", *EXTRA_ARMS) and cycle == 0 else None
             trace = bool(args.trace and prof and b == batch_sizes[0] and arm in ("floor", "mrt"))
             r = run_arm(arm, model, batch, device, placement, warmup, steps, prof, args.profile_steps, args.lora_r,
-                        trace=trace, gc_off=args.gc == "off")
+                        trace=trace, gc_off=args.gc == "off", cprofile_dir=args.cprofile if cycle == 0 else None)
             r["cycle"] = cycle
             summary["results"].append(r)
             brief = {k: v for k, v in r.items() if k != "profile"}

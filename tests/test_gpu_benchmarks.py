@@ -144,6 +144,60 @@ def test_baseline_editors_run_side_by_side_and_cost_split_arms(tmp_path):
         bench.load_editors_package(tmp_path)
 
 
+def test_nolaunch_arm_runs_the_editors_host_work_without_their_kernels(monkeypatch):
+    """mrt_nolaunch: on the kernel path (Triton's interpreter here), the `mrt` arm launches editor
+    kernels and `mrt_nolaunch` launches none while its hooks still run; the launchers are restored."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (no GPU)")
+    from components.editors import kernels, orthonormal_kernel
+
+    monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
+    kernels._triton.cache_clear()
+    launched: list[str] = []
+
+    def counting(module):
+        real = module.launch
+
+        def launch(kernel, *a, **k):
+            launched.append(getattr(kernel, "__name__", str(kernel)))
+            return real(kernel, *a, **k)
+        return launch
+
+    monkeypatch.setattr(kernels, "launch", counting(kernels))
+    monkeypatch.setattr(orthonormal_kernel, "launch", counting(orthonormal_kernel))
+    wrapped = (kernels.launch, orthonormal_kernel.launch)
+    bench = _load("gpu_train_step")
+    args = _tiny_model_batch(bench)
+    try:
+        for arm in ("mrt", "mrt_nolaunch"):
+            launched.clear()
+            step, n, cleanup = bench.SETUP[arm](*args)
+            try:
+                loss = step()
+                assert n > 0 and loss.dim() == 0
+                if arm == "mrt":
+                    assert "whole_kernel" in launched and "whole_backward_kernel" in launched, launched
+                else:
+                    assert launched == [] and kernels.launch is not wrapped[0]
+            finally:
+                cleanup()
+            assert (kernels.launch, orthonormal_kernel.launch) == wrapped
+    finally:
+        kernels._triton.cache_clear()
+
+
+def _tiny_model_batch(bench):
+    import torch
+
+    torch.manual_seed(0)
+    config = bench.tiny_config()
+    model = bench.build_model(config, torch.device("cpu"), torch.float32)
+    model.train()
+    batch = bench.make_batch(config, 2, 24, torch.device("cpu"), torch.float32)
+    return model, batch, torch.device("cpu"), bench.tiny_placement()
+
+
 # ---------------------------------------------------------------------------------------------
 # gpu_ddp.py: the 1-vs-N-process comparison
 # ---------------------------------------------------------------------------------------------

@@ -128,7 +128,9 @@ def _triton():
                               PRECISION: tl.constexpr):
         # The backward of whole_kernel for BLOCK_N rows, g = ∂L/∂out: gz = g Uᵀ; ∂L/∂h = g + gz A;
         # this block's shares of ∂L/∂U (direct) = zᵀ g, ∂L/∂A = gzᵀ h and ∂L/∂b = Σ gz, written to its
-        # own row of `part` [programs, 2·R·d + R] (summed by the caller: deterministic, no atomics).
+        # own row of `part` [programs, 2·RANK·d + RANK] (the real rank's rows only: the caller's sum
+        # reads no padding and splits the total into the three gradients as views; deterministic,
+        # no atomics).
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
@@ -143,7 +145,7 @@ def _triton():
             u = tl.load(u_ptr + rr[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             gz += tl.dot(g, tl.trans(u), input_precision=PRECISION)
         z = tl.load(z_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
-        part = part_ptr + pid.to(tl.int64) * (2 * R * d + R)
+        part = part_ptr + pid.to(tl.int64) * (2 * RANK * d + RANK)
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < d
@@ -158,9 +160,10 @@ def _triton():
                          gh.to(gh_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
             du = tl.dot(tl.trans(z), g, input_precision=PRECISION)  # [R, BLOCK_D]
             da = tl.dot(tl.trans(gz), h, input_precision=PRECISION)
-            tl.store(part + rr[:, None] * d + cols[None, :], du, mask=col_ok[None, :])
-            tl.store(part + R * d + rr[:, None] * d + cols[None, :], da, mask=col_ok[None, :])
-        tl.store(part + 2 * R * d + rr, tl.sum(gz, axis=0))
+            keep = rank_ok[:, None] & col_ok[None, :]
+            tl.store(part + rr[:, None] * d + cols[None, :], du, mask=keep)
+            tl.store(part + RANK * d + rr[:, None] * d + cols[None, :], da, mask=keep)
+        tl.store(part + 2 * RANK * d + rr, tl.sum(gz, axis=0), mask=rank_ok)
 
     @triton.jit
     def rows_kernel(h_ptr, idx_ptr, mask_ptr, a_ptr, u_ptr, b_ptr, d: tl.constexpr, R: tl.constexpr,
@@ -478,15 +481,13 @@ def whole_backward(grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torc
     gh = torch.empty_like(h) if need_gh else g
     cfg = {**BACKWARD_CONFIG, **config} if config else BACKWARD_CONFIG
     programs = triton_cdiv(n_rows, cfg["BLOCK_N"])
-    part = torch.empty((programs, 2 * rp * d + rp), dtype=torch.float32, device=h.device)
+    part = torch.empty((programs, 2 * rank * d + rank), dtype=torch.float32, device=h.device)
     with _on_device(h):
         launch(backward_kernel, (programs,), g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
                RANK=rank, NEED_GH=need_gh, **cfg)
-    total = part.sum(0)  # the blocks' shares, in a fixed order: deterministic
-    grad_u = total[: rank * d].view(rank, d)
-    grad_a = total[rp * d: rp * d + rank * d].view(rank, d)
-    grad_b = total[2 * rp * d: 2 * rp * d + rank]
-    return (gh if need_gh else None), grad_u, grad_a, grad_b
+    # the blocks' shares summed in a fixed order (deterministic), then one split into three views
+    grad_u, grad_a, grad_b = part.sum(0).split((rank * d, rank * d, rank))
+    return (gh if need_gh else None), grad_u.view(rank, d), grad_a.view(rank, d), grad_b
 
 
 def edit_whole_train(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -592,10 +593,20 @@ def edit_rows_train(hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor,
 
 def _on_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it `t`'s (a device-mapped model keeps
-    layers on several GPUs). A no-op context when it already is, or on CPU (interpreter)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
+    layers on several GPUs). A no-op context when it already is, on CPU (interpreter), or with a
+    single visible GPU (nothing to compare: this is called once per launch, and on a launch-bound
+    vision tower two device queries per launch show in the step time)."""
+    if t.is_cuda and _gpu_count() > 1 and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_count() -> int:
+    return torch.cuda.device_count()
 
 
 def padded_rank(r: int, min_rank: int = 2) -> int:

@@ -252,6 +252,8 @@ class MRTEditors(nn.Module):
         # the kernel path applies), keyed by (device, dtype, groups); and whether any editor drops
         # out. A b1 prompt pass is bound by the host: 32 hooks × a few µs each.
         self._lm_plans: dict[tuple, tuple] = {}
+        self._whole_plans: dict[tuple, str] = {}  # (device, dtype, param dtype, grad) → path: `_whole_path`
+        self._droppers: tuple | None = None  # editors whose dropout rate is > 0 (`_begin_pass`)
         self._dropout_on = False
         self._lm_layout_cache: tuple | None = None  # _lm_groups(): fixed once the editors exist
         # The trainable tensors: every editor's U, W, b live in a bank of its shape (bank.py).
@@ -480,7 +482,7 @@ class MRTEditors(nn.Module):
 
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._sites, self._edit_lm, self._lm_pending = None, False, None
-        self._lm_plans = {}
+        self._lm_plans, self._whole_plans = {}, {}
         has_pixels = self._argument("pixel_values", args, kwargs) is not None
         lm_editors = bool(len(self.prefix) or len(self.suffix))
         decode = False
@@ -496,11 +498,11 @@ class MRTEditors(nn.Module):
         self._pass_open = has_pixels or (lm_editors and not decode)
         if not self._pass_open:  # a decode step (or a forward no editor sees): nothing to prepare
             return
-        dropout_on = False
         for editor in self.editors():
             editor.begin_pass()
-            dropout_on = dropout_on or (editor.dropout.p > 0 and editor.training)
-        self._dropout_on = dropout_on
+        if self._droppers is None:  # the editors with a dropout rate (fixed at construction)
+            self._droppers = tuple(e for e in self.editors() if e.dropout.p > 0)
+        self._dropout_on = any(e.training for e in self._droppers)
         batched = not self._checkpointing()
         self._site_whole, self._site_lm = {}, {}
         if not lm_editors or decode:
@@ -593,6 +595,7 @@ class MRTEditors(nn.Module):
 
     def _end_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._lm_pending = None
+        self._whole_plans = {}  # a vision tower run outside the next pass works its path out afresh
         if not self._pass_open:
             return
         self._pass_open = False
@@ -603,25 +606,47 @@ class MRTEditors(nn.Module):
     # -- the site hooks -----------------------------------------------------------------------
     def _whole_hook(self, group: str, key: str):
         editor = getattr(self, group)[key]
+        site, pack_key, d = (group, key), ("whole", group, key), editor.d
+        drops = editor.dropout.p > 0  # fixed at construction; whether it is active is editor.training
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             self.edit_counts[group] += 1
             hidden = _first(output)
-            params = self._site_whole.get((group, key))
+            params = self._site_whole.get(site)
             if params is None and not self._pass_open and not torch.is_grad_enabled():
                 # transformers ≥ 5.2x generate() runs the vision tower before the model's forward
                 # (outside a pass): without gradients the kept stacks serve it all the same.
-                params = self._inference_stacks()[0].get((group, key))
-            if params is None or (editor.dropout.p > 0 and editor.training) or hidden.shape[-1] != editor.d:
+                params = self._inference_stacks()[0].get(site)
+            if params is None or (drops and editor.training) or hidden.shape[-1] != d:
                 return _replace_first(output, editor(hidden))  # outside a pass, dropout, or a size error
-            packed = self._packed(("whole", group, key), params, hidden)
-            if packed is not None:  # inference on a GPU: the whole edit in one kernel (kernels.py)
-                return _replace_first(output, kernels.edit_whole(hidden, packed))
-            if torch.is_grad_enabled() and kernels.trainable(hidden, params[0]):  # training on a GPU
+            path = self._whole_path(hidden, params[0])
+            if path == "infer":  # inference on a GPU: the whole edit in one kernel (kernels.py)
+                packed = self._packed(pack_key, params, hidden, True)
+                if packed is not None:
+                    return _replace_first(output, kernels.edit_whole(hidden, packed))
+            elif path == "train":  # training on a GPU
                 return _replace_first(output, kernels.edit_whole_train(hidden, *params))
             return _replace_first(output, edit_whole(hidden, *params))
 
         return hook
+
+    def _whole_path(self, hidden: torch.Tensor, u: torch.Tensor) -> str:
+        """Which path the visual/projector sites take for hidden states like `hidden`: "infer" (the
+        fused inference kernel), "train" (`EditWhole`) or "ops" (the operator path). Worked out by
+        the first site of a pass for each (device, dtype, grad mode) and reused by the other 22: on
+        a launch-bound vision tower every host microsecond per site shows in the step time."""
+        grad = torch.is_grad_enabled()
+        key = (hidden.device, hidden.dtype, u.dtype, grad)
+        path = self._whole_plans.get(key)
+        if path is None:
+            if kernels.usable(hidden):
+                path = "infer"
+            elif grad and kernels.trainable(hidden, u):
+                path = "train"
+            else:
+                path = "ops"
+            self._whole_plans[key] = path
+        return path
 
     def _lm_hook(self, layer: int):
         key = str(layer)
@@ -644,17 +669,18 @@ class MRTEditors(nn.Module):
                     "call the model the editors were attached to, not its inner language model"
                 )
             device = hidden.device
-            plan_key = (device, hidden.dtype, groups)
+            params = self._site_lm.get(layer)
+            plan_key = (device, hidden.dtype, groups, None if params is None else params[0].dtype)
             plan = self._lm_plans.get(plan_key)
             if plan is None:  # the first hook of the pass with this key: the rest reuse it
                 present = tuple(g for g in groups if sites.slots(device, g)[0].numel())
-                plan = self._lm_plans[plan_key] = (present, kernels.usable(hidden))
-            present, usable = plan
+                train = params is not None and torch.is_grad_enabled() and kernels.trainable(hidden, params[0])
+                plan = self._lm_plans[plan_key] = (present, kernels.usable(hidden), train)
+            present, usable, train = plan
             if not present:
                 return None
             for group in present:
                 self.edit_counts[group] += 1
-            params = self._site_lm.get(layer)
             if (params is None or present != groups or (self._dropout_on and dropping())
                     or hidden.shape[-1] != editors[0].d):
                 edits = [(getattr(self, g)[key], *sites.slots(device, g)) for g in present]
@@ -668,7 +694,7 @@ class MRTEditors(nn.Module):
                 kernels.edit_rows_(hidden.view(-1, hidden.shape[-1]), idx,
                                    sites.padded_mask(mask, packed[0].shape[0]), packed)
                 return _replace_first(output, hidden)
-            if torch.is_grad_enabled() and kernels.trainable(hidden, params[0]):  # training on a GPU
+            if train:  # training on a GPU
                 return _replace_first(output, kernels.edit_rows_train(_writable(hidden), idx, mask, *params))
             return _replace_first(output, edit_rows_fused_(hidden, idx, mask, *params))
 

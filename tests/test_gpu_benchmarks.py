@@ -144,6 +144,26 @@ def test_baseline_editors_run_side_by_side_and_cost_split_arms(tmp_path):
         bench.load_editors_package(tmp_path)
 
 
+def test_host_bound_mode_has_the_7b_depth_and_placement_and_cprofile_writes_tables(tmp_path):
+    """--host-bound: tiny widths, the 7B depth (24 vision, 32 LM layers) and the paper's placement,
+    so MRT trains 22 visual editors (rank 6, d 64), the projector's (rank 6, d 128) and 32 × 2 LM
+    editors (rank 4, d 128); --cprofile writes each arm's host-time tables."""
+    bench = _load("gpu_train_step")
+    summary = bench.main(["--host-bound", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
+                          "--arms", "floor", "mrt", "--cprofile", str(tmp_path)])
+    assert summary["host_bound"] is True
+    r = {x["arm"]: x for x in summary["results"]}
+    assert all(x["status"] == "ok" for x in r.values())
+    lora_like = lambda n, r_, d: n * (2 * r_ * d + r_)  # noqa: E731 - U and W rows, W's bias
+    assert r["mrt"]["trainable_params"] == lora_like(22, 6, 64) + lora_like(1, 6, 128) + lora_like(64, 4, 128)
+    assert r["floor"]["trainable_params"] == 0
+    for arm in ("floor", "mrt"):
+        text = (tmp_path / f"cprofile_{arm}_b2.txt").read_text()
+        assert "sorted by tottime" in text and "sorted by cumulative" in text
+        assert r[arm]["cprofile"]["wall_ms_per_step"] > 0
+    assert "sites.py" in (tmp_path / "cprofile_mrt_b2.txt").read_text()  # the editors' hooks are in it
+
+
 def test_nolaunch_arm_runs_the_editors_host_work_without_their_kernels(monkeypatch):
     """mrt_nolaunch: on the kernel path (Triton's interpreter here), the `mrt` arm launches editor
     kernels and `mrt_nolaunch` launches none while its hooks still run; the launchers are restored."""

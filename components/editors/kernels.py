@@ -486,7 +486,7 @@ def whole_backward(grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torc
         launch(backward_kernel, (programs,), g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
                RANK=rank, NEED_GH=need_gh, **cfg)
     # the blocks' shares summed in a fixed order (deterministic), then one split into three views
-    grad_u, grad_a, grad_b = part.sum(0).split((rank * d, rank * d, rank))
+    grad_u, grad_a, grad_b = part.sum(0).split_with_sizes((rank * d, rank * d, rank))  # (Tensor.split: +2 µs)
     return (gh if need_gh else None), grad_u.view(rank, d), grad_a.view(rank, d), grad_b
 
 

@@ -6,9 +6,12 @@
 #      same 30 rounds (prompt pass, 8 decode steps, whole generate()), then one profiled generate();
 #   4. the training step, floor and MRT in turn (--cycles 3; LoRA arms: add them to --arms);
 #   with --tune first: launch configurations of the training backward kernels (gpu_kernel_tuning.py);
-#   with --trace: one traced b8 step of floor and MRT, split into phases (trace_phases.py).
+#   with --trace: one traced b8 step of floor and MRT, split into phases (trace_phases.py);
+#   with --decompose: what the b8 step's editors cost, split: arms floor, mrt, mrt_vision, mrt_lm,
+#   mrt_nolaunch at the 7B shape, then the same arms at tiny widths (--host-bound: host time only)
+#   with cProfile tables of each arm.
 # Usage (repository root, a CUDA machine; OUT defaults to ./gpu_out):
-#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--tune] [--trace] [--no-train] [--no-generate] [--baseline-editors DIR]
+#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--tune] [--trace] [--decompose] [--no-train] [--no-generate] [--baseline-editors DIR]
 # On the lent H200 (no network, no pydantic): carry .whl/ and first
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
 # Every step writes its JSON/markdown under $OUT and goes on after a failure; the exit status is the
@@ -23,12 +26,14 @@ TRACE=0
 TRAIN=1
 GENERATE=1
 TUNE=0
+DECOMPOSE=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --trace) TRACE=1; shift ;;
     --no-train) TRAIN=0; shift ;;
     --no-generate) GENERATE=0; shift ;;
     --tune) TUNE=1; shift ;;
+    --decompose) DECOMPOSE=1; shift ;;
     --baseline-editors) BASELINE=(--baseline-editors "$2"); TRAIN_ARMS+=(mrt_before); shift 2 ;;
     *) echo "gpu_validate.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -49,6 +54,13 @@ if [[ $TRACE == 1 ]]; then
   step trace python3 benchmarks/gpu_train_step.py --batch-sizes 8 --arms floor mrt --warmup 2 --steps 4 \
     --profile-steps 1 --trace --profile "$OUT/prof" --json "$OUT/trace_step.json"
   step phases python3 benchmarks/trace_phases.py "$OUT/prof/trace_floor_b8.json.gz" "$OUT/prof/trace_mrt_b8.json.gz"
+fi
+if [[ $DECOMPOSE == 1 ]]; then
+  ARMS=(floor mrt mrt_vision mrt_lm mrt_nolaunch)
+  step decompose python3 benchmarks/gpu_train_step.py --batch-sizes 8 --cycles 3 --warmup 2 --steps 8 \
+    --arms "${ARMS[@]}" --json "$OUT/decompose.json"
+  step host_bound python3 benchmarks/gpu_train_step.py --host-bound --cycles 3 --warmup 3 --steps 20 \
+    --arms "${ARMS[@]}" --cprofile "$OUT/prof" --json "$OUT/host_bound.json"
 fi
 step host_overhead python3 benchmarks/gpu_host_overhead.py --json "$OUT/host_overhead.json"
 if [[ $GENERATE == 1 ]]; then

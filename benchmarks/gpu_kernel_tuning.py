@@ -212,19 +212,28 @@ def tune_backward(out, kernels, dev, g, batch, tokens, d, configs, reps):
              check, reps)
 
 
-def tune_rows_backward(out, kernels, slot_mask, dev, g, batch, tokens, d, configs, reps):
-    """`kernels.rows_backward` (∂L/∂h's rows, and the parameters' gradients) on the saved state of a
-    real `EditRows` forward at an LM layer: 4 prefix + 4 suffix slots per sample, ranks 4 + 4."""
+def _lm_rows_case(slot_mask, dev, g, batch, tokens, d):
+    """An LM layer's rows case: bf16 hidden [batch·tokens, d], 4 prefix + 4 suffix slots per
+    sample (idx, all valid), ranks 4 + 4 (mask [S, 8]), u, a [8, d] and b [8] fp32."""
     import torch
 
     hidden = torch.randn(batch * tokens, d, generator=g).to(dev, torch.bfloat16)
-    gout = torch.randn(batch * tokens, d, generator=g).to(dev, torch.bfloat16)
     starts = torch.arange(batch)[:, None] * tokens
     idx = torch.cat([(starts + torch.arange(tokens - 90, tokens - 86)).reshape(-1),
                      (starts + torch.arange(tokens - 10, tokens - 6)).reshape(-1)]).to(dev)
     mask = slot_mask([torch.ones(batch * 4, dtype=torch.bool, device=dev)] * 2, [4, 4], torch.float32)
     u = (torch.randn(8, d, generator=g) / d**0.5).to(dev)
     a, b = (0.03 * torch.randn(8, d, generator=g)).to(dev), torch.randn(8, generator=g).to(dev)
+    return hidden, idx, mask, u, a, b
+
+
+def tune_rows_backward(out, kernels, slot_mask, dev, g, batch, tokens, d, configs, reps):
+    """`kernels.rows_backward` (∂L/∂h's rows, and the parameters' gradients) on the saved state of a
+    real `EditRows` forward at an LM layer: 4 prefix + 4 suffix slots per sample, ranks 4 + 4."""
+    import torch
+
+    hidden, idx, mask, u, a, b = _lm_rows_case(slot_mask, dev, g, batch, tokens, d)
+    gout = torch.randn(batch * tokens, d, generator=g).to(dev, torch.bfloat16)
     work = hidden.clone()
     _, saved_state = _rows_forward(kernels, work, idx, mask, u, a, b)
     saved, z = saved_state
@@ -248,15 +257,7 @@ def tune_rows_backward(out, kernels, slot_mask, dev, g, batch, tokens, d, config
 def tune_rows_train(out, kernels, slot_mask, dev, g, batch, tokens, d, configs, reps):
     """`EditRows`' forward (rows_partial_kernel + rows_apply_kernel) under each ROWS_TRAIN_CONFIG,
     set on the module for the call (the kernels read it there), checked against float64."""
-    import torch
-
-    hidden = torch.randn(batch * tokens, d, generator=g).to(dev, torch.bfloat16)
-    starts = torch.arange(batch)[:, None] * tokens
-    idx = torch.cat([(starts + torch.arange(tokens - 90, tokens - 86)).reshape(-1),
-                     (starts + torch.arange(tokens - 10, tokens - 6)).reshape(-1)]).to(dev)
-    mask = slot_mask([torch.ones(batch * 4, dtype=torch.bool, device=dev)] * 2, [4, 4], torch.float32)
-    u = (torch.randn(8, d, generator=g) / d**0.5).to(dev)
-    a, b = (0.03 * torch.randn(8, d, generator=g)).to(dev), torch.randn(8, generator=g).to(dev)
+    hidden, idx, mask, u, a, b = _lm_rows_case(slot_mask, dev, g, batch, tokens, d)
     rows64, m64, u64, a64, b64 = hidden[idx].double(), mask.double(), u.double(), a.double(), b.double()
     exact = rows64 + ((rows64 @ a64.T + b64) * m64) @ u64
     scale = rows64.abs() + ((rows64.abs() @ a64.abs().T + b64.abs()) * m64) @ u64.abs()

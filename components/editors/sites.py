@@ -249,8 +249,9 @@ class MRTEditors(nn.Module):
         self._param_list: list[nn.Parameter] = []
         self._lm_pending: tuple | None = None  # (input_ids, attention_mask, labels, prepare stacks) until the LM
         # Per pass: what every LM hook of the pass would recompute alike (the groups present, whether
-        # the kernel path applies), keyed by (device, dtype, groups); and whether any editor drops
-        # out. A b1 prompt pass is bound by the host: 32 hooks × a few µs each.
+        # the inference or the training kernel applies), keyed by (device, dtype, groups, parameter
+        # dtype); the visual/projector sites' path likewise; and whether any editor drops out. A b1
+        # prompt pass, and a b8 step's vision tower, are bound by the host: every µs per hook counts.
         self._lm_plans: dict[tuple, tuple] = {}
         self._whole_plans: dict[tuple, str] = {}  # (device, dtype, param dtype, grad) → path: `_whole_path`
         self._droppers: tuple | None = None  # editors whose dropout rate is > 0 (`_begin_pass`)

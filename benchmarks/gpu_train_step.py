@@ -21,6 +21,8 @@ B × L positions (576 image tokens + the padded text length).
 Run (GPU):   python benchmarks/gpu_train_step.py --json out.json --markdown out.md [--profile DIR]
 Check (CPU): python benchmarks/gpu_train_step.py --smoke
 Host cost:   python benchmarks/gpu_train_step.py --host-bound --arms floor mrt … (tiny widths, 7B depth)
+CUDA graphs: --arms floor floor_graphed mrt mrt_graphed — the vision layers replayed as graphs, without
+             and with editors (components/editors/graphs.py, `train.cuda_graphs`)
 Prints one JSON object (the summary) as its last line.
 """
 
@@ -333,10 +335,44 @@ def setup_mrt_nolaunch(model, batch, device, placement):
     return step, n, restore
 
 
+def setup_floor_graphed(model, batch, device, placement):
+    """The floor with the vision layers replayed as CUDA graphs (components/editors/graphs.py,
+    `LayerGraphs` without editors): the floor of a pipeline that graphs its vision tower, against
+    which `mrt_graphed` is the editors' own cost."""
+    from components.editors.graphs import LayerGraphs
+    from components.editors.sites import llava_modules
+
+    step, n, _ = setup_floor(model, batch, device, placement)
+    graphs = LayerGraphs(llava_modules(model)[1]).install()
+    return step, n, graphs.remove
+
+
+def setup_mrt_graphed(model, batch, device, placement):
+    """MRT with `train.cuda_graphs` on: each vision layer, editor included, one graph replay forward
+    and one backward (`MRTEditors.use_cuda_graphs`)."""
+    from components.editors import attach
+
+    if getattr(device, "type", str(device)) != "cuda":
+        raise SystemExit("arm mrt_graphed needs a CUDA device")
+    editors = attach(model, placement)
+    editors.use_cuda_graphs()
+    params = [p for p in editors.parameters() if p.requires_grad]
+    opt = _optimizer(params, 6e-4, device)
+
+    def cleanup():
+        stats = dict(editors.graphs.stats)
+        editors.detach()
+        for p in params:
+            p.grad = None
+        print(json.dumps({"mrt_graphed_stats": stats}), flush=True)
+
+    return _trainer_step(model, batch, params, opt), sum(p.numel() for p in params), cleanup
+
+
 SETUP = {"floor": setup_floor, "mrt": setup_mrt, "lora": setup_lora, "lora_fp32": setup_lora_fp32, "full": setup_full,
          BASELINE_ARM: setup_mrt_before, "mrt_vision": setup_mrt_vision, "mrt_lm": setup_mrt_lm,
-         "mrt_nolaunch": setup_mrt_nolaunch}
-EXTRA_ARMS = (BASELINE_ARM, "mrt_vision", "mrt_lm", "mrt_nolaunch")
+         "mrt_nolaunch": setup_mrt_nolaunch, "floor_graphed": setup_floor_graphed, "mrt_graphed": setup_mrt_graphed}
+EXTRA_ARMS = (BASELINE_ARM, "mrt_vision", "mrt_lm", "mrt_nolaunch", "floor_graphed", "mrt_graphed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,6 +666,16 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
                 row["mrt_peak_vs_lora_fp32"] = mrt["peak_gib"] / lora32["peak_gib"]
         if floor and lora32:
             row["lora_fp32_step_vs_floor"] = lora32["step_ms"] / floor["step_ms"]
+        # CUDA graphs of the vision layers: the editors against the graphed floor (their own cost)
+        # and against the stock floor (what a user of train.cuda_graphs gets)
+        for arm, ref in (("mrt_graphed", "floor_graphed"), ("mrt_graphed", "floor"), ("floor_graphed", "floor")):
+            a, f = by.get((b, arm)), by.get((b, ref))
+            if a and f:
+                row[f"{arm}_step_vs_{ref}"] = a["step_ms"] / f["step_ms"]
+                if "step_ms_cycles" in a and "step_ms_cycles" in f:
+                    row[f"{arm}_step_vs_{ref}_cycles"] = [x / y for x, y in zip(a["step_ms_cycles"], f["step_ms_cycles"])]
+                if "peak_gib" in a and "peak_gib" in f:
+                    row[f"{arm}_peak_vs_{ref}"] = a["peak_gib"] / f["peak_gib"]
         out[str(b)] = row
     return out
 

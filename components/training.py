@@ -688,6 +688,33 @@ def save_trained(model, extra, processor, p: TrainParams, base_fingerprint: str)
         processor.save_pretrained(out)
 
 
+def graph_vision_layers(model, extra=None):
+    """`train.cuda_graphs`: the vision encoder's layers replayed as CUDA graphs (graphs.py) — with
+    their editors for MRT (`extra`, the MRTEditors), plain for LoRA and full fine-tuning (their
+    vision tower is frozen). Calls on CPU tensors run eagerly, so the embedded default is unchanged.
+    Returns the `LayerGraphs`."""
+    if extra is not None and hasattr(extra, "use_cuda_graphs"):
+        extra.use_cuda_graphs()
+        return extra.graphs
+    from components.editors.graphs import LayerGraphs
+    from components.editors.sites import llava_modules
+
+    return LayerGraphs(llava_modules(model)[1]).install()
+
+
+def _release_graphs(graphs, extra) -> dict | None:
+    """Restore the layers and free the graphs' memory before evaluation (which runs without
+    gradients, eagerly); returns what they did (replays, eager calls, captures) for the report."""
+    if graphs is None:
+        return None
+    stats = {k: int(v) for k, v in graphs.stats.items()}
+    if extra is not None and hasattr(extra, "use_cuda_graphs"):
+        extra.use_cuda_graphs(False)
+    else:
+        graphs.remove()
+    return stats
+
+
 def train(p: TrainParams) -> dict:
     """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks."""
     from components.backbone import load_base
@@ -709,6 +736,7 @@ def train(p: TrainParams) -> dict:
         result = LoopResult(steps=0, losses=[], wall_s=0.0, resumed_from=None)
         _write_curve(p.curve, [])
         run_model, extra = model, None
+        graph_stats = None
     else:
         train_rows = _split(data.rows, "train")
         if not train_rows:
@@ -739,10 +767,12 @@ def train(p: TrainParams) -> dict:
             fingerprint={
                 "stage": "train",
                 "base": base_fp,
-                **p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task"}),
+                **p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task", "cuda_graphs"}),
             },
         )
+        graphs = graph_vision_layers(model, extra) if p.cuda_graphs else None
         result = run_loop(run_model, batch_maker(processor, sources), sampler, spec, extra=extra)
+        graph_stats = _release_graphs(graphs, extra)
         from accelerate import PartialState
 
         state = PartialState()
@@ -768,6 +798,7 @@ def train(p: TrainParams) -> dict:
         "loss_final": float(np.mean(result.losses[-10:])) if result.losses else None,
         "train_wall_s": round(result.wall_s, 2),
         "wall_s": round(time.time() - t0, 2),
+        "cuda_graphs": graph_stats,
         "heldout": ev["per_task"],
         "heldout_mean": ev["mean"],
         "heldout_n": ev["n"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -169,6 +170,24 @@ def test_checkpoint_from_other_settings_is_not_resumed(tmp_path):
     assert res.resumed_from is None
 
 
+@pytest.mark.parametrize("method", ["mrt", "lora"])
+def test_cuda_graphs_run_eagerly_on_cpu_and_release_the_layers(tmp_path, method):
+    from components.training import _release_graphs, graph_vision_layers
+
+    model, run_model, extra, processor, sources = _setup(tmp_path, method)
+    graphs = graph_vision_layers(model, extra)
+    layers = graphs.layers
+    assert all("forward" in vars(layer) for layer in layers)
+    res = run_loop(run_model, batch_maker(processor, sources), StepSampler([len(sources[0])], [1.0], 4, 0),
+                   _spec(tmp_path, steps=2), extra=extra)
+    assert res.steps == 2 and all(math.isfinite(x) for x in res.losses)
+    stats = _release_graphs(graphs, extra)
+    assert stats == {"eager": 2 * len(layers)}  # CPU tensors: every layer call ran eagerly
+    assert all("forward" not in vars(layer) for layer in layers)
+    if extra is not None:
+        assert extra.graphs is None
+
+
 def test_nothing_trainable_is_an_error(tmp_path):
     model, processor, rows, root = tiny_model(tmp_path)
     model.requires_grad_(False)
@@ -229,9 +248,12 @@ def test_train_mrt_and_frozen_end_to_end(tiny_pipeline):
     assert set(rep["heldout"]) and all(t.startswith("hx_") for t in rep["heldout"])
     assert json.loads((root / "mrt.json").read_text())["trainable_params"] == rep["trainable_params"]
     assert sorted(p.name for p in (root / "mrt" / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    assert rep["cuda_graphs"] is None
+    # cuda_graphs is a speed knob, not part of the run's fingerprint: the finished run is still found
     again = train(TrainParams(method="mrt", out_dir=str(root / "mrt"), report=str(root / "mrt2.json"),
-                              curve=str(root / "mrt2.csv"), **common))
+                              curve=str(root / "mrt2.csv"), cuda_graphs=True, **common))
     assert again["resumed_from"] == 6  # finished run: nothing left to do
+    assert again["cuda_graphs"] == {}  # installed, then released; no step ran
 
     frz = train(TrainParams(method="frozen", out_dir=str(root / "frozen"), report=str(root / "frozen.json"),
                             curve=str(root / "frozen.csv"), **common))

@@ -262,6 +262,11 @@ class MRTEditors(nn.Module):
         self._whole_layout: list[tuple[EditorBank, list]] = []
         self._lm_layout: list[tuple[EditorBank, list]] = []
         self._make_banks()
+        # CUDA graphs of the vision layers (`use_cuda_graphs`): the graphed layer already carries its
+        # editor, so its hook lets the one output it marks (`graph_edited`) through untouched.
+        self._graphs: Any = None
+        self._graph_skip = 0  # id() of that layer (an attribute holding the module would register it)
+        self._graph_sites: dict[int, tuple[str, str]] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------
     def editors(self):
@@ -277,7 +282,8 @@ class MRTEditors(nn.Module):
         return bool(self._handles)
 
     def detach(self) -> None:
-        """Remove every hook and restore the base parameters' requires_grad flags."""
+        """Remove every hook (and the CUDA graphs) and restore the base parameters' requires_grad flags."""
+        self.use_cuda_graphs(False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -611,6 +617,9 @@ class MRTEditors(nn.Module):
         drops = editor.dropout.p > 0  # fixed at construction; whether it is active is editor.training
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if self._graph_skip == id(module):  # a graph replay: edited inside the graph (graphs.py)
+                self._graph_skip = 0
+                return None
             self.edit_counts[group] += 1
             hidden = _first(output)
             params = self._site_whole.get(site)
@@ -648,6 +657,60 @@ class MRTEditors(nn.Module):
                 path = "ops"
             self._whole_plans[key] = path
         return path
+
+    # -- CUDA graphs of the vision layers (graphs.py) ------------------------------------------
+    def use_cuda_graphs(self, enabled: bool = True, backend: Any = None, max_shapes: int = 8) -> bool:
+        """Replay each vision-encoder layer, editor included, as CUDA graphs in training passes
+        (graphs.py says when a call runs eagerly instead: CPU tensors always do, so this may be
+        called before the model moves to its GPU). Returns whether the layers are now graphed.
+        `backend`: `graphs.EagerGraphs` for tests. `use_cuda_graphs(False)` restores the layers and
+        frees the graphs."""
+        from .graphs import LayerGraphs
+
+        if self._graphs is not None:
+            self._graphs.remove()
+            self._graphs = None
+        self._graph_skip = 0
+        model = self._model_ref() if self._model_ref is not None else None
+        if not enabled or model is None:
+            return False
+        _, vision_layers, _, _ = llava_modules(model)
+        self._graph_sites = {int(k): ("visual", k) for k in self.visual}
+        self._graphs = LayerGraphs(vision_layers, binding=self, backend=backend, max_shapes=max_shapes).install()
+        return True
+
+    @property
+    def graphs(self) -> Any:
+        """The `LayerGraphs` in use (its `stats` count replays, eager calls, captures), or None."""
+        return self._graphs
+
+    def graph_params(self, index: int, hidden: torch.Tensor) -> tuple | None:
+        """The inputs a graph of vision layer `index` takes this call: () for a layer without an
+        editor, (U, A, b) for an edited one, None when the call must run eagerly — the editor
+        would not take the training path (no pass open, dropout, checkpointing, a size mismatch)."""
+        if self._checkpointing():
+            return None
+        site = self._graph_sites.get(index)
+        if site is None:
+            return ()
+        params = self._site_whole.get(site)
+        if params is None or self._dropout_on or hidden.shape[-1] != self.dims["visual"]:
+            return None
+        return params if self._whole_path(hidden, params[0]) in ("train", "ops") else None
+
+    def graph_edit(self, index: int, module: nn.Module, output: Any, params: tuple) -> Any:
+        """The editor of vision layer `index` applied to its output, inside the graph."""
+        if index not in self._graph_sites:
+            return output
+        hidden = _first(output)
+        if self._whole_path(hidden, params[0]) == "train":
+            return _replace_first(output, kernels.edit_whole_train(hidden, *params))
+        return _replace_first(output, edit_whole(hidden, *params))
+
+    def graph_edited(self, index: int, module: nn.Module) -> None:
+        if index in self._graph_sites:
+            self.edit_counts["visual"] += 1
+            self._graph_skip = id(module)
 
     def _lm_hook(self, layer: int):
         key = str(layer)

@@ -85,10 +85,13 @@ def _timed(fn, device) -> tuple[float, Any]:
 
 def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, placement,
             baseline_attach=None, profile_dir: Path | None = None, split: bool = False,
-            compare_kernels: bool = False, profile_prefill_dir: Path | None = None) -> dict[str, Any]:
+            compare_kernels: bool = False, profile_prefill_dir: Path | None = None,
+            graphs: bool = False) -> dict[str, Any]:
     """Interleaved base/MRT rounds of (prefill, generate, warm prefill, decode) — and MRT with the
     baseline editors (`mrt_before`) when `baseline_attach` is given, MRT with the fused kernels
-    (`mrt_kernels`) when `compare_kernels`. Returns medians and the ratios."""
+    (`mrt_kernels`) when `compare_kernels`, and with `graphs` the vision layers as CUDA graphs
+    without editors (`base_graphed`) and with them (`mrt_graphed`; components/editors/graphs.py,
+    captured in each round's first prompt pass). Returns medians and the ratios."""
     import os
 
     import torch
@@ -137,14 +140,23 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
     if split:  # cost decomposition: vision-side editors only, LM editors only
         arm_setup["mrt_vision"] = (attach, only_groups(placement, {"visual", "projector"}), None)
         arm_setup["mrt_lm"] = (attach, only_groups(placement, {"prefix", "suffix"}), None)
-    arms = ("base", *arm_setup)
+    if graphs:
+        arm_setup["mrt_graphed"] = (attach, placement, None)
+    arms = ("base", *(("base_graphed",) if graphs else ()), *arm_setup)
     kinds = ("prefill", "generate", "prefill_warm", "decode")
     times: dict[str, dict[str, list[float]]] = {a: {k: [] for k in kinds} for a in arms}
     tokens: dict[str, Any] = {}
     edits: dict[str, int] = {}
+    graph_stats: dict[str, int] = {}
     with torch.no_grad():
         for i in range(warmup + rounds):
             for arm in arms:
+                plain_graphs = None
+                if arm == "base_graphed":
+                    from components.editors.graphs import LayerGraphs
+                    from components.editors.sites import llava_modules
+
+                    plain_graphs = LayerGraphs(llava_modules(model)[1], inference=True).install()
                 if arm in arm_setup:
                     attach_fn, arm_placement, arm_kernels = arm_setup[arm]
                     if arm_kernels is not None:
@@ -153,6 +165,8 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
                     own = editors.state_dict()
                     editors.load_state_dict({k: v for k, v in state.items() if k in own})
                     editors.eval()
+                    if arm == "mrt_graphed":
+                        editors.use_cuda_graphs(inference=True)
                 try:
                     t_pre, _ = _timed(prefill, device)  # the first pass after attach (MRT: builds its stacks)
                     t_gen, out = _timed(generate, device)
@@ -163,7 +177,11 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
                         os.environ.pop("MRT_FUSED_KERNELS", None)
                     else:
                         os.environ["MRT_FUSED_KERNELS"] = kernels_env
+                    if plain_graphs is not None:
+                        plain_graphs.remove()
                     if arm in arm_setup:
+                        if arm == "mrt_graphed":
+                            graph_stats = dict(editors.graphs.stats)
                         editors.detach()
                         if arm == "mrt":
                             edits = dict(editors.edit_counts)  # one round: 2 prefills + generate
@@ -187,6 +205,15 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
             res[f"{arm}_prefill_warm_ratio"] = res[f"{arm}_prefill_warm_ms"] / res["base_prefill_warm_ms"]
             res[f"{arm}_decode_ratio"] = res[f"{arm}_decode_ms"] / res["base_decode_ms"]
     res["generate_ratio"] = res["mrt_generate_ms"] / res["base_generate_ms"]
+    if graphs:  # against the stock base, and against the base with the same graphs (the editors' own cost)
+        for ref in ("base", "base_graphed"):
+            for kind in ("generate", "prefill_warm"):
+                res[f"mrt_graphed_{kind}_vs_{ref}"] = res[f"mrt_graphed_{kind}_ms"] / res[f"{ref}_{kind}_ms"]
+            paired = [m / b for m, b in zip(times["mrt_graphed"]["generate"], times[ref]["generate"])]
+            res[f"mrt_graphed_generate_vs_{ref}_paired"] = statistics.median(paired)
+        res["base_graphed_generate_vs_base"] = res["base_graphed_generate_ms"] / res["base_generate_ms"]
+        res["graphed_tokens_equal"] = tokens["mrt_graphed"] == tokens["mrt"]
+        res["graph_stats_last_round"] = graph_stats
     # Per-round ratios (each MRT call against the base call just before it): slow clock or load
     # drift cancels within a round, so their median is steadier than the ratio of medians.
     for arm in ("mrt", "mrt_kernels"):
@@ -316,7 +343,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| batch | arm | warm prefill ms | ratio | 8 decode steps ms | ratio | generate ms | ratio |",
               "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["results"]:
-        for arm in ("base", "mrt", "mrt_kernels", "mrt_before", "mrt_vision", "mrt_lm"):
+        for arm in ("base", "mrt", "mrt_kernels", "mrt_before", "mrt_vision", "mrt_lm", "base_graphed", "mrt_graphed"):
             if f"{arm}_decode_ms" not in r:
                 continue
             ratios = [r[f"{arm}_{k}_ms"] / r[f"base_{k}_ms"] for k in ("prefill_warm", "decode", "generate")]
@@ -346,6 +373,8 @@ def parse_args(argv=None):
                     help="also time MRT with the fused kernels (mrt_kernels) against the operator path, same rounds")
     ap.add_argument("--split", action="store_true",
                     help="also time the vision-side editors alone and the LM editors alone (mrt_vision, mrt_lm)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time the vision layers as CUDA graphs without and with editors (base_graphed, mrt_graphed)")
     ap.add_argument("--profile-prefill", type=Path, default=None,
                     help="folder for traces and op tables of the warm prompt pass: base, MRT, MRT with kernels")
     ap.add_argument("--profile", type=Path, default=None,
@@ -400,7 +429,7 @@ def main(argv=None) -> dict[str, Any]:
     for b in batch_sizes:
         prompts = make_prompts(config, b, text_tokens, device, dtype, seed=b)
         r = measure(model, prompts, device, args.new_tokens, rounds, warmup, placement, baseline, args.profile,
-                    args.split, args.compare_kernels, args.profile_prefill)
+                    args.split, args.compare_kernels, args.profile_prefill, graphs=args.graphs)
         summary["results"].append(r)
         print(json.dumps(r), flush=True)
         if args.json:

@@ -130,6 +130,31 @@ def test_no_grad_and_new_batch_sizes():
     assert stats["captures"] == 2 * len(editors.graphs.layers)
 
 
+def test_inference_graphs_match_eager_and_are_off_by_default():
+    model, editors, _, _ = _train(graphed=True, steps=1)
+    model.eval()
+    prompt = make_batch(model.config, 1, 24, "cpu", torch.float32, seed=5)
+    prompt.pop("labels")
+    with torch.no_grad():
+        eager = model(**prompt).logits  # inference=False: passes without gradients run eagerly
+        assert editors.graphs.stats["eager"] == len(editors.graphs.layers)
+        editors.use_cuda_graphs(backend=EagerGraphs(), inference=True)
+        first, second = model(**prompt).logits, model(**prompt).logits  # capture, then replay
+    stats = editors.graphs.stats
+    assert stats["captures"] == len(editors.graphs.layers) and stats["replays"] == 2 * stats["captures"]
+    assert stats.get("eager", 0) == 0
+    torch.testing.assert_close(first, eager)
+    torch.testing.assert_close(second, eager)
+    # after a parameter change the graphs read the new values (the editors' stacks are inputs)
+    with torch.no_grad():
+        editors.banks[0].W.add_(0.1)
+        changed = model(**prompt).logits
+    editors.use_cuda_graphs(False)
+    with torch.no_grad():
+        torch.testing.assert_close(changed, model(**prompt).logits)
+    assert not torch.allclose(changed, eager)
+
+
 def test_detach_restores_the_layers_and_cpu_models_stay_eager():
     model, editors, _, _ = _train(graphed=True, steps=1)
     layers = editors.graphs.layers

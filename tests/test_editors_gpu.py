@@ -228,3 +228,36 @@ def test_train_loop_with_cuda_graphs(tmp_path):
     print(json.dumps({"losses": losses, "graph_stats": stats}))
     assert stats["replays"] >= 3 * stats["captures"] > 0 and stats.get("eager", 0) == 0
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_cuda_graphs_for_inference_give_the_eager_logits():
+    """`use_cuda_graphs(inference=True)`: prompt passes without gradients replay forward-only graphs
+    with the editors' inference kernel — the same logits as the eager hooks, before and after the
+    editors change."""
+    from benchmarks.gpu_train_step import build_model, make_batch, tiny_config, tiny_placement
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), "cuda", torch.bfloat16).eval()
+    editors = attach(model, tiny_placement())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in editors.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompt = make_batch(model.config, 1, 24, "cuda", torch.bfloat16, seed=3)
+    prompt.pop("labels")
+    with torch.no_grad():
+        eager = model(**prompt).logits.float()
+        assert editors.use_cuda_graphs(inference=True)
+        graphed = [model(**prompt).logits.float() for _ in range(3)]
+        editors.banks[0].W.add_(0.1)
+        changed = model(**prompt).logits.float()
+        stats = dict(editors.graphs.stats)
+        editors.use_cuda_graphs(False)
+        changed_eager = model(**prompt).logits.float()
+    print(json.dumps({"graph_stats": stats}))
+    assert stats["replays"] == 4 * stats["captures"] > 0 and stats.get("eager", 0) == 0
+    for g in graphed:
+        torch.testing.assert_close(g, eager, rtol=0, atol=0)
+    torch.testing.assert_close(changed, changed_eager, rtol=0, atol=0)
+    assert not torch.equal(changed, eager)
+    editors.detach()

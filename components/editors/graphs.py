@@ -18,8 +18,11 @@ static output (no copy) when both are graphed. All graphs share one memory pool;
 that lives from one replay to another (static inputs and outputs, saved activations, gradients)
 is held for the graph's life, so the pool never hands it to another capture.
 
+Inference (`inference=True`, off by default): calls without gradients replay forward-only graphs
+of their own (a prompt pass at batch 1 is bound by the host too); the editors' inference kernel.
+
 What runs eagerly instead (always correct, only slower):
-- calls without gradients (evaluation, generation), under autocast, on CPU tensors, with tensor
+- calls without gradients unless `inference=True`, under autocast, on CPU tensors, with tensor
   arguments other than the hidden states (an attention mask), or at a site whose editor would not
   take the training kernel this pass (dropout on, checkpointing, no pass open);
 - a pass that begins while the previous graphed pass still awaits its backward (two forwards, then
@@ -91,8 +94,10 @@ class EagerGraphs:
         self.captures += 1
         static = fn()
 
+        grad = torch.is_grad_enabled()
+
         def replay():
-            with torch.enable_grad():
+            with torch.set_grad_enabled(grad):
                 new = fn()
             with torch.no_grad():
                 for s, n in zip(_tensors(static), _tensors(new)):
@@ -150,8 +155,10 @@ class _LayerGraph:
         self.needs = tuple(t.requires_grad for t in inputs)
         wrt = [t for t in inputs if t.requires_grad]
 
+        grad = torch.is_grad_enabled()  # a training graph, or a forward-only one for inference
+
         def run():
-            with torch.enable_grad():
+            with torch.set_grad_enabled(grad):
                 return binding.graph_edit(index, module, orig(self.h, *rest, **kwargs), self.params)
 
         def warm():
@@ -236,8 +243,9 @@ class LayerGraphs:
     (`NoEdits` for plain layers; `MRTEditors` for its visual sites). `install()` patches the layers,
     `remove()` restores them. `stats` counts replays, eager calls and captures per layer call."""
 
-    def __init__(self, layers, binding=None, backend=None, max_shapes: int = 4):
+    def __init__(self, layers, binding=None, backend=None, max_shapes: int = 4, inference: bool = False):
         self.layers = list(layers)
+        self.inference = inference
         self.binding = binding if binding is not None else NoEdits()
         self.backend = backend if backend is not None else CudaGraphs()
         self.max_shapes = max_shapes
@@ -278,12 +286,12 @@ class LayerGraphs:
             self._warned.add(what)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    @staticmethod
-    def _signature(hidden: Any, rest: tuple, kwargs: dict) -> tuple | None:
+    def _signature(self, hidden: Any, rest: tuple, kwargs: dict) -> tuple | None:
         """The part of a call a graph is specialised on, or None when the call can't be graphed."""
         if not isinstance(hidden, torch.Tensor) or not hidden.is_cuda and not _any_device():
             return None
-        if not torch.is_grad_enabled() or torch.is_autocast_enabled():
+        grad = torch.is_grad_enabled()
+        if not (grad or self.inference) or torch.is_autocast_enabled():
             return None
         if any(a is not None for a in rest):
             return None
@@ -296,7 +304,7 @@ class LayerGraphs:
             return None
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        return (tuple(hidden.shape), hidden.dtype, hidden.device, hidden.requires_grad, extra)
+        return (tuple(hidden.shape), hidden.dtype, hidden.device, grad, hidden.requires_grad, extra)
 
     def _forward(self, index: int, module: nn.Module, orig: Callable, *args, **kwargs):
         if args:

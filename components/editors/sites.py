@@ -659,11 +659,13 @@ class MRTEditors(nn.Module):
         return path
 
     # -- CUDA graphs of the vision layers (graphs.py) ------------------------------------------
-    def use_cuda_graphs(self, enabled: bool = True, backend: Any = None, max_shapes: int = 8) -> bool:
+    def use_cuda_graphs(self, enabled: bool = True, backend: Any = None, max_shapes: int = 8,
+                        inference: bool = False) -> bool:
         """Replay each vision-encoder layer, editor included, as CUDA graphs in training passes
         (graphs.py says when a call runs eagerly instead: CPU tensors always do, so this may be
         called before the model moves to its GPU). Returns whether the layers are now graphed.
-        `backend`: `graphs.EagerGraphs` for tests. `use_cuda_graphs(False)` restores the layers and
+        `inference`: also passes without gradients (prompt passes of generation), as forward-only
+        graphs with the inference kernel. `backend`: `graphs.EagerGraphs` for tests. `use_cuda_graphs(False)` restores the layers and
         frees the graphs."""
         from .graphs import LayerGraphs
 
@@ -676,7 +678,8 @@ class MRTEditors(nn.Module):
             return False
         _, vision_layers, _, _ = llava_modules(model)
         self._graph_sites = {int(k): ("visual", k) for k in self.visual}
-        self._graphs = LayerGraphs(vision_layers, binding=self, backend=backend, max_shapes=max_shapes).install()
+        self._graphs = LayerGraphs(vision_layers, binding=self, backend=backend, max_shapes=max_shapes,
+                                   inference=inference).install()
         return True
 
     @property
@@ -693,17 +696,27 @@ class MRTEditors(nn.Module):
         site = self._graph_sites.get(index)
         if site is None:
             return ()
+        editor = self.visual[site[1]]
         params = self._site_whole.get(site)
-        if params is None or self._dropout_on or hidden.shape[-1] != self.dims["visual"]:
+        if params is None and not self._pass_open and not torch.is_grad_enabled():
+            params = self._inference_stacks()[0].get(site)  # as the hook: generate()'s early vision pass
+        if params is None or (editor.dropout.p > 0 and editor.training) or hidden.shape[-1] != editor.d:
             return None
-        return params if self._whole_path(hidden, params[0]) in ("train", "ops") else None
+        path = self._whole_path(hidden, params[0])
+        if path == "infer":  # the inference kernel's packed (A, U, b), kept until a parameter changes
+            return self._packed(("whole",) + site, params, hidden, True)
+        return params
 
     def graph_edit(self, index: int, module: nn.Module, output: Any, params: tuple) -> Any:
-        """The editor of vision layer `index` applied to its output, inside the graph."""
+        """The editor of vision layer `index` applied to its output, inside the graph (`params` as
+        `graph_params` gave them: packed for the inference kernel, (U, A, b) otherwise)."""
         if index not in self._graph_sites:
             return output
         hidden = _first(output)
-        if self._whole_path(hidden, params[0]) == "train":
+        path = self._whole_path(hidden, params[0])
+        if path == "infer":
+            return _replace_first(output, kernels.edit_whole(hidden, params))
+        if path == "train":
             return _replace_first(output, kernels.edit_whole_train(hidden, *params))
         return _replace_first(output, edit_whole(hidden, *params))
 

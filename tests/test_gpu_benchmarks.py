@@ -76,9 +76,10 @@ def test_the_model_is_left_clean_between_arms(train_summary):
         model(**batch)  # transformers installs its own output-capturing hooks on first use
     hooks = {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for arm in ("floor", "mrt", "lora"):
+    for arm in ("floor", "mrt", "lora", "floor_graphed"):
         bench.run_arm(arm, model, batch, torch.device("cpu"), bench.tiny_placement(), warmup=0, steps=1)
     assert not any(p.requires_grad for p in model.parameters())
+    assert not any("forward" in vars(m) for m in model.modules())  # graphed layers restored
     assert not any("lora" in n for n, _ in model.named_modules())
     assert {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
     after = model.state_dict()
@@ -122,6 +123,26 @@ def test_generation_edits_only_the_prompt_pass():
     assert r["base_decode_ms"] > 0 and r["decode_ratio"] > 0
     assert r["mrt_kernels_generate_ratio_paired"] > 0 and r["kernels_tokens_equal"]  # same editors, same tokens
     assert "| 2 | mrt_kernels |" in gen.markdown(summary)
+
+
+def test_graphed_arms_compare_against_both_floors_and_leave_the_layers_clean():
+    """floor_graphed (plain layers graphed; eager on CPU) is compared with the floor; mrt_graphed
+    needs CUDA and says so; the generation arms base_graphed/mrt_graphed give the same tokens."""
+    bench = _load("gpu_train_step")
+    summary = bench.main(["--smoke", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
+                          "--arms", "floor", "floor_graphed"])
+    row = summary["compare"]["2"]
+    assert row["floor_graphed_step_vs_floor"] > 0
+    assert "mrt_graphed_step_vs_floor" not in row
+    import torch
+
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        bench.setup_mrt_graphed(None, None, torch.device("cpu"), None)
+    gen = _load("gpu_generate")
+    (r,) = gen.main(["--smoke", "--batch-sizes", "1", "--rounds", "1", "--warmup", "0", "--graphs"])["results"]
+    assert r["graphed_tokens_equal"]
+    assert r["mrt_graphed_generate_vs_base_graphed"] > 0 and r["base_graphed_generate_vs_base"] > 0
+    assert r["graph_stats_last_round"] == {"eager": 4 * bench.tiny_config().vision_config.num_hidden_layers}
 
 
 def test_baseline_editors_run_side_by_side_and_cost_split_arms(tmp_path):

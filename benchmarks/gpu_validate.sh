@@ -9,9 +9,11 @@
 #   with --trace: one traced b8 step of floor and MRT, split into phases (trace_phases.py);
 #   with --decompose: what the b8 step's editors cost, split: arms floor, mrt, mrt_vision, mrt_lm,
 #   mrt_nolaunch at the 7B shape, then the same arms at tiny widths (--host-bound: host time only)
-#   with cProfile tables of each arm.
+#   with cProfile tables of each arm;
+#   with --graphs: the training step also as floor_graphed / mrt_graphed (the vision layers as CUDA
+#   graphs, train.cuda_graphs) and generation also as base_graphed / mrt_graphed (gpu_generate --graphs).
 # Usage (repository root, a CUDA machine; OUT defaults to ./gpu_out):
-#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--tune] [--trace] [--decompose] [--no-train] [--no-generate] [--baseline-editors DIR]
+#   OUT=/some/dir bash benchmarks/gpu_validate.sh [--tune] [--trace] [--decompose] [--graphs] [--no-train] [--no-generate] [--baseline-editors DIR]
 # On the lent H200 (no network, no pydantic): carry .whl/ and first
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
 # Every step writes its JSON/markdown under $OUT and goes on after a failure; the exit status is the
@@ -27,6 +29,7 @@ TRAIN=1
 GENERATE=1
 TUNE=0
 DECOMPOSE=0
+GRAPHS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --trace) TRACE=1; shift ;;
@@ -34,6 +37,7 @@ while [[ $# -gt 0 ]]; do
     --no-generate) GENERATE=0; shift ;;
     --tune) TUNE=1; shift ;;
     --decompose) DECOMPOSE=1; shift ;;
+    --graphs) GRAPHS=(--graphs); TRAIN_ARMS+=(floor_graphed mrt_graphed); shift ;;
     --baseline-editors) BASELINE=(--baseline-editors "$2"); TRAIN_ARMS+=(mrt_before); shift 2 ;;
     *) echo "gpu_validate.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -46,7 +50,7 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, count failures
   tail -n 3 "$OUT/$name.log"
 }
 step gpu_tests python3 -m pytest -q -p no:cacheprovider -s tests/test_editor_kernels.py tests/test_editors_gpu.py \
-  tests/test_editors_speed.py tests/test_orthonormal_kernel.py tests/test_launch.py
+  tests/test_editors_speed.py tests/test_orthonormal_kernel.py tests/test_launch.py tests/test_editor_graphs.py
 if [[ $TUNE == 1 ]]; then
   step tune python3 benchmarks/gpu_kernel_tuning.py --kernels rows_train rows_backward backward --json "$OUT/kernel_tuning.json"
 fi
@@ -64,7 +68,7 @@ if [[ $DECOMPOSE == 1 ]]; then
 fi
 step host_overhead python3 benchmarks/gpu_host_overhead.py --json "$OUT/host_overhead.json"
 if [[ $GENERATE == 1 ]]; then
-  step generate python3 benchmarks/gpu_generate.py "${BASELINE[@]}" --compare-kernels --rounds 30 \
+  step generate python3 benchmarks/gpu_generate.py "${BASELINE[@]}" "${GRAPHS[@]}" --compare-kernels --rounds 30 \
     --profile "$OUT/prof" --json "$OUT/generate.json" --markdown "$OUT/generate.md"
 fi
 if [[ $TRAIN == 1 ]]; then

@@ -36,6 +36,7 @@ tensors: a hidden state kept from one pass to the next is overwritten by the nex
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -67,7 +68,8 @@ class CudaGraphs:
         torch.cuda.synchronize()
 
     def capture(self, fn: Callable[[], Any], on_replay: Callable[[Any], None] | None = None):
-        """(replay, fn's result) — the result's tensors are static: each replay rewrites them."""
+        """(replay, fn's result) — the result's tensors are static: each replay rewrites them.
+        Captured on the current device: `LayerGraphs` makes that the layer's."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -341,9 +343,12 @@ class LayerGraphs:
             return orig(*args, **kwargs)
         if graph is None:
             prev = gset.graphs.get(index - 1)
+            # a model spread over GPUs (device_map): capture on the layer's own device
+            on_device = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
             try:
-                graph = _LayerGraph(self.backend, index, module, orig, self.binding, hidden, rest, kwargs, params,
-                                    prev.out if prev is not None else None)
+                with on_device:
+                    graph = _LayerGraph(self.backend, index, module, orig, self.binding, hidden, rest, kwargs,
+                                        params, prev.out if prev is not None else None)
             except Exception as err:  # noqa: BLE001 — a layer that can't be captured runs eagerly, loudly
                 gset.broken = True
                 self._warn("capture", f"CUDA graphs: capturing layer {index} failed ({type(err).__name__}: {err}); "

@@ -218,8 +218,9 @@ def main(argv=None) -> dict[str, Any]:
     }
     summary.update(
         walls=walls, compare=cmp, speed=speed,
-        runs={n: {k: r[k] for k in ("steps", "loss_first", "loss_final", "heldout_mean", "heldout", "heldout_n",
-                                    "trainable_params", "train_wall_s", "wall_s")} for n, r in reports.items()},
+        runs={n: {k: r.get(k) for k in ("steps", "loss_first", "loss_final", "heldout_mean", "heldout", "heldout_n",
+                                        "trainable_params", "train_wall_s", "wall_s", "cuda_graphs")}
+              for n, r in reports.items()},
         curves={1: c1, args.nproc: c2},
         passed=bool(cmp["losses_within_tol"] and cmp["weights_within_tol"] and cmp["heldout_within_slack"]),
     )

@@ -87,7 +87,8 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
             baseline_attach=None, profile_dir: Path | None = None, split: bool = False,
             compare_kernels: bool = False, profile_prefill_dir: Path | None = None,
             graphs: bool = False) -> dict[str, Any]:
-    """Interleaved base/MRT rounds of (prefill, generate, warm prefill, decode) — and MRT with the
+    """Interleaved base/MRT rounds of (prefill, generate, warm prefill, decode), the arms' order
+    rotated from round to round — and MRT with the
     baseline editors (`mrt_before`) when `baseline_attach` is given, MRT with the fused kernels
     (`mrt_kernels`) when `compare_kernels`, and with `graphs` the vision layers as CUDA graphs
     without editors (`base_graphed`) and with them (`mrt_graphed`; components/editors/graphs.py,
@@ -150,7 +151,10 @@ def measure(model, prompts, device, new_tokens: int, rounds: int, warmup: int, p
     graph_stats: dict[str, int] = {}
     with torch.no_grad():
         for i in range(warmup + rounds):
-            for arm in arms:
+            # each round starts at the next arm: a bias by position in the round (clocks, allocator and
+            # cache state after the previous arm) falls on every arm alike; pairs stay within a round
+            shift = i % len(arms)
+            for arm in arms[shift:] + arms[:shift]:
                 plain_graphs = None
                 if arm == "base_graphed":
                     from components.editors.graphs import LayerGraphs

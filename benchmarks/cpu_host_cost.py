@@ -4,7 +4,9 @@ no GPU (issue 7).
 Why: a b1 generate() of LLaVA-7B on an H200 is bound by the host (benchmarks/RESULTS.md), and the
 device hosts are too noisy to compare two versions of the editors' Python at the 0.5 ms level. Here a
 LLaVA with the 7B model's depth (24 vision layers, 32 LM layers) at tiny widths runs no-grad prompt
-passes (`--mode prefill`) or training steps (`--mode train`: forward with labels, backward, and for
+passes (`--mode prefill`), 8 greedy decode steps after a prompt pass (`--mode decode`: only the
+decode steps timed, where the editors edit nothing but their pass hooks still run), or training
+steps (`--mode train`: forward with labels, backward, and for
 the editors clipping and a fused-style AdamW step, as `gpu_train_step.py`; the base arm is its
 frozen floor, backward to the pixels) on one CPU thread. Triton's interpreter switch makes the editors take their GPU path
 (fused kernels, positions kernel), with every kernel launch stubbed out. What the editors then add to
@@ -16,7 +18,7 @@ base (no editors), `now` (components/editors), and with `--baseline-editors DIR`
 editors (`before`). Reported: fastest pass and median per arm, and what each set of editors adds
 (fastest pass − base's fastest).
 
-Run: python benchmarks/cpu_host_cost.py [--mode prefill|train] [--baseline-editors .before_s6] [--rounds 6] [--json out.json]
+Run: python benchmarks/cpu_host_cost.py [--mode prefill|decode|train] [--baseline-editors .before_s6] [--rounds 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(_HERE))
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("prefill", "train"), default="prefill")
+    ap.add_argument("--mode", choices=("prefill", "decode", "train"), default="prefill")
     ap.add_argument("--baseline-editors", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--passes", type=int, default=15)
@@ -102,6 +104,20 @@ def _run(args) -> dict:
                     with torch.no_grad():
                         model(**prompts, use_cache=True)
                 return run
+            if args.mode == "decode":
+                def run() -> float:
+                    """A prompt pass (not timed), then 8 greedy decode steps: their ms."""
+                    with torch.no_grad():
+                        first = model(**prompts, use_cache=True, logits_to_keep=1)
+                        cache, mask = first.past_key_values, prompts["attention_mask"]
+                        ids, ones = first.logits[:, -1:].argmax(-1), mask.new_ones(mask.shape[0], 1)
+                        t0 = time.perf_counter()
+                        for _ in range(8):
+                            mask = torch.cat([mask, ones], dim=1)
+                            ids = model(input_ids=ids, past_key_values=cache, attention_mask=mask,
+                                        use_cache=True).logits[:, -1:].argmax(-1)
+                        return (time.perf_counter() - t0) * 1e3
+                return run
             if editors is None:  # the floor: frozen model, backward to the pixels
                 def run():
                     batch = dict(inputs)
@@ -124,8 +140,8 @@ def _run(args) -> dict:
             out = []
             for _ in range(args.passes):
                 t0 = time.perf_counter()
-                run()
-                out.append((time.perf_counter() - t0) * 1e3)
+                ms = run()  # a run that times only part of itself returns its ms
+                out.append(ms if isinstance(ms, float) else (time.perf_counter() - t0) * 1e3)
             return out
 
         model.requires_grad_(False)

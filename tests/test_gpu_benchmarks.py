@@ -399,7 +399,7 @@ def test_kernel_tuning_times_the_device_not_the_host():
     assert 0 < graph_us < loop_us
 
 
-@pytest.mark.parametrize("mode", ["prefill", "train"])
+@pytest.mark.parametrize("mode", ["prefill", "decode", "train"])
 def test_cpu_host_cost_benchmark_times_every_arm_and_restores_the_launcher(tmp_path, mode):
     """cpu_host_cost.py: base, current and baseline editors, interleaved, on the kernel path with
     launches stubbed; the real launcher is back afterwards and the JSON holds what was printed."""

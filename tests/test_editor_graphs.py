@@ -128,6 +128,16 @@ def test_no_grad_and_new_batch_sizes():
     loss = model(**make_batch(model.config, 3, 24, "cpu", torch.float32)).loss
     loss.backward()
     assert stats["captures"] == 2 * len(editors.graphs.layers)
+    # beyond max_shapes input shapes (not signatures: one shape gives several) calls run eagerly, once warned
+    editors.graphs.max_shapes = 2
+    eager = stats["eager"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**make_batch(model.config, 4, 24, "cpu", torch.float32)).loss.backward()
+        model(**make_batch(model.config, 2, 24, "cpu", torch.float32)).loss.backward()  # a known shape replays
+    assert stats["eager"] - eager == len(editors.graphs.layers)
+    assert stats["captures"] == 2 * len(editors.graphs.layers)
+    assert sum("input shapes" in str(w.message) for w in caught) == 1
 
 
 def test_inference_graphs_match_eager_and_are_off_by_default():

@@ -253,6 +253,7 @@ class LayerGraphs:
         self.max_shapes = max_shapes
         self.stats: Counter[str] = Counter()
         self._sets: dict[tuple, _GraphSet] = {}
+        self._shapes: set[tuple] = set()  # (shape, dtype, device, grad mode) with graphs
         self._warned: set[str] = set()
         self._installed = False
 
@@ -277,6 +278,7 @@ class LayerGraphs:
     def clear(self) -> None:
         """Drop every graph (and the memory they hold); the next calls capture again."""
         self._sets.clear()
+        self._shapes.clear()
         self.backend.reset()
 
     @property
@@ -322,10 +324,14 @@ class LayerGraphs:
         key = (*signature, tuple(p.requires_grad for p in params))
         gset = self._sets.get(key)
         if gset is None:
-            if len(self._sets) >= self.max_shapes:
+            # one input shape (batch size) gives a few signatures (layers with and without an editor,
+            # with and without a gradient coming in): the limit is on shapes, not signatures
+            shape = signature[:4]
+            if shape not in self._shapes and len(self._shapes) >= self.max_shapes:
                 self._warn("shapes", f"CUDA graphs: more than {self.max_shapes} input shapes; the others run eagerly")
                 self.stats["eager"] += 1
                 return orig(*args, **kwargs)
+            self._shapes.add(shape)
             gset = self._sets[key] = _GraphSet()
         if index <= gset.last:  # a new pass
             gset.eager = gset.busy()

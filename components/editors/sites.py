@@ -664,9 +664,10 @@ class MRTEditors(nn.Module):
         """Replay each vision-encoder layer, editor included, as CUDA graphs in training passes
         (graphs.py says when a call runs eagerly instead: CPU tensors always do, so this may be
         called before the model moves to its GPU). Returns whether the layers are now graphed.
-        `inference`: also passes without gradients (prompt passes of generation), as forward-only
-        graphs with the inference kernel. `backend`: `graphs.EagerGraphs` for tests. `use_cuda_graphs(False)` restores the layers and
-        frees the graphs."""
+        `inference`: passes without gradients too (generation's prompt passes), as forward-only
+        graphs with the inference kernel. `max_shapes`: input shapes (batch sizes) that get graphs.
+        `backend`: `graphs.EagerGraphs` for tests. `use_cuda_graphs(False)` restores the layers
+        and frees the graphs."""
         from .graphs import LayerGraphs
 
         if self._graphs is not None:

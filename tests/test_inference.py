@@ -84,6 +84,21 @@ def test_evaluate_exact_match_counts_per_task(tmp_path, monkeypatch):
     assert ev["mean"] == 0.5 and ev["n"] == 6
 
 
+def test_quick_heldout_check_does_not_count_an_empty_answer_as_option_letter_a(tmp_path, monkeypatch):
+    """`mrt train`'s held-out check: an empty prediction against the reference "A" is a miss
+    (normalisation used to drop "a" as an article, scoring 0.5 where the benchmark gives 0.0)."""
+    from components.data.records import Row
+
+    model, processor, _, _ = tiny_model(tmp_path)
+    import components.inference as inf
+
+    rows = [Row("q0", "vf_letter", "heldout", "Which option? (A) red (B) blue", "A", None, "hand", 0),
+            Row("q1", "vf_letter", "heldout", "Which option? (A) red (B) blue", "B", None, "hand", 1)]
+    monkeypatch.setattr(inf, "generate", lambda *a, **k: ["", "(b)"])
+    ev = evaluate_exact_match(model, processor, rows, None)
+    assert ev["per_task"] == {"vf_letter": 0.5}  # only the "(b)" answer counts
+
+
 def test_detect_kind_and_load(tmp_path):
     model, processor, _, root = _trained_a_little(tmp_path)
     base = tmp_path / "base"

@@ -38,7 +38,9 @@ from components.metrics.text import (
         ("The Three cats!", "3 cats"),
         ("an apple.", "apple"),
         ("A dog", "dog"),
-        ("the", ""),
+        ("the", "the"),  # an answer that is nothing but an article keeps it
+        ("A", "a"),  # the option letter A is not the article a
+        ("(A)", "a"),
         ("", ""),
         ("   \t\n ", ""),
         ("Hello,   WORLD", "hello world"),
@@ -62,8 +64,12 @@ def test_normalize_answer(raw, expected):
     [
         ("Three cats.", "3 cats", True),
         ("the red one", "Red one!", True),
-        ("", "", True),
-        ("The", "", True),  # nothing but an article normalises to the empty answer
+        ("", "", False),  # an empty prediction matches nothing
+        ("The", "", False),
+        ("", "A", False),  # the option letter A is not dropped as an article
+        ("a", "A", True),
+        ("(A)", "A", True),
+        ("B", "A", False),
         ("", "yes", False),
         ("3.5", "35", False),
         ("cat", "cats", False),
@@ -371,11 +377,11 @@ def test_metric_path_rejects_unknown_names():
 
 
 def test_vf_exact_match_module_matches_pure_function():
-    preds = ["Three cats.", "a dog", "red", ""]
-    refs = ["3 cats", "Dog!", "blue", ""]
+    preds = ["Three cats.", "a dog", "red", "", "A"]
+    refs = ["3 cats", "Dog!", "blue", "A", "a"]
     result = load_metric("vf_exact_match").compute(predictions=preds, references=refs)
     assert result == {"exact_match": sum(map(exact_match, preds, refs)) / len(preds)}
-    assert result["exact_match"] == 0.75
+    assert result["exact_match"] == 0.6  # the empty prediction does not match the option letter "A"
 
 
 def test_vf_option_letter_module_matches_pure_function():

@@ -53,7 +53,7 @@ def normalize_answer(s: str) -> str:
     Lowercase; apostrophes deleted ("don't" → "dont"); a decimal point between digits kept ("3.5")
     and a thousands comma deleted ("1,000" → "1000"), so numbers are not split or merged by accident;
     every other punctuation mark becomes a space ("red,blue" → "red blue"); the articles a/an/the
-    dropped; the number words zero..twenty replaced by digits ("Three" → "3"); whitespace collapsed.
+    dropped unless nothing else is left (so the option letter "A" stays "a"); the number words zero..twenty replaced by digits ("Three" → "3"); whitespace collapsed.
     Dotted acronyms are joined first ("U.S.A." → "usa"), so their letters are not read as articles.
     """
     text = _require_str(s, "answer").lower()
@@ -66,13 +66,18 @@ def normalize_answer(s: str) -> str:
             continue
         chars.append(" " if _is_punctuation(ch) else ch)
     text = "".join(chars).replace(_DECIMAL_MARK, ".")
-    tokens = [NUMBER_WORDS.get(tok, tok) for tok in text.split() if tok not in ARTICLES]
-    return " ".join(tokens)
+    words = text.split()
+    # Articles go only when something else is left: "A" (an option letter) or "the" alone is the
+    # answer itself, and must not become "" (which an empty prediction would then match).
+    kept = [tok for tok in words if tok not in ARTICLES] or words
+    return " ".join(NUMBER_WORDS.get(tok, tok) for tok in kept)
 
 
 def exact_match(pred: str, ref: str) -> bool:
-    """True when prediction and reference are equal after :func:`normalize_answer`."""
-    return normalize_answer(_require_str(pred, "prediction")) == normalize_answer(_require_str(ref, "reference"))
+    """True when prediction and reference are equal after :func:`normalize_answer`. An empty
+    prediction (nothing left after normalisation) matches nothing."""
+    pred_norm = normalize_answer(_require_str(pred, "prediction"))
+    return bool(pred_norm) and pred_norm == normalize_answer(_require_str(ref, "reference"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ inference ("USER: <image>\\n{instruction} ASSISTANT:") are then exactly the prom
 and the answer-only loss mask is exact (no BPE merge can straddle the boundary). The <image> marker is
 expanded to the processor's number of image tokens before tokenizing, as LlavaProcessor does.
 
+`max_length` counts TEXT tokens: the image tokens one image expands to (576 for LLaVA-1.5 at 336 px)
+come on top, asked of the processor, so one setting means the same for a 16-token and a 576-token
+base. Every answer target ends with the tokenizer's end-of-sequence token whatever the chat template
+renders after the answer (llava-hf's template ends an assistant turn with a space, no `</s>`): a model
+that never sees EOS in its labels never learns to stop.
+
 Training pads on the right (labels of pads are -100); generation pads on the left so every row's
 next token is at the last position.
 """
@@ -43,13 +49,17 @@ class ChatFormatter:
     """Renders rows with the base's chat template and tokenizes them (see the module docstring)."""
 
     def __init__(self, processor, max_length: int = 128):
+        """`max_length`: the most TEXT tokens (prompt + answer) of one example; image tokens come on top."""
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
         self.image_token = getattr(processor, "image_token", None) or "<image>"
         self.template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not self.template:
-            raise ValueError("the base's processor has no chat template; rebuild the base with `mrt align`")
+            raise ValueError(
+                "the base's processor has no chat template (no chat_template.json / chat_template.jinja in the "
+                "folder, none in tokenizer_config.json): add the model's chat template file to the folder"
+            )
         self.n_image_tokens = image_token_count(processor) if hasattr(processor, "image_processor") else 0
 
     def _render(self, msgs: list[dict], add_generation_prompt: bool) -> str:
@@ -75,7 +85,8 @@ class ChatFormatter:
         return self._ids(text, first=True)
 
     def encode(self, instruction: str, answer: str, has_image: bool, record: str = "", image: Any = None) -> Encoded:
-        """Prompt + answer ids with the prompt masked. Over-long answers are truncated; an over-long
+        """Prompt + answer ids with the prompt masked; the answer ends with EOS. `max_length` counts text
+        tokens (image tokens come on top). Over-long answers are truncated (EOS kept); an over-long
         prompt is an error naming the record (truncating it would cut image tokens or the question)."""
         prompt_only = self.prompt_text(instruction, has_image)
         full = self._render(_messages(instruction, has_image, answer), add_generation_prompt=False)
@@ -85,14 +96,26 @@ class ChatFormatter:
                 "answer-only masking needs it to be"
             )
         prompt_ids = self.encode_prompt(instruction, has_image)
-        answer_ids = self._ids(full[len(prompt_only) :], first=False)
-        room = self.max_length - len(prompt_ids)
-        if room < 1:
+        # Trailing whitespace after the answer (llava-hf: "ASSISTANT: {answer} ") is dropped and EOS is
+        # appended unless the template already closed the turn with it (vicuna/tiny: "{answer}</s>").
+        answer_ids = self._ids(full[len(prompt_only) :].rstrip(), first=False)
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the base's tokenizer has no eos_token: answers could not teach the model to stop")
+        if not answer_ids or answer_ids[-1] != eos:
+            answer_ids = answer_ids + [eos]
+        n_image = self.n_image_tokens if has_image else 0
+        text_prompt = len(prompt_ids) - n_image
+        room = self.max_length - text_prompt
+        if room < 2:
             raise ValueError(
-                f"record {record}: field 'instruction' gives a prompt of {len(prompt_ids)} tokens, "
-                f"more than max_length={self.max_length} allows; raise max_length or shorten it"
+                f"record {record}: field 'instruction' gives a prompt of {text_prompt} text tokens"
+                + (f" (+ {n_image} image tokens)" if n_image else "")
+                + f", leaving no room for an answer within max_length={self.max_length} text tokens; "
+                "raise max_length or shorten it"
             )
-        answer_ids = answer_ids[:room]
+        if len(answer_ids) > room:  # an over-long answer is cut, but still ends with EOS
+            answer_ids = answer_ids[: room - 1] + [eos]
         return Encoded(
             input_ids=prompt_ids + answer_ids,
             labels=[IGNORE_INDEX] * len(prompt_ids) + list(answer_ids),

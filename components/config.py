@@ -117,6 +117,9 @@ class AlignParams(_Section):
     save_every: int = Field(250, ge=1)  # checkpoints while aligning; dropped once the base is saved
     image_size: int | None = Field(None, ge=16)  # tiny base on data without a fixed size (real Vision-Flan)
     train_language_model: bool = True  # tiny: learns its language here; composed: keep False (frozen LM)
+    # llava: the dtype the base is loaded in and saved as (auto = the checkpoint's own, e.g. fp16 for
+    # llava-hf/llava-1.5-7b-hf). Later stages load the saved base as it is.
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _sources_named(self) -> "AlignParams":
@@ -207,7 +210,13 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     save_every: int = Field(100, ge=1)
-    max_length: int = Field(128, ge=16)
+    # TEXT tokens of one example (prompt + answer); the image tokens (576 for LLaVA-1.5) come on top.
+    # null = the base's position budget minus its image tokens.
+    max_length: int | None = Field(128, ge=16)
+    # Batches built this many steps ahead in a background thread (pinned memory on CUDA), so image
+    # decoding and collation overlap the model's step; 0 = build each batch inside the loop. Changes
+    # no result (the same rows in the same order): not part of a run's checkpoint fingerprint.
+    loader_prefetch: int = Field(2, ge=0)
     eval_per_task: int = Field(20, ge=1)  # held-out records per task for the post-training check
     eval_batch_size: int = Field(32, ge=1)
     eval_max_new_tokens: int = Field(8, ge=1)

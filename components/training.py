@@ -109,6 +109,7 @@ class LoopSpec:
     curve: str | None = None
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # settings a resumed checkpoint must share
+    prefetch: int = 0  # steps' batches built ahead in a background thread (0: inside the loop)
 
 
 @dataclass
@@ -117,6 +118,18 @@ class LoopResult:
     losses: list[float]
     wall_s: float
     resumed_from: int | None
+    step_s: list[float] = field(default_factory=list)  # wall time of each step run here (loader + model)
+    step_tokens: list[int] = field(default_factory=list)  # padded positions (B x L, image tokens included) per step
+
+    def throughput(self, warmup: int = 2) -> dict | None:
+        """Tokens/s and the median step time over the steps after `warmup` (first-call compilation,
+        allocator growth); None with too few steps. Tokens are all padded positions of this process."""
+        n = len(self.step_s)
+        if n <= warmup:
+            return None
+        t, k = self.step_s[warmup:], self.step_tokens[warmup:]
+        return {"tokens_per_s": round(sum(k) / sum(t), 1), "step_s_median": round(float(np.median(t)), 5),
+                "steps_timed": n - warmup, "warmup_steps": warmup}
 
 
 def _wrapper_class():
@@ -279,48 +292,130 @@ def run_loop(
 
     t0 = time.time()
     bar = _progress(spec, start, acc.is_main_process)
-    for step in range(start, spec.steps):
-        total = 0.0
-        micro_batches = []
+    pin = device.type == "cuda"
+
+    def step_batches() -> list[dict]:
+        out = []
         for _ in range(spec.grad_accum):
             source, idx = sampler.next()
-            micro_batches.append(make_batch(source, idx[rank * per_proc : (rank + 1) * per_proc]))
-        items = _answer_tokens(micro_batches, acc, device)
-        for micro, host_batch in enumerate(micro_batches):
-            batch = {k: v.to(device) for k, v in host_batch.items()}
-            sync = micro == spec.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else acc.no_sync(wrapped)
-            with ctx:
-                loss = wrapped(**batch, num_items_in_batch=items).loss
-                if not loss.requires_grad:
-                    raise ValueError(
-                        f"step {step + 1}: this batch reaches no trainable tensor (e.g. a text-only batch when "
-                        "only vision-side parameters train); its loss has no gradient"
-                    )
-                acc.backward(loss)
-            total += loss.detach()
-        acc.clip_grad_norm_(params, spec.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = float(acc.reduce(total.reshape(1), reduction="mean").item()) if world > 1 else float(total)
-        losses.append(step_loss)
-        lr = scheduler.get_last_lr()[0]
-        if acc.is_main_process:
-            curve_rows.append((step + 1, step_loss, lr))
-            bar.update(step + 1, step_loss, lr)
-        done = step + 1
-        if ckpt_dir is not None and (done % spec.save_every == 0 or done == spec.steps):
-            acc.wait_for_everyone()
+            out.append(make_batch(source, idx[rank * per_proc : (rank + 1) * per_proc]))
+        if pin:
+            out = [{k: v.pin_memory() for k, v in b.items()} for b in out]
+        return out
+
+    loader = _Prefetcher(step_batches, spec.steps - start, spec.prefetch)
+    step_s: list[float] = []
+    step_tokens: list[int] = []
+    try:
+        for step in range(start, spec.steps):
+            t_step = time.perf_counter()
+            micro_batches = loader.next()
+            loss_total = _one_step(wrapped, micro_batches, acc, device, spec, step, params, optimizer, scheduler)
+            step_loss = (float(acc.reduce(loss_total.reshape(1), reduction="mean").item()) if world > 1
+                         else float(loss_total))
+            step_s.append(time.perf_counter() - t_step)
+            step_tokens.append(sum(int(b["input_ids"].numel()) for b in micro_batches))
+            losses.append(step_loss)
+            lr = scheduler.get_last_lr()[0]
             if acc.is_main_process:
-                save_checkpoint(ckpt_dir, done, named, optimizer, scheduler, fp_hash, losses)
-                if spec.curve:  # the curve survives a crash up to the checkpoint a resume starts from
-                    _write_curve(spec.curve, curve_rows)
+                curve_rows.append((step + 1, step_loss, lr))
+                bar.update(step + 1, step_loss, lr)
+            done = step + 1
+            if ckpt_dir is not None and (done % spec.save_every == 0 or done == spec.steps):
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(ckpt_dir, done, named, optimizer, scheduler, fp_hash, losses)
+                    if spec.curve:  # the curve survives a crash up to the checkpoint a resume starts from
+                        _write_curve(spec.curve, curve_rows)
+    finally:
+        loader.close()
     bar.close()
     if spec.curve and acc.is_main_process:
         _write_curve(spec.curve, curve_rows)
     acc.wait_for_everyone()
-    return LoopResult(steps=spec.steps, losses=losses, wall_s=time.time() - t0, resumed_from=resumed)
+    return LoopResult(steps=spec.steps, losses=losses, wall_s=time.time() - t0, resumed_from=resumed,
+                      step_s=step_s, step_tokens=step_tokens)
+
+
+def _one_step(wrapped, micro_batches, acc, device, spec: LoopSpec, step: int, params, optimizer, scheduler):
+    """Forward/backward over the step's micro-batches, clip, optimiser and scheduler step; returns the
+    summed loss (a device tensor)."""
+    total = 0.0
+    items = _answer_tokens(micro_batches, acc, device)
+    for micro, host_batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
+        sync = micro == spec.grad_accum - 1
+        ctx = contextlib.nullcontext() if sync else acc.no_sync(wrapped)
+        with ctx:
+            loss = wrapped(**batch, num_items_in_batch=items).loss
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"step {step + 1}: this batch reaches no trainable tensor (e.g. a text-only batch when "
+                    "only vision-side parameters train); its loss has no gradient"
+                )
+            acc.backward(loss)
+        total += loss.detach()
+    acc.clip_grad_norm_(params, spec.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+class _Prefetcher:
+    """Builds the next steps' batches in a background thread, `depth` steps ahead, while the model
+    runs the current one (image decoding and the processor release the GIL for most of their work).
+    The thread calls `make` strictly in order, so the batches — and a resumed run's — are exactly those
+    of building them inline. depth 0: `make` is called inline. An error in the thread is raised by the
+    `next()` that would have returned its batch."""
+
+    _DONE = object()
+
+    def __init__(self, make: Callable[[], Any], count: int, depth: int):
+        import queue
+        import threading
+
+        self.make, self.depth = make, depth
+        self.stop = threading.Event()
+        self.thread = None
+        if depth > 0 and count > 0:
+            self.q: "queue.Queue" = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(target=self._run, args=(count,), name="mrt-batches", daemon=True)
+            self.thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, count: int) -> None:
+        for _ in range(count):
+            try:
+                item = self.make()
+            except BaseException as exc:  # handed to the consumer, raised there
+                self._put((self._DONE, exc))
+                return
+            if not self._put((None, item)):
+                return
+
+    def next(self):
+        if self.thread is None:
+            return self.make()
+        flag, item = self.q.get()
+        if flag is self._DONE:
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
 
 def _answer_tokens(micro_batches: list[dict], acc, device):
@@ -748,7 +843,7 @@ def train(p: TrainParams) -> dict:
         torch.manual_seed(p.seed)
         run_model, extra = prepare_method(model, p)
         trainable, total = _count(run_model, extra)
-        fmt = ChatFormatter(processor, p.max_length)
+        fmt = ChatFormatter(processor, text_max_length(model, processor, p.max_length))
         sources = [encode_rows(fmt, train_rows, data.image_root)]
         sampler = StepSampler([len(sources[0])], [1.0], p.batch_size, p.seed)
         spec = LoopSpec(
@@ -764,10 +859,11 @@ def train(p: TrainParams) -> dict:
             ckpt_dir=str(out / CHECKPOINTS),
             curve=p.curve,
             desc=f"train {p.method}",
+            prefetch=p.loader_prefetch,
             fingerprint={
                 "stage": "train",
                 "base": base_fp,
-                **p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task", "cuda_graphs"}),
+                **p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task", "cuda_graphs", "loader_prefetch"}),
             },
         )
         graphs = graph_vision_layers(model, extra) if p.cuda_graphs else None
@@ -798,6 +894,7 @@ def train(p: TrainParams) -> dict:
         "loss_final": float(np.mean(result.losses[-10:])) if result.losses else None,
         "train_wall_s": round(result.wall_s, 2),
         "wall_s": round(time.time() - t0, 2),
+        "throughput": result.throughput(),
         "cuda_graphs": graph_stats,
         "heldout": ev["per_task"],
         "heldout_mean": ev["mean"],
@@ -806,6 +903,26 @@ def train(p: TrainParams) -> dict:
     }
     _write_json(p.report, report)
     return report
+
+
+def text_max_length(model, processor, max_length: int | None) -> int:
+    """`train.max_length` in text tokens, checked against the base: null → the LM's position budget
+    minus one image's tokens; a value whose text + image tokens exceed that budget is refused."""
+    from components.batching import image_token_count
+
+    n_image = image_token_count(processor) if hasattr(processor, "image_processor") else 0
+    text_cfg = getattr(model.config, "text_config", model.config)
+    positions = getattr(text_cfg, "max_position_embeddings", None)
+    if max_length is None:
+        if not positions:
+            raise ValueError("train.max_length is null but the base's config has no max_position_embeddings; set it")
+        return int(positions) - n_image
+    if positions and max_length + n_image > positions:
+        raise ValueError(
+            f"train.max_length={max_length} text tokens + {n_image} image tokens exceed the base's "
+            f"max_position_embeddings={positions}; lower train.max_length (or set it to null: {positions - n_image})"
+        )
+    return int(max_length)
 
 
 def _base_fingerprint(model) -> str:

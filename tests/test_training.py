@@ -127,7 +127,7 @@ class _Crash(RuntimeError):
     pass
 
 
-def _lora_run(tmp_path, ckpt, crash_after_calls=None, steps=6):
+def _lora_run(tmp_path, ckpt, crash_after_calls=None, steps=6, prefetch=0):
     """A LoRA run with dropout (so the RNG state matters) and grad accumulation."""
     model, run_model, _, processor, sources = _setup(tmp_path, "lora", lora=LoraParams(r=2, alpha=4, dropout=0.2))
     make = batch_maker(processor, sources)
@@ -140,7 +140,7 @@ def _lora_run(tmp_path, ckpt, crash_after_calls=None, steps=6):
         return make(source, idx)
 
     spec = _spec(tmp_path, steps=steps, grad_accum=2, ckpt_dir=str(ckpt), curve=str(tmp_path / "curve.csv"),
-                 fingerprint={"test": 1})
+                 fingerprint={"test": 1}, prefetch=prefetch)
     run_loop(run_model, maybe_crash, StepSampler([len(sources[0])], [1.0], 4, 0), spec)
     return {n: p.detach().clone() for n, p in run_model.named_parameters() if p.requires_grad}
 
@@ -159,6 +159,31 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     with open(tmp_path / "b" / "curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_prefetched_batches_train_exactly_as_inline_ones_and_errors_surface_in_order(tmp_path):
+    """train.loader_prefetch builds batches in a background thread: same batches, same weights; a
+    failing batch stops the run at the step that needed it (checkpoints before it are kept) and a
+    resumed, prefetched run ends bit-identical to the inline uninterrupted one."""
+    straight = _lora_run(tmp_path / "a", tmp_path / "a" / "ckpt")
+    with pytest.raises(_Crash):
+        _lora_run(tmp_path / "b", tmp_path / "b" / "ckpt", crash_after_calls=9, prefetch=3)  # step 5's batch
+    assert sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir()) == ["step-2", "step-4"]
+    resumed = _lora_run(tmp_path / "b", tmp_path / "b" / "ckpt", prefetch=3)
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_loop_reports_step_times_and_tokens(tmp_path):
+    model, run_model, _, processor, sources = _setup(tmp_path, "lora", lora=LoraParams(r=2, alpha=4, dropout=0.0))
+    res = run_loop(run_model, batch_maker(processor, sources), StepSampler([len(sources[0])], [1.0], 4, 0),
+                   _spec(tmp_path, steps=4, prefetch=2))
+    assert len(res.step_s) == len(res.step_tokens) == 4 and all(t > 0 for t in res.step_s)
+    width = max(len(e.input_ids) for e in sources[0])
+    assert all(0 < n <= 4 * width for n in res.step_tokens)
+    tp = res.throughput(warmup=1)
+    assert tp["steps_timed"] == 3 and tp["tokens_per_s"] == round(sum(res.step_tokens[1:]) / sum(res.step_s[1:]), 1)
 
 
 def test_checkpoint_from_other_settings_is_not_resumed(tmp_path):

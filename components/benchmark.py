@@ -23,6 +23,7 @@ per perturbation), written atomically; a predictions JSONL with every answer bes
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import time
@@ -420,11 +421,20 @@ def run_benchmark(
     return report
 
 
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_task(task: str) -> str:
+    """A task name as MLflow accepts it in a metric key (alphanumerics, _ - . space : /): every other
+    character becomes '_' — real Vision-Flan names such as 'VQA-E+image_question_answer' carry '+'."""
+    return _METRIC_UNSAFE.sub("_", task)
+
+
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The report as MLflow metrics (DESIGN.md names): heldout/<task>, heldout/mean, mme/<subtask>,
     mme/perception, mme/total, robustness/<kind>/mean, real_image/mean, trainable_params, trainable_pct.
-    Keys whose value is unknown (None) are left out."""
-    flat: dict[str, Any] = {f"heldout/{t}": s for t, s in report["heldout"].items()}
+    Keys whose value is unknown (None) are left out; task names go through `metric_task`."""
+    flat: dict[str, Any] = {f"heldout/{metric_task(t)}": s for t, s in report["heldout"].items()}
     flat["heldout/mean"] = report["heldout_mean"]
     flat.update({f"mme/{name}": s["score"] for name, s in report["mme"].items()})
     flat["mme/perception"] = report["mme_perception"]
@@ -432,7 +442,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     flat["mme/total"] = report["mme_total"]
     for kind, r in report["robustness"].items():
         flat[f"robustness/{kind}/mean"] = r["heldout_mean"]
-        flat.update({f"robustness/{kind}/{t}": s for t, s in r["heldout"].items()})
+        flat.update({f"robustness/{kind}/{metric_task(t)}": s for t, s in r["heldout"].items()})
     flat["real_image/mean"] = report["real_image_mean"]
     flat["trainable_params"] = report["model"]["trainable_params"]
     flat["trainable_pct"] = report["model"]["trainable_pct"]

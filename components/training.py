@@ -526,11 +526,28 @@ def _check_image_file(path: Path, row) -> None:
 
 
 class PixelCache:
-    """Processed pixel tensors per image path: the align split is revisited every few hundred steps."""
+    """Processed pixel tensors per image path, least recently used first out once they hold more than
+    `max_bytes` (MRT_PIXEL_CACHE_MB, default 2048): the embedded align split (64 px) is revisited every
+    few hundred steps and fits whole; real Vision-Flan at 336 px (1.35 MB a tensor, 186k images) would
+    need 250 GB, so there only the recent images stay."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, max_bytes: int | None = None):
+        from collections import OrderedDict
+
         self.processor = processor
-        self.cache: dict[str, Any] = {}
+        self.cache: "OrderedDict[str, Any]" = OrderedDict()
+        self.max_bytes = max_bytes if max_bytes is not None else int(os.environ.get("MRT_PIXEL_CACHE_MB", "2048")) << 20
+        self.bytes = 0
+
+    def _add(self, key: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if size > self.max_bytes:
+            return
+        self.cache[key] = tensor.clone()  # not a view: a view would keep its whole batch alive
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.cache.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
 
     def __call__(self, images: Sequence[Any], records: Sequence[str] = ()):
         import torch
@@ -538,7 +555,10 @@ class PixelCache:
         from components.batching import load_image
 
         keyed = [str(im) for im in images if im is not None]
+        if not keyed:
+            return None
         todo = [k for k in dict.fromkeys(keyed) if k not in self.cache]
+        fresh: dict[str, Any] = {}
         if todo:
             pil = []
             for k in todo:
@@ -550,8 +570,17 @@ class PixelCache:
                     who = [r for im, r in zip(images, records) if im is not None and str(im) == k][:1]
                     raise DataError([RecordError(k, who[0] if who else "", "image", str(exc).removeprefix(f"{k}: "))]) from None
             pv = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
-            self.cache.update(zip(todo, pv))
-        return torch.stack([self.cache[k] for k in keyed]) if keyed else None
+            fresh = dict(zip(todo, pv))
+        out = []
+        for k in keyed:
+            t = fresh.get(k)
+            if t is None:
+                t = self.cache[k]
+                self.cache.move_to_end(k)
+            out.append(t)
+        for k, t in fresh.items():
+            self._add(k, t)
+        return torch.stack(out)
 
 
 def batch_maker(processor, sources: Sequence[Sequence[Encoded]]) -> Callable[[int, list[int]], dict]:

@@ -186,6 +186,20 @@ def test_loop_reports_step_times_and_tokens(tmp_path):
     assert tp["steps_timed"] == 3 and tp["tokens_per_s"] == round(sum(res.step_tokens[1:]) / sum(res.step_s[1:]), 1)
 
 
+def test_pixel_cache_is_bounded_and_returns_what_the_processor_gives(tmp_path):
+    from components.training import PixelCache
+
+    _, processor, rows, root = tiny_model(tmp_path)
+    paths = sorted({root / r.image for r in rows if r.image})[:3]
+    one = processor.image_processor(images=[__import__("PIL.Image").Image.open(paths[0]).convert("RGB")],
+                                    return_tensors="pt")["pixel_values"][0]
+    cache = PixelCache(processor, max_bytes=2 * one.numel() * one.element_size())
+    first = cache(paths)
+    assert len(cache.cache) == 2 and cache.bytes <= cache.max_bytes  # the oldest went out
+    again = cache(paths[::-1])
+    assert torch.equal(again, first.flip(0)) and torch.equal(first[0], one)
+
+
 def test_checkpoint_from_other_settings_is_not_resumed(tmp_path):
     ckpt = tmp_path / "ckpt"
     _lora_run(tmp_path, ckpt, steps=2)

@@ -189,3 +189,38 @@ def test_default_max_length_comes_from_the_base(hf_folder):
     assert text_max_length(model, processor, None) == 256 - 16  # positions − image tokens
     with pytest.raises(ValueError, match="exceed the base's max_position_embeddings=256"):
         text_max_length(model, processor, 250)
+
+
+# --- the shipped profile ----------------------------------------------------------------------------
+def test_llava_profile_loads_validates_and_resolves():
+    import yaml
+    from typer.testing import CliRunner
+
+    from components.cli import app
+    from components.config import load_params
+
+    cfg = load_params("profiles/llava-1.5-7b.yaml")
+    assert cfg.data.source == "visionflan" and cfg.align.backbone == "llava"
+    assert cfg.align.model == "llava-hf/llava-1.5-7b-hf" and cfg.align.dtype == "bf16"
+    # the keys a user edits are the real sources' paths
+    for key in ("visionflan_annotation", "visionflan_images", "mme_root"):
+        assert getattr(cfg.data, key)
+    assert cfg.data.visionflan_annotation.endswith("annotation_191-task_1k.json")
+    assert cfg.data.mme_root.endswith("MME_Benchmark_release_version") and cfg.data.heldout_tasks
+    assert cfg.train.max_length is None and cfg.train.batch_size * cfg.train.grad_accum == 128
+    assert cfg.train.editors.visual.layers == "1-22"
+    # every output of the profile stays in its own folders: nothing of the default run is overwritten
+    raw = yaml.safe_load(open("profiles/llava-1.5-7b.yaml"))
+    outputs = [v for sec in raw.values() if isinstance(sec, dict) for k, v in sec.items()
+               if isinstance(v, str) and k in ("out_dir", "data_dir", "base_dir", "model_dir", "report", "curve",
+                                               "predictions", "mme_results_dir", "report_csv", "report_md", "plot",
+                                               "table", "summary", "state_dir", "candidate_dir", "benchmark_report",
+                                               "validation_report")]
+    assert outputs and all(v.split("/")[1] == "llava-1.5-7b" for v in outputs), outputs
+    # resolved through the CLI, with a user's edit applied
+    res = CliRunner().invoke(app, ["params", "-p", "profiles/llava-1.5-7b.yaml", "-S",
+                                   "data.mme_root=/srv/mme/MME_Benchmark_release_version"])
+    assert res.exit_code == 0, res.output
+    resolved = yaml.safe_load(res.output)
+    assert resolved["data"]["mme_root"] == "/srv/mme/MME_Benchmark_release_version"
+    assert resolved["align"]["dtype"] == "bf16" and resolved["train"]["max_length"] is None

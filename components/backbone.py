@@ -166,7 +166,7 @@ def resolve_base_dir(source: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if not _looks_like_hub_id(text):
-        raise FileNotFoundError(f"{text}: base model folder not found")
+        raise FileNotFoundError(f"{text}: base model folder not found (the base `mrt align` writes: run `mrt align` first)")
     from huggingface_hub import constants, snapshot_download
 
     offline = bool(constants.HF_HUB_OFFLINE)

@@ -50,9 +50,13 @@ def llama_style_tokenizer(corpus: Iterable[str], vocab_size: int = 400):
 
 
 def llava_hf_processor(tokenizer, image_size: int = 336, patch_size: int = 14):
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from transformers import LlavaProcessor
 
-    image_processor = CLIPImageProcessorPil(
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers 5.x: the PIL processor is CLIPImageProcessor itself
+        from transformers import CLIPImageProcessor as ImageProcessor
+    image_processor = ImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,

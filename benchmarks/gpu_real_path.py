@@ -150,24 +150,32 @@ def main(argv=None) -> dict:
         fmt = ChatFormatter(processor, 128)
         batch = training.batch_maker(processor, [training.encode_rows(fmt, rows, loaded.image_root)])(0, list(range(len(rows))))
         batch = {k: v.to(device) for k, v in batch.items()}
+        gts.free_memory(device)
         step, n, cleanup = gts.setup_mrt(model, batch, device, placement)
         try:
             times, losses = gts.time_steps(step, device, warmup=2, steps=args.steps - 2)
         finally:
             cleanup()
+        peak = peak_gib()
         gts.free_memory(device)
         med = statistics.median(times)
         tokens = int(batch["input_ids"].numel())
         return {"arm": tag, "tokens_per_step": tokens, "step_ms_median": round(med, 2),
-                "tokens_per_s": round(tokens / (med / 1e3), 1), "trainable": n, "loss_last": float(losses[-1])}
+                "tokens_per_s": round(tokens / (med / 1e3), 1), "peak_gib": peak, "trainable": n,
+                "loss_last": float(losses[-1])}
+
+    def peak_gib() -> float | None:
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
 
     def loop(prefetch: int) -> dict:
         p = params(prefetch)
+        gts.free_memory(device)  # also resets the peak
         report = training.train(p)
+        peak = peak_gib()
         made.pop("extra").detach()
         gts.free_memory(device)
         tp = report["throughput"]
-        return {"arm": f"loop_prefetch{prefetch}", **tp, "train_wall_s": report["train_wall_s"],
+        return {"arm": f"loop_prefetch{prefetch}", **tp, "peak_gib": peak, "train_wall_s": report["train_wall_s"],
                 "trainable": report["trainable_params"], "loss_final": report["loss_final"],
                 "heldout_n": report["heldout_n"]}
 

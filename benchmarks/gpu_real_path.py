@@ -179,13 +179,27 @@ def main(argv=None) -> dict:
                 "trainable": report["trainable_params"], "loss_final": report["loss_final"],
                 "heldout_n": report["heldout_n"]}
 
-    arms = [model_only("model_only")]
+    def safely(tag: str, fn, *a) -> dict:
+        """One arm; a failure is recorded (with its traceback printed) and the other arms still run."""
+        try:
+            result = fn(*a)
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports every arm it can
+            import traceback
+
+            traceback.print_exc()
+            result = {"arm": tag, "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(result), flush=True)
+        return result
+
+    arms = [safely("model_only", model_only, "model_only")]
     for k in args.prefetch:
-        arms.append(loop(k))
-    arms.append(model_only("model_only_again"))
-    ref = statistics.mean(a["tokens_per_s"] for a in arms if a["arm"].startswith("model_only"))
+        arms.append(safely(f"loop_prefetch{k}", loop, k))
+    arms.append(safely("model_only_again", model_only, "model_only_again"))
+    refs = [a["tokens_per_s"] for a in arms if a["arm"].startswith("model_only") and "tokens_per_s" in a]
+    ref = statistics.mean(refs) if refs else float("nan")
     for a in arms:
-        a["vs_model_only"] = round(a["tokens_per_s"] / ref, 4)
+        if "tokens_per_s" in a:
+            a["vs_model_only"] = round(a["tokens_per_s"] / ref, 4)
     summary = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,

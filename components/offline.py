@@ -1,4 +1,8 @@
-"""Turn off everything that phones home. Called by the CLI, the flows and the tests before heavy imports."""
+"""Turn off everything that phones home. Called by the CLI, the flows and the tests before heavy imports.
+
+Each variable is set only when the environment does not set it already, so any of them is the user's
+to turn back on for one command: `HF_HUB_OFFLINE=0 mrt align …` lets `align.model` (a hub id) be
+downloaded into the local Hugging Face cache once; later commands find it there with the hub off."""
 
 from __future__ import annotations
 

@@ -110,8 +110,8 @@ class LiveRun:
 
 def log_dataset(track: "TrackParams", run_id: str, data_dir: str | os.PathLike, context: str = "train") -> None:
     """`data_dir` as a run input (`mlflow.data`): name from its manifest (else the folder name),
-    source = the folder (local path), digest = the first 16 hex of its content hash, the full sha256
-    and the manifest's record counts in the profile."""
+    source = the folder (local path), digest = the first 16 hex of its content hash; the profile
+    holds the full sha256, the path, file count and size, and the manifest's task names."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from components.hashing import dir_hash
@@ -122,13 +122,14 @@ def log_dataset(track: "TrackParams", run_id: str, data_dir: str | os.PathLike, 
         with contextlib.suppress(ValueError, OSError):
             manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8")) or {}
     digest = dir_hash(root)
-    profile = {"sha256": digest, "path": str(data_dir)}
-    for key in ("counts", "splits", "tasks"):
-        if isinstance(manifest.get(key), dict):
-            profile[key] = {k: v.get("n", v) if isinstance(v, dict) else v for k, v in manifest[key].items()}
+    files = [p for p in root.rglob("*") if p.is_file()]
+    profile: dict[str, Any] = {"sha256": digest, "path": str(data_dir), "files": len(files),
+                               "bytes": sum(p.stat().st_size for p in files)}
+    if isinstance(manifest.get("tasks"), dict):
+        profile["tasks"] = sorted(manifest["tasks"])
     name = str(manifest.get("name") or manifest.get("dataset") or root.resolve().name)
     ds = Dataset(name=name, digest=digest[:16], source_type="local",
-                 source=json.dumps({"uri": str(root.resolve())}), profile=tracking._clip(json.dumps(profile, default=str), 4000))
+                 source=json.dumps({"uri": str(root.resolve())}), profile=json.dumps(profile, default=str))
     c = tracking.client(track)
     tracking.call(track, f"log data set {name} on run {run_id}", c.log_inputs, run_id,
                   datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])

@@ -231,6 +231,8 @@ def _warm_modules(jobs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
     mods = ["torch", "transformers", "components.training", "components.benchmark", "components.inference"]
     if any(j["train"].get("method") == "lora" for j in jobs):
         mods.append("peft")
+    if any(j.get("tracking") for j in jobs):
+        mods += ["mlflow", "mlflow.tracking", "components.stage_runs"]
     return tuple(mods)
 
 

@@ -640,11 +640,14 @@ def _write_atomic(path: str | os.PathLike, obj: dict) -> None:
 def promote(params: "Params", run_id: str | None = None, params_file: str = "params.yaml") -> Decision:
     """Register the benchmarked candidate and move `champion` if the gate passes.
 
-    Reads promote.benchmark_report and promote.validation_report, logs the pyfunc model (base =
-    train.base_dir, adapter = promote.candidate_dir) into `run_id` (a new `promote` run when None: the
-    DVC door), then — under the promotion lock — deletes pending leftovers, reads the champion, gates,
-    registers the version (alias candidate) and moves `champion` when the gate passes. Records the
-    decision on the run (tags, metrics, promotion.json) and writes promote.report atomically.
+    Reads promote.benchmark_report and promote.validation_report; logs the pyfunc model (the
+    promote.candidate_dir folder + a reference to train.base_dir) into the run that trained those
+    weights (found by their hash; else `run_id`) with the benchmark's figures as its metrics and the
+    gate's settings as its params; `run_id` is the run the decision is recorded on (a new `promote`
+    run, child of $MRT_PARENT_RUN_ID, when None). Then — under the promotion lock — deletes pending
+    leftovers, reads the champion, gates, registers the version (alias candidate) and moves
+    `champion` when the gate passes. Records the decision on the run (tags, metrics, promotion.json)
+    and writes promote.report atomically.
     Raises TrackingError / PromotionError on failure, leaving no half-registered version."""
     from components.benchmark import flat_metrics
 

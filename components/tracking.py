@@ -269,8 +269,8 @@ def model_hash(model_dir: str | os.PathLike) -> str:
 
 def find_model_run(track: "TrackParams", model_dir: str | os.PathLike | None) -> str | None:
     """The newest run in track.experiment that trained exactly the weights in `model_dir` (its
-    `mrt.model_hash` tag), or None (no such run, no folder, or MLflow unreachable — callers then
-    log into a run of their own)."""
+    `mrt.model_hash` tag), or None when there is no such run or no folder (callers then log into a
+    run of their own). An unreachable server raises TrackingError, like every call."""
     if model_dir is None or not Path(model_dir).is_dir():
         return None
     digest = model_hash(model_dir)

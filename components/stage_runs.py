@@ -45,24 +45,64 @@ FLUSH_EVERY_S = 2.0
 
 
 class LiveRun:
-    """One run being written while its stage works. With `run_id` None (tracking off or unreachable)
-    every method is a no-op; after the first failed write it warns once and stops writing (the stage
-    goes on: tracking is a record of the work, never a reason to lose it)."""
+    """One run being written while its stage works.
 
-    def __init__(self, track: "TrackParams | None", run_id: str | None, flush_every_s: float = FLUSH_EVERY_S):
+    A run may be *pending*: it is created on its first write, with the stage's start as its start
+    time, so a stage that fails before it has anything to record (bad data, a corrupt first batch)
+    leaves no run behind while a run that exists spans the whole stage. With no track, on a
+    non-main rank or once a write failed, every method is a no-op (after one warning: tracking is a
+    record of the work, never a reason to lose it)."""
+
+    def __init__(self, track: "TrackParams | None", run_id: str | None, flush_every_s: float = FLUSH_EVERY_S,
+                 pending: dict[str, Any] | None = None):
         self.track, self.run_id, self.flush_every_s = track, run_id, flush_every_s
+        self._pending = pending
+        self._monitor: Any = None
         self._buffer: list = []
         self._last_flush = time.monotonic()
 
     @property
     def active(self) -> bool:
-        return self.run_id is not None
+        return self.run_id is not None or self._pending is not None
+
+    def start(self) -> str | None:
+        """Create the pending run now (a no-op when it exists or tracking is off); returns its id."""
+        if self._pending is None:
+            return self.run_id
+        p, self._pending = self._pending, None
+        track = self.track
+        try:
+            tracking.configure(track)
+            self.run_id = tracking.start_run(track, p["name"], tags=p["tags"], params=p["params"],
+                                             parent_run_id=p["parent"], start_time_ms=p["start_time_ms"])
+        except Exception as exc:  # noqa: BLE001 - an unreachable server must not stop the stage
+            print(f"warning: MLflow at {tracking.tracking_uri(track)} unreachable ({type(exc).__name__}: "
+                  f"{str(exc)[:200]}); {p['name']} runs untracked", flush=True)
+            return None
+        if p["system_metrics"]:
+            self._monitor = tracking.system_metrics(self.run_id, track)
+            self._monitor.__enter__()
+        return self.run_id
+
+    def close(self, status: str) -> None:
+        """Flush, stop the system-metrics sampler and end the run (if one was created)."""
+        self._pending = None
+        self.flush()
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            with contextlib.suppress(Exception):
+                monitor.__exit__(None, None, None)
+        if self.run_id is not None and self.track is not None:
+            with contextlib.suppress(Exception):
+                tracking.end_run(self.run_id, status,
+                                 track=self.track.model_copy(update={"retries": min(self.track.retries, 1)}))
 
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
+        self.start()
         if self.run_id is None:
             return
         try:
-            fn(*args, **kwargs)
+            fn(self.run_id, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - see the class docstring
             log.warning("MLflow: %s failed on run %s (%s); this stage goes on untracked", what, self.run_id, exc)
             print(f"warning: MLflow: {what} failed ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -71,6 +111,7 @@ class LiveRun:
 
     def step(self, step: int, loss: float, lr: float) -> None:
         """One optimiser step's loss and learning rate, stamped now; written every flush_every_s."""
+        self.start()
         if self.run_id is None:
             return
         from mlflow.entities import Metric
@@ -85,27 +126,27 @@ class LiveRun:
     def flush(self) -> None:
         items, self._buffer = self._buffer, []
         self._last_flush = time.monotonic()
-        if items:
-            self._guard("logging step metrics", tracking._log_metric_items, self.track, self.run_id, items)
+        if items and self.run_id is not None:
+            self._guard("logging step metrics", lambda rid: tracking._log_metric_items(self.track, rid, items))
 
     def metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None:
-        self._guard("logging metrics", tracking.log_metrics, self.run_id, metrics, step, self.track)
+        self._guard("logging metrics", tracking.log_metrics, metrics, step, self.track)
 
     def tags(self, tags: Mapping[str, Any]) -> None:
-        self._guard("setting tags", tracking.set_tags, self.run_id, tags, self.track)
+        self._guard("setting tags", tracking.set_tags, tags, self.track)
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if Path(path).exists():
-            self._guard(f"uploading {path}", tracking.log_artifact, self.run_id, path, artifact_path, self.track)
+            self._guard(f"uploading {path}", tracking.log_artifact, path, artifact_path, self.track)
 
     def model_folder(self, folder: str | os.PathLike) -> None:
         if Path(folder).is_dir():
-            self._guard(f"uploading {folder}", tracking._log_model_folder, self.run_id, Path(folder), self.track)
+            self._guard(f"uploading {folder}", lambda rid: tracking._log_model_folder(rid, Path(folder), self.track))
 
     def dataset(self, data_dir: str | os.PathLike, context: str = "train") -> None:
         """The data set as an MLflow input: its name (manifest or folder), path and content hash."""
-        if self.run_id is not None and Path(data_dir).is_dir():
-            self._guard("logging the data set", log_dataset, self.track, self.run_id, data_dir, context)
+        if self.active and Path(data_dir).is_dir():
+            self._guard("logging the data set", lambda rid: log_dataset(self.track, rid, data_dir, context))
 
 
 def log_dataset(track: "TrackParams", run_id: str, data_dir: str | os.PathLike, context: str = "train") -> None:
@@ -143,34 +184,25 @@ def _main_process() -> bool:
 @contextlib.contextmanager
 def stage_run(track: "TrackParams | None", name: str, *, tags: Mapping[str, Any] | None = None,
               params: Mapping[str, Any] | None = None, parent: str | None = None,
-              system_metrics: bool = False) -> Iterator[LiveRun]:
-    """A run for the block: created before it (child of `parent`, else of $MRT_PARENT_RUN_ID),
-    FINISHED after it, FAILED when it raises. Yields an inactive LiveRun when `track` is None, on a
-    non-main rank, or when the server cannot be reached (warned once)."""
+              system_metrics: bool = False, lazy: bool = False) -> Iterator[LiveRun]:
+    """A run for the block (child of `parent`, else of $MRT_PARENT_RUN_ID), FINISHED after it,
+    FAILED when it raises. `lazy`: create it on its first write (start time = the block's start),
+    so a block that fails before writing anything leaves no run. Yields an inactive LiveRun when
+    `track` is None, on a non-main rank, or when the server cannot be reached (warned once)."""
     if track is None or not _main_process():
         yield LiveRun(None, None)
         return
-    try:
-        tracking.configure(track)
-        run_id = tracking.start_run(track, name, tags=tags, params=params,
-                                    parent_run_id=parent or tracking.parent_run_id())
-    except Exception as exc:  # noqa: BLE001 - an unreachable server must not stop the stage
-        print(f"warning: MLflow at {tracking.tracking_uri(track)} unreachable ({type(exc).__name__}: "
-              f"{str(exc)[:200]}); {name} runs untracked", flush=True)
-        yield LiveRun(None, None)
-        return
-    run = LiveRun(track, run_id)
+    run = LiveRun(track, None, pending={
+        "name": name, "tags": dict(tags or {}), "params": dict(params or {}), "system_metrics": system_metrics,
+        "parent": parent or tracking.parent_run_id(), "start_time_ms": int(time.time() * 1000)})
+    if not lazy:
+        run.start()
     status = "FAILED"
     try:
-        monitor = tracking.system_metrics(run_id, track) if system_metrics else contextlib.nullcontext()
-        with monitor:
-            yield run
+        yield run
         status = "FINISHED"
     finally:
-        run.flush()
-        if run.run_id is not None:
-            with contextlib.suppress(Exception):
-                tracking.end_run(run_id, status, track=track.model_copy(update={"retries": min(track.retries, 1)}))
+        run.close(status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +255,10 @@ def tracked_train(track: "TrackParams | None", tp: "TrainParams", *, role: str =
     name = name or f"{role}-{tp.method}"
     sample = bool(track and track.system_metrics) if system_metrics is None else system_metrics
     with stage_run(track, name, tags=train_tags(tp, role, tags), params=train_params(tp), parent=parent,
-                   system_metrics=sample) as run:
-        run.dataset(tp.data_dir)
-        report = train(tp, on_step=run.step)
+                   system_metrics=sample, lazy=True) as run:
+        report = train(tp, on_step=run.step)  # the run is created when the first step is done
         run.flush()
+        run.dataset(tp.data_dir)
         run.metrics(quick_metrics(report))
         if Path(tp.out_dir).is_dir():
             run.tags({tracking.MODEL_HASH_TAG: tracking.model_hash(tp.out_dir),
@@ -261,7 +293,7 @@ def tracked_benchmark(track: "TrackParams | None", bp: "BenchmarkParams", *, run
         return report, run.run_id
     name = f"benchmark-{Path(bp.model_dir).name}" if bp.model_dir else "benchmark-base"
     with stage_run(track, name, tags={"mrt.role": "benchmark", "mrt.model_dir": str(bp.model_dir)}, parent=parent,
-                   params={"benchmark": bp.model_dump(mode="json")}) as run:
+                   params={"benchmark": bp.model_dump(mode="json")}, lazy=True) as run:
         report = run_benchmark(bp, **kw)
         _log_benchmark(run, bp, report)
         return report, run.run_id

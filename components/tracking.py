@@ -290,15 +290,17 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     params: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    start_time_ms: int | None = None,
 ) -> str:
     """Create a run in track.experiment (a child of `parent_run_id` when given); returns its id.
-    `params` are logged flat (nested dicts → dotted keys)."""
+    `params` are logged flat (nested dicts → dotted keys). `start_time_ms`: when the work began, for
+    a run created once there is something to record (default: now)."""
     exp = experiment_id(track)
     all_tags = {**source_tags(), **{str(k): _clip(str(v), MAX_TAG_CHARS) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     c = client(track)
-    run = call(track, f"create run {name!r}", c.create_run, exp, tags=all_tags, run_name=name)
+    run = call(track, f"create run {name!r}", c.create_run, exp, start_time=start_time_ms, tags=all_tags, run_name=name)
     run_id = run.info.run_id
     if params:
         log_params_flat(run_id, dict(params), prefix="", track=track)

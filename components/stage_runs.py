@@ -3,8 +3,9 @@
 Every stage command logs its own runs — `mrt train` (the candidate), `mrt benchmark` (held-out and
 MME scores into the run that trained the model), `mrt ablate` (a run per arm under an `ablation`
 run), `mrt compare` (a run per method and seed under a `compare` run) and `mrt promote` — so
-`dvc repro`, `mrt run` and a stage run by hand record the same runs. A pipeline nests them under its
-own run by setting `MRT_PARENT_RUN_ID` (:data:`components.tracking.PARENT_RUN_ENV`) for the stages.
+every route that runs the stage commands (`dvc repro`, a stage by hand, a flow that runs the stages)
+records the same runs. A pipeline nests them under its own run by setting `MRT_PARENT_RUN_ID`
+(:data:`components.tracking.PARENT_RUN_ENV`) for the stage commands it starts.
 
 What a training run holds
     - params: the whole `train` section flattened (`train.method`, `train.steps`, `train.editors.*`,

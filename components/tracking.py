@@ -251,8 +251,8 @@ PARENT_RUN_ENV = "MRT_PARENT_RUN_ID"
 
 
 def parent_run_id() -> str | None:
-    """The run a stage's runs nest under: $MRT_PARENT_RUN_ID (the pipeline flow sets it for the
-    stages it runs, through `dvc repro` or directly), else None (a top-level run)."""
+    """The run a stage's runs nest under: $MRT_PARENT_RUN_ID (a pipeline sets it to its own run for
+    the stage commands it starts, e.g. through `dvc repro`), else None (a top-level run)."""
     return os.environ.get(PARENT_RUN_ENV) or None
 
 

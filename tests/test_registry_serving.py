@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from promotion_helpers import build_model, fast_track, migrated_db, promote_params, store, tiny_artifacts  # noqa: F401
+from promotion_helpers import build_model, migrated_db, promote_params, store, tiny_artifacts  # noqa: F401
 
 from components import registry, tracking
 from components.pyfunc_model import BASE_DIR_ENV, BaseModelError

@@ -34,6 +34,7 @@ class DataParams(_Section):
     image_size: int = Field(64, ge=16, le=1024)
     train_per_task: int = Field(120, ge=1)
     heldout_per_task: int = Field(40, ge=1)
+    heldin_per_task: int = Field(20, ge=1)  # held-in test split: training task types on unseen images
     align_size: int = Field(3000, ge=1)
     text_per_type: int = Field(80, ge=1)
     mme_images_per_subtask: int = Field(20, ge=1)

@@ -29,10 +29,10 @@ def test_loads_every_split(data_dir):
     assert loaded.errors == []
     counts = Counter(r.split for r in loaded.rows)
     m = loaded.manifest["counts"]
-    assert counts == {s: m[s] for s in ("train", "heldout", "align", "text", "mme")}
+    assert counts == {s: m[s] for s in ("train", "heldout", "heldin", "align", "text", "mme")}
     assert loaded.image_root == data_dir / "images"
     assert loaded.mme_root == data_dir / "mme/MME_Benchmark_release_version"
-    for split in ("train", "heldout", "align", "mme"):
+    for split in ("train", "heldout", "heldin", "align", "mme"):
         row = loaded.split(split)[0]
         assert loaded.image_path(row).is_file()
     with pytest.raises(ValueError, match="text-only"):

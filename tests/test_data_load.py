@@ -15,7 +15,7 @@ from components.data.mme import MMEItem, write_mme_subtask
 from components.data.records import DataError
 from components.data.visionflan import make_record, write_visionflan
 
-TINY = dict(train_per_task=2, heldout_per_task=2, align_size=4, text_per_type=2, mme_images_per_subtask=1)
+TINY = dict(train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=4, text_per_type=2, mme_images_per_subtask=1)
 
 
 @pytest.fixture(scope="module")

@@ -492,7 +492,7 @@ def test_generated_dataset_passes(tmp_path):
     from components.data.generate import write_dataset
 
     out = tmp_path / "gen"
-    write_dataset(DataParams(out_dir=str(out), train_per_task=2, heldout_per_task=2, align_size=6,
+    write_dataset(DataParams(out_dir=str(out), train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=6,
                              text_per_type=1, mme_images_per_subtask=1), progress=False)
     report, on_disk = _run(out, tmp_path)
     assert report.success, report.summary()
@@ -510,7 +510,7 @@ def test_records_dropped_by_the_real_source_conversion_fail_validation(tmp_path)
     from components.validation import validate_dataset
 
     data = tmp_path / "d"
-    write_dataset(DataParams(out_dir=str(data), train_per_task=2, heldout_per_task=2, align_size=10,
+    write_dataset(DataParams(out_dir=str(data), train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=10,
                              text_per_type=1, mme_images_per_subtask=1), progress=False)
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["counts"]["read_errors"] = 3

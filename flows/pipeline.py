@@ -80,7 +80,9 @@ WIRING = (
     ("train.out_dir", ("benchmark.model_dir", "promote.candidate_dir")),
     ("benchmark.report", ("promote.benchmark_report",)),
     ("validate.report", ("promote.validation_report",)),
+    ("compare.report", ("promote.comparison_report",)),
 )
+NULLABLE = {"promote.comparison_report"}  # null is allowed: the gate then records the frozen base as unknown
 
 
 def check_wiring(params) -> None:
@@ -94,7 +96,8 @@ def check_wiring(params) -> None:
         return raw[section][key]
 
     bad = [f"{dst} is {get(dst)!r} but {src} is {get(src)!r}"
-           for src, dsts in WIRING for dst in dsts if get(dst) != get(src)]
+           for src, dsts in WIRING for dst in dsts
+           if get(dst) != get(src) and not (dst in NULLABLE and get(dst) is None)]
     if bad:
         raise ParamsError("the pipeline chains stages through these paths; make them equal:\n  " + "\n  ".join(bad))
 

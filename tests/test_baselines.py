@@ -104,3 +104,5 @@ def test_mismatched_lengths_are_refused():
         B.accuracy("yesno", ["yes"] * 3, YESNO_REFS)
     with pytest.raises(ValueError, match="at least one reference"):
         B.chance_level("word", [])
+    with pytest.raises(ValueError, match="'maybe' names no option letter"):
+        B.best_constant("letter", ["A", "maybe"], ["(A) x (B) y", "(A) x (B) y"])

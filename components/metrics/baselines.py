@@ -93,11 +93,19 @@ def best_constant(kind: str, references: Sequence[str],
     """(answer, accuracy) of the constant answer that scores highest on these references; ties go to
     the earliest candidate (the most common reference first), so the result is deterministic."""
     opts = _check(references, options)
+    if kind != "letter":  # exact match: a constant scores the share of references equal to it
+        answer = most_common(references)
+        norm = normalize_answer(answer)
+        return answer, sum(normalize_answer(r) == norm for r in references) / len(references)
     counts = Counter(references)
     candidates = sorted(constant_candidates(kind, references, opts), key=lambda c: -counts.get(c, 0))
+    ref_letters = [option_letter(r, o) for r, o in zip(references, opts)]
+    if None in ref_letters:  # as letter_match: a reference naming no option is a data error
+        r = references[ref_letters.index(None)]
+        raise ValueError(f"reference {r!r} names no option letter")
     best, best_acc = candidates[0], -1.0
     for c in candidates:
-        acc = accuracy(kind, [c] * len(references), references, opts)
+        acc = sum(option_letter(c, o) == ref for o, ref in zip(opts, ref_letters)) / len(references)
         if acc > best_acc:
             best, best_acc = c, acc
     return best, best_acc

@@ -58,6 +58,9 @@ def test_version_is_registered_with_its_training_run_and_gate_figures_as_metrics
     assert metrics["heldout/mean"] == pytest.approx(0.6) and metrics["heldout/b"] == pytest.approx(0.7)
     assert metrics["mme/total"] == 50.0 and "mme/cognition" not in metrics  # no cognition subtask in the set
     assert logged.params["gate.margin"] == "0.02" and logged.params["validation_passed"] == "true"
+    assert "gate.max_task_drop" in logged.params and not [k for k in logged.params if k.endswith(("_dir", "report"))
+                                                           and k.startswith("gate.")]  # settings, not paths
+    assert metrics["gate/promote"] == 1.0 and metrics["gate/validation"] == 1.0  # the decision, as numbers
     assert registry.champion(store)["metrics"]["heldout/a"] == pytest.approx(0.5)  # what the gate reads
     promote_run = _client().get_run(d.run_id).data
     assert promote_run.metrics["promotion/candidate_heldout_mean"] == pytest.approx(0.6)

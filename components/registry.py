@@ -499,8 +499,8 @@ def log_editor_model(run_id: str, track: "TrackParams", base_dir: str, adapter_d
 
 def record_model_figures(track: "TrackParams", run_id: str, model_uri: str, metrics: Mapping[str, float],
                          params: Mapping[str, Any]) -> None:
-    """The gate's figures on the logged model behind a version: numbers as metrics (shown on the
-    version's and the logged model's pages, compared as numbers), settings as params."""
+    """The gate's figures on the logged model behind a version (the version links to it): numbers
+    as metrics (listed on the logged model's page, read back as numbers), settings as params."""
     from mlflow.entities import Metric
 
     model_id = _model_id(model_uri)

@@ -131,13 +131,15 @@ def align_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> No
 @app.command("train")
 @_friendly
 def train_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
-    """Train editors (mrt) or a baseline (lora, full, frozen) on the frozen base."""
-    from components.training import train
+    """Train editors (mrt) or a baseline (lora, full, frozen) on the frozen base (a live MLflow run)."""
+    from components.hashing import params_hash
+    from components.stage_runs import tracked_train
 
     cfg = _load(params, set_)
-    result = train(cfg.train)
+    result, run_id = tracked_train(cfg.track, cfg.train, role="candidate",
+                                   tags={"mrt.params_hash": params_hash(cfg), "mrt.params_file": params})
     typer.echo(_summary(result))
-    typer.echo(f"report: {cfg.train.report}")
+    typer.echo(f"report: {cfg.train.report}" + (f"  MLflow run: {run_id}" if run_id else ""))
 
 
 @app.command("benchmark")
@@ -149,16 +151,22 @@ def benchmark_cmd(
         None, "--model-dir", help="editors/LoRA/full/frozen folder (default: benchmark.model_dir; 'none' = bare base)"
     ),
 ) -> None:
-    """Score a model on the held-out tasks and the MME-format set (plus robustness passes)."""
-    from components.benchmark import run_benchmark
+    """Score a model on the held-out tasks and the MME-format set (plus robustness passes); the
+    scores go into the MLflow run that trained the model."""
+    from components.stage_runs import tracked_benchmark
 
     cfg = _load(params, set_)
     bench = cfg.benchmark
     if model_dir is not None:
         bench = bench.model_copy(update={"model_dir": None if model_dir.lower() == "none" else model_dir})
-    report = run_benchmark(bench)
-    keys = ("heldout", "heldout_mean", "mme_perception", "mme_total", "real_image_mean", "wall_s")
+    report, _ = tracked_benchmark(cfg.track, bench)
+    keys = ("heldout", "heldout_mean", "heldin_mean", "mme_perception", "mme_total", "mme_chance_total",
+            "mme_majority_total", "mme_collapsed", "real_image_mean", "wall_s")
     summary = {k: report.get(k) for k in keys}
+    for split in ("heldout", "heldin"):  # every mean beside chance and the best constant answer
+        s = report.get(f"{split}_summary") or {}
+        summary[f"{split}_baselines"] = {k: s.get(k) for k in ("chance_mean", "majority_mean", "train_majority_mean",
+                                                                "chance_corrected_mean", "collapsed_tasks")}
     summary["robustness"] = {k: v.get("heldout_mean") for k, v in (report.get("robustness") or {}).items()}
     typer.echo(json.dumps(summary, indent=2, default=str))
     typer.echo(f"report: {bench.report}  predictions: {bench.predictions}")
@@ -176,7 +184,7 @@ def ablate_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> N
         from flows.ray_runner import jobs_runner
 
         runner = jobs_runner(cfg.ablate)
-    rows = run_ablation(cfg.ablate, cfg.train, cfg.benchmark, runner=runner)
+    rows = run_ablation(cfg.ablate, cfg.train, cfg.benchmark, runner=runner, track=cfg.track)
     failed = [r for r in rows if r.get("status") != "ok"]
     typer.echo(f"{len(rows) - len(failed)}/{len(rows)} arms ok; table: {cfg.ablate.report_md}, plot: {cfg.ablate.plot}")
     if failed:
@@ -190,7 +198,7 @@ def compare_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> 
     from components.compare import run_compare
 
     cfg = _load(params, set_)
-    run_compare(cfg.compare, cfg.train, cfg.benchmark)
+    run_compare(cfg.compare, cfg.train, cfg.benchmark, track=cfg.track)
     typer.echo(Path(cfg.compare.table).read_text(encoding="utf-8"))
     typer.echo(f"report: {cfg.compare.report}")
 
@@ -308,21 +316,25 @@ def predict_cmd(
             raise ValueError("--model names a registered version: use it without --base/--editors")
         from mlflow.exceptions import MlflowException
 
-        from components.registry import resolve_model
+        from components.pyfunc_model import BaseModelError
+        from components.registry import resolve_version
         from components.tracking import TrackingError
 
         try:
-            base, adapter = resolve_model(model, track=cfg.track)
-        except (TrackingError, MlflowException) as exc:
+            found = resolve_version(model, track=cfg.track)
+        except (TrackingError, MlflowException, BaseModelError) as exc:
             raise ValueError(f"{model}: {exc}") from None
+        base, adapter, fingerprint = found["base_dir"], found["adapter_dir"], found["fingerprint"]
     else:
         adapter = None if editors == "none" else (editors or cfg.train.out_dir)
+        fingerprint = None
     answers = predict(
         base_dir=base or cfg.train.base_dir,
         adapter_dir=adapter,
         images=images or [None] * len(prompt),
         prompts=list(prompt),
         params=cfg.predict,
+        expect_fingerprint=fingerprint,
     )
     for q, a in zip(prompt, answers):
         typer.echo(json.dumps({"prompt": q, "answer": a}, ensure_ascii=False))

@@ -110,6 +110,7 @@ class LoopSpec:
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # settings a resumed checkpoint must share
     prefetch: int = 0  # steps' batches built ahead in a background thread (0: inside the loop)
+    on_step: Callable[[int, float, float], None] | None = None  # (step, loss, lr) after each step, main process
 
 
 @dataclass
@@ -320,6 +321,8 @@ def run_loop(
             if acc.is_main_process:
                 curve_rows.append((step + 1, step_loss, lr))
                 bar.update(step + 1, step_loss, lr)
+                if spec.on_step is not None:
+                    spec.on_step(step + 1, step_loss, lr)
             done = step + 1
             if ckpt_dir is not None and (done % spec.save_every == 0 or done == spec.steps):
                 acc.wait_for_everyone()
@@ -839,8 +842,9 @@ def _release_graphs(graphs, extra) -> dict | None:
     return stats
 
 
-def train(p: TrainParams) -> dict:
-    """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks."""
+def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = None) -> dict:
+    """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks.
+    `on_step(step, loss, lr)` is called after every optimiser step (live tracking)."""
     from components.backbone import load_base
     from components.inference import FROZEN_MARKER, evaluate_exact_match, pick_per_task
 
@@ -889,6 +893,7 @@ def train(p: TrainParams) -> dict:
             curve=p.curve,
             desc=f"train {p.method}",
             prefetch=p.loader_prefetch,
+            on_step=on_step,
             fingerprint={
                 "stage": "train",
                 "base": base_fp,

@@ -142,24 +142,15 @@ def train_task(params_file: str, overrides: list[str] | None = None, known_hashe
                parent_run_id: str | None = None) -> dict[str, Any]:
     """`mrt train`: the candidate, inside an MLflow child run of the pipeline's parent run with system
     metrics sampled while it trains. Returns the run id and report paths."""
-    from components import tracking
-    from components.training import train
+    from components.hashing import params_hash
+    from components.stage_runs import tracked_train
 
     params = load(params_file, overrides)
     tp = params.train
-    run_id = tracking.start_run(params.track, f"candidate-{tp.method}", parent_run_id=parent_run_id,
-                                tags={"mrt.role": "candidate", "mrt.method": tp.method, "mrt.seed": str(tp.seed)},
-                                params={"train": tp.model_dump(mode="json")})
-    status = "FAILED"
-    try:
-        with tracking.system_metrics(run_id, params.track):
-            t0 = time.perf_counter()
-            report = train(tp)
-            stage_s = time.perf_counter() - t0
-        tracking.log_training(run_id, tp.report, tp.curve, tp.out_dir, track=params.track)
-        status = "FINISHED"
-    finally:
-        tracking.end_run(run_id, status, track=params.track)
+    t0 = time.perf_counter()
+    report, run_id = tracked_train(params.track, tp, role="candidate", parent=parent_run_id,
+                                   tags={"mrt.params_hash": params_hash(params), "mrt.params_file": params_file})
+    stage_s = time.perf_counter() - t0
     _stamp(params, "train", known_hashes)
     return {"run_id": run_id, "out_dir": tp.out_dir, "report": tp.report, "curve": tp.curve,
             "trainable_params": report.get("trainable_params"), "trainable_pct": report.get("trainable_pct"),

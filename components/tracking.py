@@ -380,15 +380,18 @@ def log_metrics(
     run_id: str, metrics: Mapping[str, float], step: int | None = None, track: "TrackParams | None" = None
 ) -> None:
     """Log metrics in batches (non-finite and None values are skipped: MLflow stores NaN but the
-    registry gate must never compare against one)."""
+    registry gate must never compare against one). Characters MLflow refuses in a key become '_'
+    (`benchmark.metric_task`), as `benchmark.flat_metrics` writes them."""
     import math
 
     from mlflow.entities import Metric
 
+    from components.benchmark import metric_task
+
     track = _track(track)
     now = int(time.time() * 1000)
-    items = [
-        Metric(str(k), float(v), now, int(step or 0))
+    items = [  # keys hold task names; MLflow refuses some of their characters (Vision-Flan's '+')
+        Metric(metric_task(str(k)), float(v), now, int(step or 0))
         for k, v in metrics.items()
         if v is not None and math.isfinite(float(v))
     ]

@@ -62,7 +62,7 @@ def _write_mme(root: Path) -> Path:
     return mme
 
 
-def test_llava_hf_checkpoint_visionflan_and_mme_through_the_cli(tmp_path, monkeypatch):
+def test_llava_hf_checkpoint_visionflan_and_mme_through_the_cli(tmp_path, monkeypatch, caplog):
     from typer.testing import CliRunner
 
     from components.cli import app
@@ -137,10 +137,13 @@ def test_llava_hf_checkpoint_visionflan_and_mme_through_the_cli(tmp_path, monkey
     # --- promote: the candidate is registered ---------------------------------------------------------
     mrt("promote")
     decision = json.loads(Path("reports/llava-1.5-7b/promotion.json").read_text())
-    assert decision["candidate_version"] == 1 and decision["promote"] is True  # first version: no champion yet
-    assert decision["champion_version_after"] == 1
-    # a real Vision-Flan task name ('+' inside) reaches MLflow as a valid metric key
-    assert set(decision["task_deltas"]) <= {"shade_image_shade"}
+    # registered as version 1 (a Vision-Flan task name, '+' inside, reached MLflow as a valid metric
+    # key); whether it becomes champion is the gate's call (without `mrt compare` the frozen-base
+    # condition is unknown), and the decision says why
+    assert decision["candidate_version"] == 1 and decision["model_uri"]
+    assert decision["promote"] or decision["reasons"]
+    untracked = [r.getMessage() for r in caplog.records if "untracked" in r.getMessage()]
+    assert not untracked, untracked  # every stage's metrics reached MLflow
 
 
 def _answers_exactly_and_stops(base: Path, adapter: Path, ann: Path, exact: bool = True) -> None:

@@ -435,19 +435,24 @@ def _probe_labels(scenes) -> dict[str, list[int]]:
     return lab
 
 
-def linear_probe(xtr, ytr, xte, yte, steps: int = 300) -> float:
+def linear_probes(xtr, ytr: dict, xte, yte: dict, steps: int = 300) -> dict[str, float]:
+    """Test accuracy of one linear softmax classifier per label set, all trained together (one
+    linear layer with a block of outputs per label set, the sum of their cross-entropies)."""
     import torch
 
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-5
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    k = int(max(ytr.max(), yte.max())) + 1
-    lin = torch.nn.Linear(xtr.shape[1], k)
+    names = list(ytr)
+    ks = [int(max(ytr[n].max(), yte[n].max())) + 1 for n in names]
+    lin = torch.nn.Linear(xtr.shape[1], sum(ks))
     opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(lin(xtr), ytr)
+        logits = lin(xtr).split(ks, dim=-1)
+        loss = sum(torch.nn.functional.cross_entropy(lg, ytr[n]) for lg, n in zip(logits, names))
         opt.zero_grad(); loss.backward(); opt.step()
     with torch.no_grad():
-        return float((lin(xte).argmax(-1) == yte).float().mean())
+        logits = lin(xte).split(ks, dim=-1)
+        return {n: float((lg.argmax(-1) == yte[n]).float().mean()) for lg, n in zip(logits, names)}
 
 
 def probe_vision(vision_model, spec: StagedSpec, device) -> dict:
@@ -463,11 +468,10 @@ def probe_vision(vision_model, spec: StagedSpec, device) -> dict:
     x = _vision_features(vision_model, pix, device)
     labels = _probe_labels(scenes)
     n = spec.eval_probe_train
-    probe, majority = {}, {}
-    for name, y in labels.items():
-        y = torch.tensor(y)
-        probe[name] = round(linear_probe(x[:n], y[:n], x[n:], y[n:]), 4)
-        majority[name] = round(float((y[n:] == torch.mode(y[:n]).values).float().mean()), 4)
+    ys = {name: torch.tensor(y) for name, y in labels.items()}
+    acc = linear_probes(x[:n], {k: y[:n] for k, y in ys.items()}, x[n:], {k: y[n:] for k, y in ys.items()})
+    probe = {name: round(v, 4) for name, v in acc.items()}
+    majority = {name: round(float((y[n:] == torch.mode(y[:n]).values).float().mean()), 4) for name, y in ys.items()}
     groups = {}
     for g in ("color", "shape", "size"):
         groups[g] = round(float(np.mean([v for k, v in probe.items() if k.startswith(g + "@")])), 4)

@@ -54,6 +54,7 @@ class DataParams(_Section):
 class ValidateParams(_Section):
     data_dir: str = "data/visionflan-mini"
     report: str = "reports/validation.json"
+    metrics: str = "reports/metrics/validate.json"  # headline numbers (dvc metrics); full report: `report`
     min_answer_chars: int = Field(1, ge=0)
     max_answer_chars: int = Field(64, ge=1)
     max_caption_chars: int = Field(512, ge=1)  # align split: captions are whole scene descriptions
@@ -105,6 +106,7 @@ class AlignParams(_Section):
     data_dir: str = "data/visionflan-mini"
     out_dir: str = "models/base"
     report: str = "reports/align.json"
+    metrics: str = "reports/metrics/align.json"  # headline numbers (dvc metrics); full report: `report`
     tiny: TinyModelParams = Field(default_factory=TinyModelParams)
     seed: int = 0
     steps: int = Field(1800, ge=0)
@@ -198,6 +200,7 @@ class TrainParams(_Section):
     out_dir: str = "models/editors"
     report: str = "reports/train.json"
     curve: str = "reports/train_curve.csv"
+    metrics: str = "reports/metrics/train.json"  # headline numbers (dvc metrics); full report: `report`
     seed: int = 0
     steps: int = Field(300, ge=0)
     batch_size: int = Field(16, ge=1)
@@ -229,6 +232,7 @@ class BenchmarkParams(_Section):
     base_dir: str = "models/base"
     model_dir: str | None = "models/editors"  # editors / LoRA / full / frozen output; null = the bare base
     report: str = "reports/benchmark.json"
+    metrics: str = "reports/metrics/benchmark.json"  # headline numbers (dvc metrics); full report: `report`
     predictions: str = "reports/predictions.jsonl"
     mme_results_dir: str = "reports/mme_results"
     per_task: int | None = Field(None, ge=1)  # cap records per held-out task; null = all
@@ -252,6 +256,7 @@ class AblateParams(_Section):
     report_csv: str = "reports/ablation.csv"
     report_md: str = "reports/ablation.md"
     plot: str = "reports/ablation.png"
+    metrics: str = "reports/metrics/ablate.json"  # headline numbers per arm (dvc metrics)
     executor: Literal["local", "ray"] = "local"  # local: process pool (workers); ray: one Ray task per arm (extra [ray])
     gpus_per_arm: float | None = Field(None, ge=0)  # ray: GPUs each arm asks for; null = 1 if the cluster has GPUs, else 0
     ray_address: str | None = None  # ray: null = start a local Ray; "auto" or "ray://host:10001" = join a cluster
@@ -272,6 +277,7 @@ class CompareParams(_Section):
     report: str = "reports/comparison.json"
     table: str = "reports/comparison.md"
     plot: str = "reports/comparison.png"
+    metrics: str = "reports/metrics/compare.json"  # headline numbers per method (dvc metrics)
 
 
 class PredictParams(_Section):
@@ -300,6 +306,7 @@ class PromoteParams(_Section):
     margin: float = Field(0.0, ge=0, le=1)  # held-out mean must beat the champion's by at least this
     max_task_drop: float = Field(0.05, ge=0, le=1)  # and no held-out task may drop by more than this
     report: str = "reports/promotion.json"
+    metrics: str = "reports/metrics/promote.json"  # the gate's numbers (dvc metrics)
 
 
 class DeployParams(_Section):
@@ -326,7 +333,13 @@ class RunParams(_Section):
     baselines: bool = True  # benchmark LoRA / full / frozen beside the candidate (the compare section)
     promote: bool = True
     summary: str = "reports/run_summary.md"
-    state_dir: str = "models/.flow-state"  # stamps: which inputs produced the outputs on disk (flow cache check)
+
+
+class ReportParams(_Section):
+    """mrt report: the results block (comparison + ablation tables), as a file and inside a README."""
+
+    results: str = "reports/results.md"  # the block on its own (a DVC output)
+    readme: str | None = "README.md"  # also written between this file's results markers; null = only `results`
 
 
 class Params(_Section):
@@ -342,6 +355,7 @@ class Params(_Section):
     promote: PromoteParams = Field(default_factory=PromoteParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
     run: RunParams = Field(default_factory=RunParams)
+    report: ReportParams = Field(default_factory=ReportParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

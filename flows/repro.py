@@ -17,6 +17,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -128,15 +129,15 @@ def write_params(params_file: str, overrides: list[str] | None, root: str | Path
         return keys
 
     changed = diff(wanted, current)
-    yaml = YAML()  # round trip: comments, order and quoting survive
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    doc = yaml.load(target.read_text(encoding="utf-8")) if target.is_file() else None
+    rt = YAML(typ="rt")  # round trip (builds plain maps/lists, never objects): comments, order, quoting survive
+    rt.preserve_quotes = True
+    rt.width = 4096
+    doc = rt.load(target.read_text(encoding="utf-8")) if target.is_file() else None
     if doc is None:
         doc = {}
     _set_changed(doc, wanted)
     buf = io.StringIO()
-    yaml.dump(doc, buf)
+    rt.dump(doc, buf)
     _write_atomic(target, buf.getvalue())
     return changed
 
@@ -183,16 +184,18 @@ def stale(stages: tuple[str, ...] | list[str] = PIPELINE, root: str | Path = "."
 
     root = check_workspace(root)
     try:
-        with Repo(str(root)) as repo:
+        with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves stage names against the cwd
             return repo.status(targets=list(stages))
     except DvcException as exc:
         raise ReproError(f"dvc status failed: {exc}") from None
 
 
-def stage_env(parent_run_id: str | None = None) -> dict[str, str]:
+def stage_env(parent_run_id: str | None = None, root: str | Path = ".") -> dict[str, str]:
     """Environment for the stage commands: this interpreter's scripts first on PATH (so `mrt` is the
-    one of this install), and the pipeline's MLflow run for nesting."""
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    one of this install), the workspace first on PYTHONPATH (so the command runs the code DVC hashes
+    as the stage's deps), and the pipeline's MLflow run for nesting."""
+    pythonpath = os.pathsep.join(p for p in (str(Path(root).resolve()), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": pythonpath}
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
     return env
@@ -217,7 +220,7 @@ def reproduce(stage: str, root: str | Path = ".", force: bool = False,
         log.setLevel(logging.INFO)
     t0 = time.perf_counter()
     try:
-        with Repo(str(root)) as repo:
+        with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves stage names against the cwd
             done = repo.reproduce(stage, single_item=True, force=force, run_env=env or {})
     except DvcException as exc:
         cause = exc.__cause__ or exc.__context__

@@ -140,7 +140,7 @@ def stage_task(stage: str, params_file: str, root: str = ".", force: bool = Fals
     `params_file` is only read for the report paths (the stage itself reads params.yaml, which
     `flows.repro.write_params` made equal to the profile)."""
     logger = get_run_logger()
-    result = repro.reproduce(stage, root, force=force, env=repro.stage_env(parent_run_id))
+    result = repro.reproduce(stage, root, force=force, env=repro.stage_env(parent_run_id, root))
     what = {"ran": f"ran `mrt {stage}` ({result.wall_s:.1f} s)",
             "restored": f"restored from DVC's run cache ({result.wall_s:.1f} s)",
             "skipped": "up to date (DVC: no dep, param or command changed)"}[result.status]

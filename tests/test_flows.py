@@ -282,6 +282,16 @@ def test_mrt_run_smoke_then_dvc_status_is_clean(tmp_path, prefect_harness, monke
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(repro.PIPELINE)
 
+    # DVC's views: every plot has data (the CSVs render through vega), metrics hold no timing
+    plots = json.loads(_dvc(ws, "plots", "show", "--json").stdout)["data"]
+    assert {"build/smoke/reports/train_curve.csv", "build/smoke/reports/ablation.csv",
+            "build/smoke/reports/ablation.png", "build/smoke/reports/comparison.png"} <= set(plots)
+    for path, entries in plots.items():
+        for e in entries:
+            assert e["type"] == "image" or e["content"]["data"]["values"], path
+    metrics = _dvc(ws, "metrics", "show", "--json")
+    assert metrics.returncode == 0 and "heldout_mean" in metrics.stdout and "wall" not in metrics.stdout
+
     # Prefect tells the story: named and tagged by profile and commit, per-profile artifacts, numbers in logs
     run, ids, logs, subs = _flow_run_and_logs(state.state_details.flow_run_id)
     assert run.name.startswith("smoke-") and "profile:smoke" in run.tags

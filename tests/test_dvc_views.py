@@ -73,3 +73,35 @@ def test_headline_of_the_committed_reports_is_small(kind, tmp_path):
     text = headline.write_from_report(kind, ROOT / report, tmp_path / "h.json").read_text()
     full = (ROOT / report).stat().st_size
     assert "wall" not in text and len(text) < min(1200, full), (kind, len(text), full)
+
+
+def test_mrt_report_writes_the_results_file_and_the_readme_block_only_when_asked(tmp_path):
+    from typer.testing import CliRunner
+
+    from components.cli import app
+    from components.report import RESULTS_END, RESULTS_START
+    from test_compare import _comparison_file
+
+    cmp = _comparison_file(tmp_path)
+    results = tmp_path / "out" / "results.md"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{RESULTS_START}\nold\n{RESULTS_END}\ntail\n")
+    base = ["report", "-S", f"compare.report={cmp}", "-S", f"ablate.report_csv={tmp_path / 'none.csv'}",
+            "-S", f"report.results={results}"]
+
+    res = CliRunner().invoke(app, base + ["-S", "report.readme=null"])  # the smoke profile's setting
+    assert res.exit_code == 0, res.output
+    block = results.read_text()
+    assert "| MRT" in block or "MRT" in block
+    assert "old" in readme.read_text()  # untouched
+
+    res = CliRunner().invoke(app, base + ["-S", f"report.readme={readme}"])
+    assert res.exit_code == 0, res.output
+    text = readme.read_text()
+    assert "old" not in text and block.strip() in text and text.endswith(f"{RESULTS_END}\ntail\n")
+
+    results.unlink()
+    readme.write_text("# no markers\n")
+    res = CliRunner().invoke(app, base + ["-S", f"report.readme={readme}"])
+    assert res.exit_code == 1 and "marker" in res.output
+    assert not results.exists() and readme.read_text() == "# no markers\n"  # nothing half-written

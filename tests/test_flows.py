@@ -233,6 +233,31 @@ class _Planted:
         return (Path.write_text, (Path(self.marker), "executed"))
 
 
+def test_stage_tasks_write_and_read_nothing_in_prefects_result_storage(tmp_path, prefect_harness):
+    """Pickles planted in the result storage (where a cached task result would be looked up) are never
+    loaded by stage tasks, and the tasks leave no result file of their own."""
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from flows.tasks import stage_task
+
+    ws = _tiny_project(tmp_path / "p")
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    storage.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "executed.txt"
+    for p in [p for p in storage.rglob("*") if p.is_file()] + [storage / "planted", storage / "mrt-stage-greet"]:
+        p.write_bytes(pickle.dumps(_Planted(str(marker))))
+    before = sorted(p.name for p in storage.rglob("*"))
+
+    @flow(persist_result=False)
+    def two_runs() -> list[str]:
+        return [stage_task("greet", "params.yaml", str(ws))["status"] for _ in range(2)]
+
+    assert two_runs() == ["ran", "skipped"]
+    assert not marker.exists()
+    assert sorted(p.name for p in storage.rglob("*")) == before
+
+
 def _artifact_keys(flow_run_ids: list[str]) -> set[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId

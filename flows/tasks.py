@@ -15,6 +15,7 @@ Why they look like this:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -137,15 +138,21 @@ def stage_task(stage: str, params_file: str, root: str = ".", force: bool = Fals
                parent_run_id: str | None = None) -> dict[str, Any]:
     """`dvc repro --single-item <stage>` (DVC decides whether it runs), then one line with its numbers.
 
-    `params_file` is only read for the report paths (the stage itself reads params.yaml, which
-    `flows.repro.write_params` made equal to the profile)."""
+    `params_file` (relative to `root`) is only read for the report paths: the stage itself reads
+    params.yaml, which `flows.repro.write_params` made equal to the profile."""
     logger = get_run_logger()
     result = repro.reproduce(stage, root, force=force, env=repro.stage_env(parent_run_id, root))
     what = {"ran": f"ran `mrt {stage}` ({result.wall_s:.1f} s)",
             "restored": f"restored from DVC's run cache ({result.wall_s:.1f} s)",
             "skipped": "up to date (DVC: no dep, param or command changed)"}[result.status]
     logger.info("%s: %s", stage, what)
-    line, nums = stage_story(stage, load(params_file, None))
+    line, nums = "", {}
+    params_path = Path(params_file) if Path(params_file).is_absolute() else Path(root) / params_file
+    try:
+        with contextlib.chdir(root):  # report paths in params are relative to the workspace
+            line, nums = stage_story(stage, load(str(params_path), None))
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # the stage ran; only its summary line is lost
+        logger.warning("%s: could not read its report for the summary line: %s", stage, exc)
     if line:
         logger.info("%s", line)
     return {**result.to_dict(), "numbers": nums, "story": line}

@@ -52,7 +52,11 @@ def benchmark_headline(report: dict[str, Any]) -> dict[str, Any]:
     out = _pick(report, ("heldout_mean",))
     out.update({k: v for k, v in report.items()
                 if _number(v) and k.startswith("heldout") and ("chance" in k or "majority" in k)})
-    out.update(_pick(report, ("mme_total",)))
+    summary = report.get("heldout_summary") or {}  # per-split baselines: {chance_mean, majority_mean, ...}
+    for key in ("chance_corrected_mean", "chance_mean", "majority_mean"):
+        if _number(summary.get(key)):
+            out[f"heldout_{key}"] = summary[key]
+    out.update(_pick(report, ("heldin_mean", "mme_total", "mme_chance_total", "mme_majority_total")))
     params = (report.get("model") or {}).get("trainable_params")
     if _number(params):
         out["trainable_params"] = params
@@ -60,11 +64,12 @@ def benchmark_headline(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_headline(report: dict[str, Any]) -> dict[str, Any]:
-    """Per method: held-out mean and MME total (means over seeds) and trainable parameters."""
+    """Per method: held-out mean (and its chance-corrected mean when present) and MME total (means over
+    seeds) and trainable parameters."""
     out: dict[str, Any] = {}
     for method, m in (report.get("methods") or {}).items():
         row = {}
-        for key in ("heldout_mean", "mme_total", "trainable_params"):
+        for key in ("heldout_mean", "heldout_chance_corrected_mean", "mme_total", "trainable_params"):
             v = _mean(m.get(key))
             if _number(v):
                 row[key] = v

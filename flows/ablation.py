@@ -18,7 +18,8 @@ from flows import repro
 from flows.tasks import load, stage_task
 
 ABLATION_TABLE_KEY = "ablation-table"
-TABLE_COLUMNS = ("arm", "seed", "groups", "trainable_params", "heldout_mean", "mme_total", "status")
+TABLE_COLUMNS = ("arm", "seed", "groups", "trainable_params", "heldout_mean", "heldout_chance_corrected_mean",
+                 "heldin_mean", "mme_total", "collapsed_heldout", "collapsed_heldin", "status")
 
 
 def arm_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

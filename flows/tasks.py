@@ -46,13 +46,14 @@ def _f(value: Any, digits: int = 3) -> str:
 
 
 def _beside_chance(report: dict[str, Any]) -> str:
-    """', chance 0.xxx, majority 0.yyy' when the report carries them."""
-    parts = []
-    for key, label in (("heldout_chance", "chance"), ("heldout_chance_mean", "chance"),
-                       ("heldout_majority", "majority"), ("heldout_majority_mean", "majority"),
-                       ("heldout_chance_corrected_mean", "chance-corrected")):
-        if isinstance(report.get(key), (int, float)):
-            parts.append(f"{label} {_f(report[key])}")
+    """' (chance 0.xxx, majority 0.yyy, chance-corrected 0.zzz)' from the benchmark report's baselines."""
+    from components.headline import benchmark_headline
+
+    h = benchmark_headline(report)
+    parts = [f"{label} {_f(h[key])}" for key, label in (("heldout_chance_mean", "chance"),
+                                                         ("heldout_majority_mean", "majority answer"),
+                                                         ("heldout_chance_corrected_mean", "chance-corrected"))
+             if key in h]
     return (" (" + ", ".join(parts) + ")") if parts else ""
 
 

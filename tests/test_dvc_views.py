@@ -50,6 +50,12 @@ def test_headline_files_hold_no_timing_and_keep_chance_beside_accuracy(tmp_path)
     h = headline.benchmark_headline(report)
     assert h == {"heldout_mean": 0.46, "heldout_chance_mean": 0.31, "heldout_majority_mean": 0.37,
                  "mme_total": 250.0, "trainable_params": 13240}
+    nested = {"heldout_mean": 0.46, "heldout_summary": {"chance_mean": 0.3, "majority_mean": 0.4,
+                                                         "chance_corrected_mean": 0.2, "per_task": {}},
+              "heldin_mean": 0.5, "mme_total": 250.0, "mme_chance_total": 300.0, "wall_s": 1.0}
+    assert headline.benchmark_headline(nested) == {
+        "heldout_mean": 0.46, "heldout_chance_corrected_mean": 0.2, "heldout_chance_mean": 0.3,
+        "heldout_majority_mean": 0.4, "heldin_mean": 0.5, "mme_total": 250.0, "mme_chance_total": 300.0}
     cmp = {"methods": {"mrt": {"heldout_mean": {"mean": 0.44, "std": 0.01}, "mme_total": {"mean": 255.0},
                                "trainable_params": 13240, "wall_s": {"mean": 22.7}, "per_task": {}}}}
     assert headline.compare_headline(cmp) == {"mrt": {"heldout_mean": 0.44, "mme_total": 255.0,
@@ -85,7 +91,7 @@ def test_mrt_report_writes_the_results_file_and_the_readme_block_only_when_asked
     cmp = _comparison_file(tmp_path)
     results = tmp_path / "out" / "results.md"
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{RESULTS_START}\nold\n{RESULTS_END}\ntail\n")
+    readme.write_text(f"# x\n{RESULTS_START}\nOLD-BLOCK\n{RESULTS_END}\ntail\n")
     base = ["report", "-S", f"compare.report={cmp}", "-S", f"ablate.report_csv={tmp_path / 'none.csv'}",
             "-S", f"report.results={results}"]
 
@@ -93,12 +99,12 @@ def test_mrt_report_writes_the_results_file_and_the_readme_block_only_when_asked
     assert res.exit_code == 0, res.output
     block = results.read_text()
     assert "| MRT" in block or "MRT" in block
-    assert "old" in readme.read_text()  # untouched
+    assert "OLD-BLOCK" in readme.read_text()  # untouched
 
     res = CliRunner().invoke(app, base + ["-S", f"report.readme={readme}"])
     assert res.exit_code == 0, res.output
     text = readme.read_text()
-    assert "old" not in text and block.strip() in text and text.endswith(f"{RESULTS_END}\ntail\n")
+    assert "OLD-BLOCK" not in text and block.strip() in text and text.endswith(f"{RESULTS_END}\ntail\n")
 
     results.unlink()
     readme.write_text("# no markers\n")

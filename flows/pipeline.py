@@ -294,17 +294,19 @@ def mrt_pipeline(params_file: str = "params.yaml", overrides: list[str] | None =
 
 
 def _decision_markdown(decision: dict[str, Any]) -> str:
-    """promotion.json as the gate's own Markdown (its JSON when the fields do not fit)."""
-    import dataclasses
-    import json
+    """promotion.json as Markdown: the verdict, the versions, the gate's numbers and its reasons."""
+    def v(key: str) -> str:
+        return "none" if decision.get(key) is None else f"v{decision[key]}"
 
-    from components.registry import Decision
-
-    names = {f.name for f in dataclasses.fields(Decision)}
-    try:
-        return Decision(**{k: v for k, v in decision.items() if k in names}).markdown()
-    except (TypeError, ValueError, KeyError):
-        return "```json\n" + json.dumps(decision, indent=2) + "\n```\n"
+    verdict = "PROMOTED" if decision.get("promote") else "REJECTED"
+    lines = [f"# Promotion gate: {verdict}", "",
+             f"Model `{decision.get('model_name')}`: candidate {v('candidate_version')}; champion "
+             f"before {v('champion_version_before')}, after {v('champion_version_after')}.",
+             "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in decision.items()
+              if isinstance(v, (int, float, str, bool)) or v is None if k not in ("reasons", "model_uri")]
+    lines += ["", "Reasons:"] + [f"- {r}" for r in decision.get("reasons") or []]
+    return "\n".join(lines) + "\n"
 
 
 def _validation_artifact(profile: str, params) -> None:

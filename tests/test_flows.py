@@ -118,6 +118,17 @@ def test_summary_rows_candidate_then_baselines():
     assert summary_rows({"method": "mrt"}, None, None)[0][-1] == "—"
 
 
+def test_promotion_artifact_renders_any_promotion_report():
+    from flows.pipeline import _decision_markdown
+
+    md = _decision_markdown({"promote": False, "model_name": "m", "candidate_version": 3, "champion_version_before": 2,
+                             "champion_version_after": 2, "candidate_heldout_mean": 0.4,
+                             "conditions": [{"name": "beats frozen", "ok": False}], "reasons": ["too close to chance"]})
+    assert md.startswith("# Promotion gate: REJECTED")
+    assert "candidate v3; champion before v2, after v2" in md and "| candidate_heldout_mean | 0.4 |" in md
+    assert "- too close to chance" in md
+
+
 # ---------------------------------------------------------------------------------------------
 # DVC decides: ran / skipped / restored, on a one-stage project
 # ---------------------------------------------------------------------------------------------

@@ -324,12 +324,13 @@ def deploy_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> N
     typer.echo(f"deployment mrt-pipeline/{dp.name} on the Prefect server {url}: cron '{dp.cron}' ({dp.timezone}), "
                f"params {dp.params_file}, runs on {where}")
     try:
-        dep_id = deploy(dp)
-    except KeyboardInterrupt:
+        dep_id = deploy(dp)  # serving: returns once Ctrl-C / SIGTERM stopped it (Prefect catches the signal)
+    except KeyboardInterrupt:  # Ctrl-C before serving began (while registering)
+        dep_id = None
+    if dp.work_pool is None:
         typer.echo(f"stopped serving mrt-pipeline/{dp.name}: no more scheduled runs from this process "
                    "(the deployment stays registered on the server)")
-        raise typer.Exit(130) from None
-    if dep_id:
+    elif dep_id:
         typer.echo(f"registered deployment {dep_id}; start a worker: prefect worker start --pool {dp.work_pool}")
 
 

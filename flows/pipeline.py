@@ -251,7 +251,8 @@ def mrt_pipeline(params_file: str = "params.yaml", overrides: list[str] | None =
             try:
                 stage_runs[stage] = stage_task(stage, repro.PARAMS_FILE, ".", force, parent)
             except repro.ReproError:
-                if stage == "validate":
+                verdict = _read(params.validate_.report) if stage == "validate" else None
+                if verdict is not None and verdict.get("success") is False:  # bad data, not a crash
                     _validation_artifact(profile, params)
                     raise PipelineStopped(f"validation failed, nothing was trained — see {params.validate_.report}")
                 raise

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from components.config import AblateParams, BenchmarkParams, EditorParams, ParamsError, TrainParams
+from components.config import AblateParams, BenchmarkParams, EditorParams, ParamsError, TrackParams, TrainParams
 
 GROUPS = ("visual", "projector", "prefix", "suffix")
 LAYERED = ("visual", "prefix", "suffix")  # groups with a depth (layer spec)
@@ -231,6 +231,8 @@ def _warm_modules(jobs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
     mods = ["torch", "transformers", "components.training", "components.benchmark", "components.inference"]
     if any(j["train"].get("method") == "lora" for j in jobs):
         mods.append("peft")
+    if any(j.get("tracking") for j in jobs):
+        mods += ["mlflow", "mlflow.tracking", "components.stage_runs"]
     return tuple(mods)
 
 
@@ -285,8 +287,20 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
                 tp = TrainParams.model_validate(job["train"])
                 bp = BenchmarkParams.model_validate(job["bench"])
-                out["train"] = train(tp)
-                out["benchmark"] = run_benchmark(bp, label=job["key"])
+                trk = job.get("tracking")
+                if trk:  # a live MLflow run for this job (components.stage_runs)
+                    from components.config import TrackParams
+                    from components.stage_runs import tracked_benchmark, tracked_train
+
+                    track = TrackParams.model_validate(trk["track"])
+                    out["train"], out["run_id"] = tracked_train(
+                        track, tp, role=trk["role"], name=trk["name"], tags=trk.get("tags"), parent=trk.get("parent"),
+                        system_metrics=False)
+                    out["benchmark"] = (tracked_benchmark(track, bp, run_id=out["run_id"], label=job["key"])[0]
+                                        if out["run_id"] else run_benchmark(bp, label=job["key"]))
+                else:
+                    out["train"] = train(tp)
+                    out["benchmark"] = run_benchmark(bp, label=job["key"])
             except Exception as exc:  # noqa: BLE001 - a failing arm is a result, not the end of the sweep
                 fail(exc)
                 print(out["traceback"], file=sys.stderr)  # into the job's log
@@ -440,14 +454,32 @@ def ablation_rows(arms: Sequence[Arm], results: Sequence[dict[str, Any]], out_di
         trainable = tr.get("trainable_params")
         if trainable is None:
             trainable = (bm.get("model") or {}).get("trainable_params")
+        held_out, held_in = bm.get("heldout_summary") or {}, bm.get("heldin_summary") or {}
+        benchmarked = bool(bm)
         row.update(
             trainable_params=trainable,
             heldout_mean=bm.get("heldout_mean"),
+            heldout_chance_corrected_mean=held_out.get("chance_corrected_mean"),
+            heldin_mean=bm.get("heldin_mean"),
             mme_total=bm.get("mme_total"),
             mme_perception=bm.get("mme_perception"),
+            # how many tasks / MME subtasks got one answer for every record (None: not benchmarked)
+            collapsed_heldout=len(held_out.get("collapsed_tasks") or []) if benchmarked else None,
+            collapsed_heldin=len(held_in.get("collapsed_tasks") or []) if held_in else None,
+            collapsed_mme=len(bm.get("mme_collapsed") or []) if bm.get("mme_baselines") else None,
+            # the baselines of the evaluated records (the same for every arm scored on them)
+            heldout_chance_mean=held_out.get("chance_mean"),
+            heldout_majority_mean=held_out.get("majority_mean"),
+            heldout_majority_chance_corrected_mean=held_out.get("majority_chance_corrected_mean"),
+            heldin_chance_mean=held_in.get("chance_mean"),
+            heldin_majority_mean=held_in.get("majority_mean"),
+            mme_chance_total=bm.get("mme_chance_total"),
+            mme_majority_total=bm.get("mme_majority_total"),
         )
         for task, score in sorted((bm.get("heldout") or {}).items()):
             row[f"heldout/{task}"] = score
+        for task, score in sorted((bm.get("heldin") or {}).items()):
+            row[f"heldin/{task}"] = score
         row.update(
             train_wall_s=tr.get("train_wall_s"),
             wall_s=res.get("wall_s"),
@@ -461,13 +493,28 @@ def ablation_rows(arms: Sequence[Arm], results: Sequence[dict[str, Any]], out_di
 
 def run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParams,
                  report: Reporter | None = print_progress,
-                 runner: Callable[..., list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+                 runner: Callable[..., list[dict[str, Any]]] | None = None,
+                 track: TrackParams | None = None) -> list[dict[str, Any]]:
     """Train and benchmark every arm of the grid; write ablate.report_csv, report_md and plot.
 
     Each arm is `train` with method mrt, the arm's editors and seed, and `ablate.steps` steps, then
     `bench` on the arm's folder with `ablate.per_task` records per held-out task. Returns the CSV's
-    rows in grid order (failed arms included, status "failed").
+    rows in grid order (failed arms included, status "failed"). With `track`, the sweep is an
+    `ablation` MLflow run and every arm a live child run of it (components.stage_runs).
     """
+    from components.stage_runs import stage_run
+
+    with stage_run(track, "ablation", tags={"mrt.role": "ablation-sweep", "mrt.grid": ablate.grid},
+                   params={"ablate": ablate.model_dump(mode="json")}) as sweep:
+        rows = _run_ablation(ablate, train, bench, report, runner, track if sweep.active else None, sweep.run_id)
+        for path in (ablate.report_csv, ablate.report_md, ablate.plot):
+            sweep.artifact(path, "reports")
+        return rows
+
+
+def _run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParams, report: Reporter | None,
+                  runner: Callable[..., list[dict[str, Any]]] | None, track: TrackParams | None,
+                  parent: str | None) -> list[dict[str, Any]]:
     from components.report import ablation_markdown, write_ablation_csv, write_ablation_plot, write_text
 
     arms = expand_grid(ablate, train.editors)
@@ -476,6 +523,11 @@ def run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParam
                  editors=arm.editors, seed=arm.seed, steps=ablate.steps)
         for arm in arms
     ]
+    if track is not None:
+        for arm, job in zip(arms, jobs):
+            job["tracking"] = {"track": track.model_dump(mode="json"), "parent": parent, "role": "ablation",
+                               "name": f"ablation-{arm.name}-seed{arm.seed}",
+                               "tags": {"mrt.arm": arm.name, "mrt.family": arm.family}}
     t0 = time.time()
     # `runner(jobs, report)`: another executor with run_jobs' contract (flows.ray_runner.jobs_runner for Ray).
     results = runner(jobs, report) if runner else run_jobs(jobs, ablate.workers, ablate.threads_per_worker, report)

@@ -2,7 +2,12 @@
 
 Every evaluated model becomes a new version of track.registered_model with alias `candidate`; the
 alias `champion` moves only when the pure :func:`gate` says so (DESIGN.md: validation passed, held-out
-mean beats the champion's by at least `margin`, no held-out task drops by more than `max_task_drop`).
+mean beats the champion's by at least `margin`, no held-out task drops by more than `max_task_drop`)
+and the candidate is not noise: its held-out mean beats the best constant answer (the benchmark
+report's `heldout/majority_mean`) and the frozen base (the comparison report) by more than the seed
+spread — max(`baseline_margin`, `spread_factor` × the sample std over seeds of its method's held-out
+mean, measured over at least `min_seeds` seeds). The decision lists every condition with its
+numbers and whether it held (`Decision.conditions`).
 
 No half states
     A version is created in ONE call that carries every tag the gate and the lineage need (metrics,
@@ -69,6 +74,34 @@ class PromotionError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # the gate (pure)
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """What the noise guard compares a candidate with, besides its own benchmark report: the frozen
+    base's held-out mean and the seed spread of the candidate's method (both from `mrt compare`)."""
+
+    frozen_heldout_mean: float | None = None
+    seed_std: float | None = None  # sample std over seeds of the method's held-out mean
+    seeds: int = 0  # how many successful seeds that std is over
+    method: str | None = None
+    source: str | None = None  # the comparison report it was read from
+
+
+@dataclass
+class Condition:
+    """One rule of the gate, with the numbers it was decided on."""
+
+    name: str
+    held: bool
+    enforced: bool = True
+    value: float | None = None  # e.g. the candidate's margin over the baseline
+    threshold: float | None = None  # what `value` had to reach
+    detail: str = ""
+
+    @property
+    def blocks(self) -> bool:
+        return self.enforced and not self.held
+
+
 @dataclass
 class Decision:
     """What the gate decided and every number it used."""
@@ -81,6 +114,12 @@ class Decision:
     candidate_heldout_mean: float | None = None
     champion_heldout_mean: float | None = None
     task_deltas: dict[str, float] = field(default_factory=dict)  # candidate − champion, per held-out task
+    majority_heldout_mean: float | None = None  # the best constant answer's held-out mean (same records)
+    frozen_heldout_mean: float | None = None
+    seed_std: float | None = None
+    seeds: int = 0
+    required_margin: float | None = None  # over the baselines: max(baseline_margin, spread_factor × seed_std)
+    conditions: list[Condition] = field(default_factory=list)
     candidate_version: int | None = None
     champion_version_before: int | None = None
     champion_version_after: int | None = None
@@ -94,9 +133,13 @@ class Decision:
             return None
         return self.candidate_heldout_mean - self.champion_heldout_mean
 
+    def condition(self, name: str) -> Condition | None:
+        return next((c for c in self.conditions if c.name == name), None)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean_delta"] = self.mean_delta
+        d["failed_conditions"] = [c.name for c in self.conditions if not c.held]
         return d
 
     def markdown(self) -> str:
@@ -122,11 +165,30 @@ class Decision:
             f"| validation | {'passed' if self.validation_passed else 'failed'} | | | must pass | "
             f"{'ok' if self.validation_passed else 'blocks'} |",
         ]
+
+        def result(c: Condition | None) -> str:
+            if c is None:
+                return "—"
+            return "ok" if c.held else ("blocks" if c.enforced else "fails (not enforced)")
+
+        need = "—" if self.required_margin is None else f"{self.required_margin:g}"
+        for cname, label, base in (("beats_majority", "vs best constant answer", self.majority_heldout_mean),
+                                   ("beats_frozen_base", "vs frozen base", self.frozen_heldout_mean)):
+            c = self.condition(cname)
+            if c is not None:
+                lines.append(f"| heldout/mean {label} | {num(self.candidate_heldout_mean)} | {num(base)} | "
+                             f"{num(c.value, True)} | > 0 and ≥ {need} | {result(c)} |")
+        c = self.condition("seed_spread")
+        if c is not None:
+            lines.append(f"| seed spread | std {num(self.seed_std)} over {self.seeds} seed(s) | | | "
+                         f"≥ {c.threshold:g} seeds | {result(c)} |")
         md = self.mean_delta
-        mean_ok = md is None or (md >= self.margin - _EPS and md > _EPS)
+        c = self.condition("beats_champion")
+        rule = f"≥ {c.threshold:g} and > 0" if c is not None and c.threshold is not None else f"≥ {self.margin:g} and > 0"
+        ok = c.held if c is not None else (md is None or (md >= self.margin - _EPS and md > _EPS))
         lines.append(
             f"| heldout/mean | {num(self.candidate_heldout_mean)} | {num(self.champion_heldout_mean)} | "
-            f"{num(md, True)} | ≥ {self.margin:g} and > 0 | {'ok' if mean_ok else 'blocks'} |"
+            f"{num(md, True)} | {rule} | {'ok' if ok else 'blocks'} |"
         )
         for task, delta in sorted(self.task_deltas.items()):
             ok = delta >= -self.max_task_drop - _EPS
@@ -137,15 +199,71 @@ class Decision:
 
 def heldout_scores(metrics: Mapping[str, float]) -> tuple[dict[str, float], float | None]:
     """(per-task held-out scores, held-out mean) from flat metric names (`heldout/<task>`, `heldout/mean`).
-    The mean falls back to the unweighted mean of the tasks when absent."""
+    Keys with a second level (`heldout/<task>/majority`) and the split's aggregates
+    (`heldout/chance_mean`, `heldout/majority_mean`, …) are not tasks. The mean falls back to the
+    unweighted mean of the tasks when absent."""
+    from components.benchmark import AGGREGATE_NAMES
+
     tasks = {}
     for k, v in metrics.items():
-        if k.startswith("heldout/") and k != "heldout/mean" and v is not None and math.isfinite(float(v)):
-            tasks[k.split("/", 1)[1]] = float(v)
+        if not k.startswith("heldout/") or v is None or not math.isfinite(float(v)):
+            continue
+        name = k.split("/", 1)[1]
+        if "/" not in name and name not in AGGREGATE_NAMES:
+            tasks[name] = float(v)
     mean = metrics.get("heldout/mean")
     if mean is None or not math.isfinite(float(mean)):
         mean = sum(tasks.values()) / len(tasks) if tasks else None
     return tasks, (float(mean) if mean is not None else None)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _baseline_conditions(d: Decision, candidate: Mapping[str, float], reference: Reference | None,
+                         promote: "PromoteParams") -> None:
+    """The noise guard: beat the best constant answer and the frozen base by more than the seed spread."""
+    enforced = bool(promote.enforce_baselines)
+    ref = reference or Reference()
+    d.majority_heldout_mean = _finite(candidate.get("heldout/majority_mean"))
+    d.frozen_heldout_mean = _finite(ref.frozen_heldout_mean)
+    d.seed_std, d.seeds = _finite(ref.seed_std), int(ref.seeds or 0)
+    where = f" ({ref.source})" if ref.source else ""
+
+    spread_ok = d.seed_std is not None and d.seeds >= promote.min_seeds
+    d.conditions.append(Condition(
+        "seed_spread", spread_ok, enforced, d.seed_std, float(promote.min_seeds),
+        f"seed spread of {ref.method or 'the candidate method'}'s held-out mean: std {d.seed_std:.4f} over "
+        f"{d.seeds} seed(s){where}; min_seeds {promote.min_seeds}" if d.seed_std is not None else
+        f"seed spread unknown: no comparison report with the candidate's method{where} "
+        "(run `mrt compare` with several seeds)"))
+    spread_margin = promote.spread_factor * d.seed_std if d.seed_std is not None else 0.0
+    d.required_margin = max(float(promote.baseline_margin), spread_margin)
+    need = (f"max(baseline_margin {promote.baseline_margin:g}, {promote.spread_factor:g} × seed std "
+            f"{d.seed_std:.4f}) = {d.required_margin:.4f}" if d.seed_std is not None
+            else f"baseline_margin {promote.baseline_margin:g}")
+    cand = d.candidate_heldout_mean
+    for name, label, base, missing in (
+        ("beats_majority", "the best constant answer", d.majority_heldout_mean,
+         "the benchmark report has no best-constant baseline (heldout/majority_mean)"),
+        ("beats_frozen_base", "the frozen base", d.frozen_heldout_mean,
+         f"the frozen base's held-out mean is unknown{where or ''} (run `mrt compare` with method frozen)"),
+    ):
+        if cand is None or base is None:
+            d.conditions.append(Condition(name, False, enforced, None, d.required_margin,
+                                          missing if base is None else "the candidate has no held-out mean"))
+            continue
+        delta = cand - base
+        held = delta > _EPS and delta + _EPS >= d.required_margin
+        d.conditions.append(Condition(
+            name, held, enforced, delta, d.required_margin,
+            f"heldout/mean {cand:.4f} vs {label} {base:.4f}: delta {delta:+.4f} "
+            f"{'≥' if held else 'does not reach'} the required margin {need}"))
 
 
 def gate(
@@ -153,16 +271,24 @@ def gate(
     champion: Mapping[str, float] | None,
     validation_passed: bool,
     promote: "PromoteParams",
+    reference: Reference | None = None,
 ) -> Decision:
-    """DESIGN.md's promotion rule, as a pure function of the two models' metrics.
+    """DESIGN.md's promotion rule plus the noise guard, as a pure function of the numbers.
 
     - failed validation never promotes;
     - a candidate without held-out scores never promotes;
-    - with no champion yet, the candidate becomes champion;
-    - otherwise the held-out mean must beat the champion's by at least `margin` (and by more than
-      zero: an equal model is not a better one, so re-promoting the same model is a no-op), and no
-      held-out task the champion was scored on may drop by more than `max_task_drop` (a task the
-      candidate was not scored on counts as a block: its drop is unknown).
+    - the candidate's held-out mean must beat the best constant answer (`heldout/majority_mean` of its
+      own benchmark) and the frozen base (`reference`) by more than zero and by at least
+      max(`baseline_margin`, `spread_factor` × seed std), the std measured over ≥ `min_seeds` seeds;
+      with `enforce_baselines` false these conditions are recorded but do not block;
+    - with no champion yet, the candidate becomes champion (if nothing above blocks);
+    - otherwise the held-out mean must beat the champion's by at least `margin` — and, when the seed
+      spread is known and enforced, by `spread_factor` × seed std — and by more than zero (an equal
+      model is not a better one, so re-promoting the same model is a no-op), and no held-out task the
+      champion was scored on may drop by more than `max_task_drop` (a task the candidate was not
+      scored on counts as a block: its drop is unknown).
+    Every condition is in `Decision.conditions` (held or not, enforced or not, with its numbers) and
+    every failing one also in `Decision.reasons`.
     """
     cand_tasks, cand_mean = heldout_scores(candidate)
     d = Decision(
@@ -173,34 +299,57 @@ def gate(
         max_task_drop=float(promote.max_task_drop),
         candidate_heldout_mean=cand_mean,
     )
+    d.conditions.append(Condition("validation", bool(validation_passed), True, detail=(
+        "data validation passed" if validation_passed else
+        "data validation failed: a model trained on data that failed validation is never promoted")))
     if not validation_passed:
         d.reasons.append("data validation failed: a model trained on data that failed validation is never promoted")
+    d.conditions.append(Condition("heldout_scores", cand_mean is not None, True, cand_mean, detail=(
+        f"held-out mean {cand_mean:.4f}" if cand_mean is not None else
+        "the candidate has no held-out scores (heldout/<task>, heldout/mean)")))
     if cand_mean is None:
         d.reasons.append("the candidate has no held-out scores (heldout/<task>, heldout/mean)")
+    _baseline_conditions(d, candidate, reference, promote)
+    guard = [c.detail if c.held or c.enforced else f"{c.detail} (recorded, not enforced: enforce_baselines false)"
+             for c in d.conditions[2:]]
+    _champion_rules(d, champion, cand_tasks, promote, blocked=any(c.blocks for c in d.conditions))
+    d.reasons += guard  # after the champion's verdict, so the first reasons say what decided
+    return d
+
+
+def _champion_rules(d: Decision, champion: Mapping[str, float] | None, cand_tasks: dict[str, float],
+                    promote: "PromoteParams", blocked: bool) -> None:
+    cand_mean = d.candidate_heldout_mean
     if champion is None:
-        if not d.reasons:
+        if not blocked:
             d.promote = True
             d.reasons.append(f"no champion yet: the first validated candidate becomes champion (heldout/mean {cand_mean:.4f})")
-        return d
+        return
     champ_tasks, champ_mean = heldout_scores(champion)
     d.champion_heldout_mean = champ_mean
     d.task_deltas = {t: cand_tasks[t] - s for t, s in champ_tasks.items() if t in cand_tasks}
     if cand_mean is None:
-        return d
+        return
     if champ_mean is None:
         d.reasons.append("the champion has no held-out scores to compare with; keeping it (promote by hand)")
-        return d
-    blocked = bool(d.reasons)
+        return
+    need = d.margin
+    spread = d.condition("seed_spread")
+    if promote.enforce_baselines and spread is not None and spread.held and d.seed_std is not None:
+        need = max(need, promote.spread_factor * d.seed_std)
     delta = cand_mean - champ_mean
-    if delta + _EPS < d.margin or delta <= _EPS:
+    beats = not (delta + _EPS < need or delta <= _EPS)
+    d.conditions.append(Condition("beats_champion", beats, True, delta, need,
+                                  f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}"))
+    if not beats:
         blocked = True
         d.reasons.append(
             f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} does not beat it "
-            f"by the margin {d.margin:g}"
+            f"by the margin {need:g}"
         )
     else:
         d.reasons.append(
-            f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} ≥ margin {d.margin:g}"
+            f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} ≥ margin {need:g}"
         )
     missing = sorted(set(champ_tasks) - set(cand_tasks))
     if missing:
@@ -212,11 +361,40 @@ def gate(
         d.reasons.append(
             f"heldout/{t} drops by {drop:.4f} ({champ_tasks[t]:.4f} → {cand_tasks[t]:.4f}) > max_task_drop {d.max_task_drop:g}"
         )
+    d.conditions.append(Condition("task_drops", not drops and not missing, True,
+                                  min(d.task_deltas.values()) if d.task_deltas else None, -d.max_task_drop,
+                                  "worst held-out task delta vs the champion"))
     if not drops and not missing and d.task_deltas:
         worst = min(d.task_deltas.values())
         d.reasons.append(f"no held-out task drops by more than {d.max_task_drop:g} (worst delta {worst:+.4f})")
     d.promote = not blocked
-    return d
+
+
+def reference_from_comparison(path: str | os.PathLike | None, method: str | None) -> Reference | None:
+    """The frozen base's held-out mean and the seed spread of `method` from a `mrt compare` report;
+    None when there is no report (the gate then records both as unknown). A report that exists but
+    cannot be read raises ValueError naming the file and field."""
+    if not path or not Path(path).is_file():
+        return None
+    report = _read_json(path, "comparison report")
+    methods = report.get("methods")
+    if not isinstance(methods, dict):
+        raise ValueError(f"{path}: field 'methods' missing or not a mapping — not a `mrt compare` report")
+
+    def stat(name: str | None) -> dict:
+        entry = methods.get(name) if name else None
+        value = entry.get("heldout_mean") if isinstance(entry, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    frozen, own = stat("frozen"), stat(method)
+    values = [v for v in own.get("values") or [] if _finite(v) is not None]
+    return Reference(
+        frozen_heldout_mean=_finite(frozen.get("mean")),
+        seed_std=_finite(own.get("std")) if values else None,
+        seeds=len(values),
+        method=method,
+        source=str(path),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +415,9 @@ def _alias_missing(exc: BaseException) -> bool:
 
 
 def version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
-    """The gate's numbers stored on a version as tags (`heldout/<task>`, `heldout/mean`, `mme/total`…)."""
+    """The gate's numbers from a version's tags — where versions registered by older releases kept
+    them (`heldout/<task>`, `heldout/mean`, `mme/total`…) as strings. New versions keep them as
+    metrics of their logged model (:func:`model_metrics`)."""
     out = {}
     for k, v in tags.items():
         if k.startswith(("heldout/", "mme/")) and "/" in k:
@@ -248,14 +428,36 @@ def version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
     return out
 
 
-def _version_info(mv) -> dict[str, Any]:
+def model_metrics(track: "TrackParams", model_id: str | None) -> dict[str, float]:
+    """The latest value of every metric of a logged model (what a version's page shows), {} when
+    there is no logged model behind the version."""
+    if not model_id:
+        return {}
+    c = client(track)
+    try:
+        lm = call(track, f"read logged model {model_id}", c.get_logged_model, model_id)
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc):
+            return {}
+        raise
+    latest: dict[str, Any] = {}
+    for m in lm.metrics or []:
+        if m.key not in latest or (m.step, m.timestamp) >= (latest[m.key].step, latest[m.key].timestamp):
+            latest[m.key] = m
+    return {k: float(m.value) for k, m in latest.items()}
+
+
+def _version_info(mv, track: "TrackParams | None" = None) -> dict[str, Any]:
     tags = dict(mv.tags or {})
+    model_id = getattr(mv, "model_id", None) or _model_id(mv.source or "")
+    metrics = model_metrics(track, model_id) if track is not None else {}
     return {
         "name": mv.name,
         "version": int(mv.version),
         "run_id": mv.run_id,
         "source": mv.source,
-        "metrics": version_metrics(tags),
+        "model_id": model_id,
+        "metrics": metrics or version_metrics(tags),
         "tags": tags,
         "lineage": {k: v for k, v in tags.items() if k.startswith(tracking.TAG_PREFIX) and k not in _BOOKKEEPING},
     }
@@ -271,7 +473,7 @@ def alias_version(track: "TrackParams", alias: str) -> dict[str, Any] | None:
         if _not_found(exc) or _alias_missing(exc):
             return None
         raise
-    return _version_info(mv)
+    return _version_info(mv, track)
 
 
 def champion(track: "TrackParams") -> dict[str, Any] | None:
@@ -283,15 +485,36 @@ def champion(track: "TrackParams") -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 # registry writes
 # ---------------------------------------------------------------------------------------------
-def log_editor_model(run_id: str, track: "TrackParams", base_dir: str, adapter_dir: str | None) -> str:
-    """Log base + editors/adapter into `run_id` as the pyfunc `editor_model`; returns its model URI
-    (`models:/m-<id>`)."""
+def log_editor_model(run_id: str, track: "TrackParams", base_dir: str, adapter_dir: str | None,
+                     base_fingerprint: str | None = None) -> str:
+    """Log editors/adapter + a reference to the base (never its weights) into `run_id` as the
+    pyfunc `editor_model`; returns its model URI (`models:/m-<id>`)."""
     from components.pyfunc_model import log_pyfunc
 
     tracking.configure(track)
     info = call(track, f"log the editor model of run {run_id}", log_pyfunc, run_id, base_dir, adapter_dir,
-                MODEL_NAME_IN_RUN)
+                MODEL_NAME_IN_RUN, None, base_fingerprint)
     return info.model_uri
+
+
+def record_model_figures(track: "TrackParams", run_id: str, model_uri: str, metrics: Mapping[str, float],
+                         params: Mapping[str, Any]) -> None:
+    """The gate's figures on the logged model behind a version (the version links to it): numbers
+    as metrics (listed on the logged model's page, read back as numbers), settings as params."""
+    from mlflow.entities import Metric
+
+    model_id = _model_id(model_uri)
+    if model_id is None:
+        raise ValueError(f"{model_uri}: expected a logged model URI models:/m-<id>")
+    now = int(time.time() * 1000)
+    items = [Metric(str(k), float(v), now, 0, model_id=model_id) for k, v in metrics.items()
+             if v is not None and math.isfinite(float(v))]
+    c = client(track)
+    for i in range(0, len(items), tracking.METRIC_BATCH):
+        call(track, f"log metrics on {model_uri}", c.log_batch, run_id, metrics=items[i : i + tracking.METRIC_BATCH])
+    if params:
+        call(track, f"log params on {model_uri}", c.log_model_params, model_id,
+             {str(k): tracking._clip(str(v), tracking.MAX_PARAM_CHARS) for k, v in params.items()})
 
 
 def _ensure_registered_model(track: "TrackParams") -> None:
@@ -313,17 +536,21 @@ def _model_id(model_uri: str) -> str | None:
 
 
 def _create_version(track: "TrackParams", model_uri: str, run_id: str | None, tags: Mapping[str, Any]) -> int:
+    """`mlflow.register_model`: the version records the logged model (`models:/m-<id>`) and its
+    source run, and the logged model records the version (its page shows it registered).
+    `run_id` is the logged model's source run (MLflow reads it from the logged model)."""
+    import mlflow
+
     _ensure_registered_model(track)
-    c = client(track)
+    tracking.configure(track)
     mv = call(
         track,
         f"create a version of {track.registered_model}",
-        c.create_model_version,
-        track.registered_model,
+        mlflow.register_model,
         model_uri,
-        run_id,
+        track.registered_model,
+        await_registration_for=0,
         tags={str(k): tracking._clip(str(v), tracking.MAX_TAG_CHARS) for k, v in tags.items()},
-        model_id=_model_id(model_uri),
     )
     return int(mv.version)
 
@@ -591,11 +818,14 @@ def _write_atomic(path: str | os.PathLike, obj: dict) -> None:
 def promote(params: "Params", run_id: str | None = None, params_file: str = "params.yaml") -> Decision:
     """Register the benchmarked candidate and move `champion` if the gate passes.
 
-    Reads promote.benchmark_report and promote.validation_report, logs the pyfunc model (base =
-    train.base_dir, adapter = promote.candidate_dir) into `run_id` (a new `promote` run when None: the
-    DVC door), then — under the promotion lock — deletes pending leftovers, reads the champion, gates,
-    registers the version (alias candidate) and moves `champion` when the gate passes. Records the
-    decision on the run (tags, metrics, promotion.json) and writes promote.report atomically.
+    Reads promote.benchmark_report and promote.validation_report; logs the pyfunc model (the
+    promote.candidate_dir folder + a reference to train.base_dir) into the run that trained those
+    weights (found by their hash; else `run_id`) with the benchmark's figures as its metrics and the
+    gate's settings as its params; `run_id` is the run the decision is recorded on (a new `promote`
+    run, child of $MRT_PARENT_RUN_ID, when None). Then — under the promotion lock — deletes pending
+    leftovers, reads the champion, gates, registers the version (alias candidate) and moves
+    `champion` when the gate passes. Records the decision on the run (tags, metrics, promotion.json)
+    and writes promote.report atomically.
     Raises TrackingError / PromotionError on failure, leaving no half-registered version."""
     from components.benchmark import flat_metrics
 
@@ -606,27 +836,38 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{pp.benchmark_report}: benchmark report lacks field {exc}") from None
     passed, why = validation_status(pp.validation_report)
+    method = (bench.get("model") or {}).get("method")
+    reference = reference_from_comparison(pp.comparison_report, method)  # a bad report fails before anything
     tracking.configure(track)
     lineage = tracking.lineage_tags(params, params_file)
     own_run = run_id is None
     if own_run:
-        run_id = tracking.start_run(track, "promote", tags={**lineage, "mrt.stage": "promote"})
+        run_id = tracking.start_run(track, "promote", tags={**lineage, "mrt.stage": "promote", "mrt.role": "promote"},
+                                    parent_run_id=tracking.parent_run_id())
     pid = uuid.uuid4().hex
     try:
         tracking.set_tags(run_id, lineage, track=track)
         tracking.log_metrics(run_id, metrics, track=track)
-        model_uri = log_editor_model(run_id, track, params.train.base_dir, pp.candidate_dir)
+        # The model goes into the run that trained it (found by the weights' hash), so a version
+        # links to its training curves and scores; the promote run when no such run is recorded.
+        model_run = tracking.find_model_run(track, pp.candidate_dir) or run_id
+        fp = tracking.base_fingerprint(params.train.base_dir, pp.candidate_dir, params.train.report)
+        model_uri = log_editor_model(model_run, track, params.train.base_dir, pp.candidate_dir,
+                                     None if fp == "unknown" else fp)
+        record_model_figures(track, model_run, model_uri, metrics, {
+            **{f"gate.{k}": v for k, v in pp.model_dump(mode="json").items() if k not in _PROMOTE_PATHS},
+            "validation_passed": str(passed).lower(), "benchmark_report": pp.benchmark_report,
+        })
         version_tags = {
             **lineage,
-            **{k: repr(v) for k, v in metrics.items() if k.startswith(("heldout/", "mme/"))},
             "mrt.validation_passed": str(passed).lower(),
-            "mrt.benchmark_report": pp.benchmark_report,
+            "mrt.promote_run_id": run_id,
             PROMOTION_ID_TAG: pid,
         }
         with promotion_lock(track):
             cleanup_pending(track, keep=pid)
             before = champion(track)
-            decision = gate(metrics, before["metrics"] if before else None, passed, pp)
+            decision = gate(metrics, before["metrics"] if before else None, passed, pp, reference)
             decision.reasons.insert(0, why)
             decision.champion_version_before = before["version"] if before else None
             version = register_candidate(track, model_uri, run_id, version_tags)
@@ -644,6 +885,7 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
                 decision.reasons.append(
                     f"lost a concurrent promotion: champion is v{decision.champion_version_after}, not v{version}"
                 )
+            record_model_figures(track, model_run, model_uri, decision_figures(decision), {})
             call(track, "tag the gate result", client(track).set_model_version_tag, track.registered_model,
                  str(version), DECISION_TAG, "promoted" if decision.promote else "rejected")
         decision.model_name, decision.model_uri, decision.run_id = track.registered_model, model_uri, run_id
@@ -661,6 +903,23 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
         raise
 
 
+_PROMOTE_PATHS = ("candidate_dir", "benchmark_report", "validation_report", "report", "comparison_report")
+
+
+def decision_figures(d: Decision) -> dict[str, float]:
+    """The gate's outcome as numbers for the version's logged model: `gate/promote`, one
+    `gate/<condition>` (1 held, 0 not) per rule, the margins and deltas it compared."""
+    figures: dict[str, float] = {"gate/promote": 1.0 if d.promote else 0.0}
+    for name, value in (("gate/mean_delta", d.mean_delta), ("gate/required_margin", d.required_margin)):
+        if value is not None:
+            figures[name] = float(value)
+    for c in d.conditions:
+        figures[f"gate/{c.name}"] = 1.0 if c.held else 0.0
+        if c.value is not None:
+            figures[f"gate/{c.name}/value"] = float(c.value)
+    return figures
+
+
 def _record(track: "TrackParams", run_id: str, d: Decision) -> None:
     import tempfile
 
@@ -671,7 +930,14 @@ def _record(track: "TrackParams", run_id: str, d: Decision) -> None:
     }, track=track)
     tracking.log_metrics(run_id, {
         "promotion/promoted": 1.0 if d.promote else 0.0,
+        "promotion/candidate_heldout_mean": d.candidate_heldout_mean,
+        "promotion/champion_heldout_mean": d.champion_heldout_mean,
         **({"promotion/mean_delta": d.mean_delta} if d.mean_delta is not None else {}),
+        **{f"promotion/task_delta/{t}": x for t, x in d.task_deltas.items()},
+        **({"promotion/required_margin": d.required_margin} if d.required_margin is not None else {}),
+        **{f"promotion/{c.name}": 1.0 if c.held else 0.0 for c in d.conditions},
+        **{f"promotion/{c.name}/value": c.value for c in d.conditions
+           if c.name in ("beats_majority", "beats_frozen_base") and c.value is not None},
     }, track=track)
     with tempfile.TemporaryDirectory(prefix="mrt-promotion-") as tmp:
         p = Path(tmp) / "promotion.json"
@@ -701,11 +967,20 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def resolve_model(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> tuple[str, str | None]:
-    """Download a registered version's base and adapter folders (once per version) and return
-    (base_dir, adapter_dir) for `components.inference`. The alias is resolved to a version first,
-    so the cache never serves a stale champion."""
+    """(base_dir, adapter_dir) of a registered version for `components.inference` (see resolve_version)."""
+    found = resolve_version(uri, cache_dir, track)
+    return found["base_dir"], found["adapter_dir"]
+
+
+def resolve_version(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> dict[str, Any]:
+    """Download a registered version (editors/adapter + base reference; once per version) and find
+    its base: {version, base_dir, adapter_dir, fingerprint}. The alias is resolved to a version
+    first, so the cache never serves a stale champion. The base is looked up as the pyfunc model
+    does ($MRT_BASE_DIR, then the recorded path); pass `fingerprint` on to `load_model` to check it."""
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
+
+    from components.pyfunc_model import ARTIFACT_ADAPTER, ARTIFACT_BASE_REF, read_base_ref, resolve_base
 
     track = tracking._track(track)
     tracking.configure(track)
@@ -751,7 +1026,10 @@ def resolve_model(uri: str, cache_dir: str = "models/registry-cache", track: "Tr
         rel = entry.get("path") if isinstance(entry, dict) else entry
         return str(root / rel)
 
-    base = _path("base")
-    if base is None:
-        raise ValueError(f"{uri}: version {mv.version} is not an MRT editor model (no 'base' artifact)")
-    return base, _path("adapter")
+    ref_file = _path(ARTIFACT_BASE_REF)
+    if ref_file is None:
+        raise ValueError(f"{uri}: version {mv.version} is not an MRT editor model (no '{ARTIFACT_BASE_REF}' artifact)")
+    ref = read_base_ref(ref_file)
+    adapter = _path(ARTIFACT_ADAPTER)
+    return {"version": int(mv.version), "base_dir": resolve_base(ref, adapter), "adapter_dir": adapter,
+            "fingerprint": ref["fingerprint"]}

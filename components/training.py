@@ -109,6 +109,7 @@ class LoopSpec:
     curve: str | None = None
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # settings a resumed checkpoint must share
+    on_step: Callable[[int, float, float], None] | None = None  # (step, loss, lr) after each step, main process
 
 
 @dataclass
@@ -187,6 +188,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler
         "losses": torch.tensor(losses, dtype=torch.float64),
     }
     torch.save(state, tmp / "state.pt")
+    from components.report import make_readable
+
+    make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for _, old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
@@ -309,6 +313,8 @@ def run_loop(
         if acc.is_main_process:
             curve_rows.append((step + 1, step_loss, lr))
             bar.update(step + 1, step_loss, lr)
+            if spec.on_step is not None:
+                spec.on_step(step + 1, step_loss, lr)
         done = step + 1
         if ckpt_dir is not None and (done % spec.save_every == 0 or done == spec.steps):
             acc.wait_for_everyone()
@@ -686,6 +692,9 @@ def save_trained(model, extra, processor, p: TrainParams, base_fingerprint: str)
     elif p.method == "full":
         model.save_pretrained(out)
         processor.save_pretrained(out)
+    from components.report import make_readable
+
+    make_readable(out)
 
 
 def graph_vision_layers(model, extra=None):
@@ -715,8 +724,9 @@ def _release_graphs(graphs, extra) -> dict | None:
     return stats
 
 
-def train(p: TrainParams) -> dict:
-    """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks."""
+def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = None) -> dict:
+    """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks.
+    `on_step(step, loss, lr)` is called after every optimiser step (live tracking)."""
     from components.backbone import load_base
     from components.inference import FROZEN_MARKER, evaluate_exact_match, pick_per_task
 
@@ -764,6 +774,7 @@ def train(p: TrainParams) -> dict:
             ckpt_dir=str(out / CHECKPOINTS),
             curve=p.curve,
             desc=f"train {p.method}",
+            on_step=on_step,
             fingerprint={
                 "stage": "train",
                 "base": base_fp,

@@ -886,7 +886,15 @@ def align_staged(p) -> dict:
     score it on this data directory's own caption and text rows."""
     from components.backbone import load_base
     from components.inference import evaluate_exact_match
-    from components.training import TEXT_EVAL_MAX_NEW_TOKENS, _load_data, _split, data_image_size, set_threads
+    from components.batching import ChatFormatter
+    from components.training import (
+        TEXT_EVAL_MAX_NEW_TOKENS,
+        _load_data,
+        _split,
+        data_image_size,
+        set_threads,
+        token_accuracy,
+    )
 
     set_threads()
     t0 = time.time()
@@ -925,6 +933,8 @@ def align_staged(p) -> dict:
     t_eval = [text_rows[i] for i in sorted(rng.permutation(len(text_rows))[: min(p.eval_size, len(text_rows))])]
     cap = evaluate_exact_match(model, processor, a_eval, data.image_root, 48, p.batch_size) if a_eval else None
     txt = evaluate_exact_match(model, processor, t_eval, None, TEXT_EVAL_MAX_NEW_TOKENS, p.batch_size) if t_eval else None
+    fmt = ChatFormatter(processor, p.max_length)
+    tok_acc = token_accuracy(model, processor, fmt, a_eval, data.image_root, p.batch_size) if a_eval else None
     report = {
         "backbone": "tiny",
         "recipe": "staged",
@@ -934,6 +944,7 @@ def align_staged(p) -> dict:
         "stages": {k: stages.get(k) for k in ("vision", "language", "stage_one") if k in stages},
         "wall_s": round(time.time() - t0, 2),
         "caption_exact_match": cap["mean"] if cap else None,
+        "caption_token_accuracy": tok_acc,
         "caption_eval_n": len(a_eval),
         "caption_examples": cap["examples"][:5] if cap else [],
         "text_exact_match": txt["mean"] if txt else None,

@@ -941,6 +941,10 @@ def align_staged(p) -> dict:
         **source,
         "trained": source["source"] == "built",
         "total_params": sum(x.numel() for x in model.parameters()),
+        # steps and losses of the last stage (projector-only stage one); every stage's are under "stages"
+        "steps": (stages.get("stage_one") or {}).get("steps"),
+        "loss_first": (stages.get("stage_one") or {}).get("loss_first"),
+        "loss_final": (stages.get("stage_one") or {}).get("loss_final"),
         "stages": {k: stages.get(k) for k in ("vision", "language", "stage_one") if k in stages},
         "wall_s": round(time.time() - t0, 2),
         "caption_exact_match": cap["mean"] if cap else None,

@@ -71,6 +71,7 @@ def test_align_copies_the_verified_shipped_base(data64, tmp_path):
     saved = json.loads((tmp_path / "align.json").read_text())
     assert saved["caption_eval_n"] == 4 and saved["text_exact_match"] is not None
     assert 0.0 <= saved["caption_token_accuracy"] <= 1.0
+    assert saved["steps"] == saved["stages"]["stage_one"]["steps"] > 0 and saved["loss_final"] > 0
     assert set(saved["stages"]) == {"vision", "language", "stage_one"}
     from components.backbone import load_base
 

@@ -45,7 +45,8 @@ POSITION_HEADROOM = 64
 
 @dataclass
 class StagedSpec:
-    """Every knob of the staged build (params `align.staged` mirrors these keys)."""
+    """Every knob of the staged build (params `align.staged` mirrors these keys). The defaults are
+    the shipped base's recipe: `python -m components.staged_base --out DIR` rebuilds it."""
 
     seed: int = 0
     image_size: int = 64
@@ -64,16 +65,16 @@ class StagedSpec:
     clip_text_layers: int = 2
     max_length: int = 128
     # stage 1: vision
-    clip_steps: int = 400
-    clip_batch: int = 128
+    clip_steps: int = 4000
+    clip_batch: int = 256
     clip_lr: float = 1e-3
     # stage 2: language
-    lm_steps: int = 1000
-    lm_batch: int = 64
+    lm_steps: int = 12000
+    lm_batch: int = 256
     lm_lr: float = 2e-3
     # stage 3: projector
-    proj_steps: int = 400
-    proj_batch: int = 64
+    proj_steps: int = 4000
+    proj_batch: int = 128
     proj_lr: float = 2e-3
     warmup_ratio: float = 0.03
     # wall-clock caps per stage (0 = none): the step count is cut to what fits, measured after a few steps
@@ -82,12 +83,12 @@ class StagedSpec:
     proj_budget_s: float = 0.0
     # evaluation
     eval_retrieval: int = 100
-    eval_probe_train: int = 2000
-    eval_probe_test: int = 500
-    eval_text_per_type: int = 20
+    eval_probe_train: int = 3000
+    eval_probe_test: int = 1000
+    eval_text_per_type: int = 40
     eval_captions: int = 200
     eval_image_per_type: int = 20
-    workers: int = 0  # data-loader processes; 0 = draw in the training process
+    workers: int = 7  # data-loader processes; 0 = draw in the training process
     tokenizer_rows: int = 20000
 
 

@@ -110,7 +110,7 @@ def test_staged_build_runs_three_stages_at_toy_sizes(tmp_path):
                       lm_layers=2, lm_heads=2, lm_intermediate=64, vocab_size=300, clip_text_hidden=16,
                       clip_text_layers=1, clip_steps=2, clip_batch=4, lm_steps=2, lm_batch=4, proj_steps=2,
                       proj_batch=4, eval_retrieval=4, eval_probe_train=12, eval_probe_test=6, eval_text_per_type=1,
-                      eval_captions=2, eval_image_per_type=1, tokenizer_rows=100)
+                      eval_captions=2, eval_image_per_type=1, tokenizer_rows=100, workers=0)
     work = tmp_path / "work"
     rep = build(spec, tmp_path / "base", device="cpu", work_dir=work)
     assert {"vision", "language", "stage_one"} <= set(rep)

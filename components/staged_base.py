@@ -872,7 +872,8 @@ def _copy_atomic(src: Path, names: list[str], out: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     for n in names:
-        shutil.copy2(src / n, stage / n)
+        shutil.copyfile(src / n, stage / n)
+        os.chmod(stage / n, 0o644)  # readable by all, whatever the source checkout's modes
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

@@ -68,6 +68,7 @@ def test_align_copies_the_verified_shipped_base(data64, tmp_path):
     rep = _align(data64, tmp_path)
     assert rep["source"] == "shipped" and rep["recipe"] == "staged"
     assert sha256_file(tmp_path / "base" / "model.safetensors") == sha256_file(SHIPPED_DIR / "model.safetensors")
+    assert (tmp_path / "base" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     saved = json.loads((tmp_path / "align.json").read_text())
     assert saved["caption_eval_n"] == 4 and saved["text_exact_match"] is not None
     assert 0.0 <= saved["caption_token_accuracy"] <= 1.0

@@ -312,7 +312,9 @@ def save_base(model, processor, out_dir: str | os.PathLike, meta: dict | None = 
     processor.save_pretrained(out)
     if meta is not None:
         (out / "base_meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-    return out
+    from components.report import make_readable
+
+    return make_readable(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +335,10 @@ def align(p: AlignParams) -> dict:
                   "trained": False, "wall_s": round(time.time() - t0, 2)}
         _write_json(p.report, report)
         return report
+    if p.backbone == "tiny" and p.recipe == "staged":
+        from components.staged_base import align_staged
+
+        return align_staged(p)
     return run_align(p)
 
 

@@ -201,6 +201,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler
         "losses": torch.tensor(losses, dtype=torch.float64),
     }
     torch.save(state, tmp / "state.pt")
+    from components.report import make_readable
+
+    make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for _, old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
@@ -813,6 +816,9 @@ def save_trained(model, extra, processor, p: TrainParams, base_fingerprint: str)
     elif p.method == "full":
         model.save_pretrained(out)
         processor.save_pretrained(out)
+    from components.report import make_readable
+
+    make_readable(out)
 
 
 def graph_vision_layers(model, extra=None):

@@ -31,7 +31,6 @@ per perturbation, and the `*_summary` / `mme_baselines` blocks with the baseline
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
 import time
@@ -512,15 +511,6 @@ def run_benchmark(
     return report
 
 
-_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
-
-def metric_task(task: str) -> str:
-    """A task name as MLflow accepts it in a metric key (alphanumerics, _ - . space : /): every other
-    character becomes '_' — real Vision-Flan names such as 'VQA-E+image_question_answer' carry '+'."""
-    return _METRIC_UNSAFE.sub("_", task)
-
-
 # Split-level numbers of `*_summary` logged as `<split>/<name>`; per task `<split>/<task>/<field>`.
 SUMMARY_METRICS = ("chance_mean", "majority_mean", "train_majority_mean", "chance_corrected_mean",
                    "majority_chance_corrected_mean")
@@ -548,8 +538,8 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     count), per task heldout/<task>/{chance,majority,train_majority,chance_corrected,collapsed}; the
     same under heldin/ (heldin/<task>, heldin/mean, …); mme/chance_total, mme/majority_total,
     mme/collapsed_subtasks and per subtask mme/<subtask>/{chance,majority,collapsed}.
-    Keys whose value is unknown (None) are left out; collapse flags are 1.0 / 0.0. Task names go
-    through `metric_task` (MLflow's key alphabet)."""
+    Keys whose value is unknown (None) are left out; collapse flags are 1.0 / 0.0. Keys go through
+    `tracking.mlflow_key` (task names may hold characters MLflow refuses)."""
     flat: dict[str, Any] = {f"heldout/{t}": s for t, s in report["heldout"].items()}
     flat["heldout/mean"] = report["heldout_mean"]
     flat.update(_summary_metrics("heldout", report.get("heldout_summary")))
@@ -579,4 +569,6 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     flat["real_image/mean"] = report["real_image_mean"]
     flat["trainable_params"] = report["model"]["trainable_params"]
     flat["trainable_pct"] = report["model"]["trainable_pct"]
-    return {metric_task(k): float(v) for k, v in flat.items() if v is not None}
+    from components.tracking import mlflow_key
+
+    return {mlflow_key(k): float(v) for k, v in flat.items() if v is not None}

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import subprocess
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
@@ -376,22 +377,30 @@ def log_params_flat(
     return flat
 
 
+_MLFLOW_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_key(key: str) -> str:
+    """A metric key as MLflow accepts it (alphanumerics, _ - . space : /): every other character
+    becomes '_'. Keys carry task names, and real Vision-Flan names such as
+    'VQA-E+image_question_answer' hold a '+'."""
+    return _MLFLOW_UNSAFE.sub("_", key)
+
+
 def log_metrics(
     run_id: str, metrics: Mapping[str, float], step: int | None = None, track: "TrackParams | None" = None
 ) -> None:
     """Log metrics in batches (non-finite and None values are skipped: MLflow stores NaN but the
     registry gate must never compare against one). Characters MLflow refuses in a key become '_'
-    (`benchmark.metric_task`), as `benchmark.flat_metrics` writes them."""
+    (`mlflow_key`), as `benchmark.flat_metrics` writes them."""
     import math
 
     from mlflow.entities import Metric
 
-    from components.benchmark import metric_task
-
     track = _track(track)
     now = int(time.time() * 1000)
     items = [  # keys hold task names; MLflow refuses some of their characters (Vision-Flan's '+')
-        Metric(metric_task(str(k)), float(v), now, int(step or 0))
+        Metric(mlflow_key(str(k)), float(v), now, int(step or 0))
         for k, v in metrics.items()
         if v is not None and math.isfinite(float(v))
     ]

@@ -214,9 +214,10 @@ def test_llava_profile_loads_validates_and_resolves():
     outputs = [v for sec in raw.values() if isinstance(sec, dict) for k, v in sec.items()
                if isinstance(v, str) and k in ("out_dir", "data_dir", "base_dir", "model_dir", "report", "curve",
                                                "predictions", "mme_results_dir", "report_csv", "report_md", "plot",
-                                               "table", "summary", "state_dir", "candidate_dir", "benchmark_report",
-                                               "validation_report")]
+                                               "table", "summary", "results", "candidate_dir", "benchmark_report",
+                                               "validation_report", "comparison_report")]
     assert outputs and all(v.split("/")[1] == "llava-1.5-7b" for v in outputs), outputs
+    assert raw["report"]["readme"] is None  # README's results block stays the default profile's
     # resolved through the CLI, with a user's edit applied
     res = CliRunner().invoke(app, ["params", "-p", "profiles/llava-1.5-7b.yaml", "-S",
                                    "data.mme_root=/srv/mme/MME_Benchmark_release_version"])

@@ -61,8 +61,11 @@ def _summary(result: dict) -> str:
 
 def _load(params: str, overrides: Optional[List[str]]):
     from components.config import load_params
+    from components.images import ImageLimits, configure
 
-    return load_params(params, overrides or [])
+    cfg = load_params(params, overrides or [])
+    configure(ImageLimits.from_validate(cfg.validate_))  # one input guard for every command
+    return cfg
 
 
 @app.command("params")

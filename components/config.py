@@ -21,7 +21,7 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class TrainParams(_Section):
     report: str = "reports/train.json"
     curve: str = "reports/train_curve.csv"
     seed: int = 0
-    steps: int = Field(300, ge=0)
+    steps: int = Field(300, ge=1)  # 0 would save untrained editors as if trained
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(6e-4, gt=0)

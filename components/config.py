@@ -367,9 +367,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ParamsError(f"override {text!r}: empty key")
+    from components.safe_yaml import load as load_yaml
+
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+        value = load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError) as exc:
         raise ParamsError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
     return path, value
 
@@ -431,9 +433,13 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     raw: dict[str, Any] = {}
     if path.exists():
+        from components.safe_yaml import YamlError, load as load_yaml
+
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
+            loaded = load_yaml(path.read_text(encoding="utf-8"))
+        except YamlError as exc:
+            raise ParamsError(f"{path}: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ParamsError(f"{path}: not valid YAML: {exc}") from None
         if loaded is None:
             loaded = {}

@@ -598,7 +598,7 @@ def run_align(p: AlignParams) -> dict:
         save_every=p.save_every,
         ckpt_dir=str(ckpt),
         desc="align",
-        fingerprint={"stage": "align", "params": p.model_dump(mode="json", exclude={"out_dir", "report"}),
+        fingerprint={"stage": "align", "params": p.model_dump(mode="json", exclude={"out_dir", "report", "data_dir"}),
                      "seed": p.seed, "code": code_hash(),
                      "data": rows_hash(a_train, data.image_root) + rows_hash(t_train, None)},
     )
@@ -794,8 +794,9 @@ def train(p: TrainParams) -> dict:
             fingerprint={
                 "stage": "train",
                 "base": base_fp,
+                # folders are not inputs, their contents are (data and base hashed above/below)
                 "params": p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task",
-                                                             "cuda_graphs", "seed"}),
+                                                             "cuda_graphs", "seed", "base_dir", "data_dir"}),
                 "seed": p.seed,
                 "data": rows_hash(train_rows, data.image_root),
                 "code": code_hash(),

@@ -1,0 +1,371 @@
+"""Nothing stale, nothing half-checked: resume keyed on the inputs, checkpoints that survive their own
+corruption, one input guard for every door, training that fails fast and loud, confined pointers,
+bounded params YAML. Every case runs the real CLI (or the served pyfunc model's predict) on a
+private copy of the reliability workspace (tests/reliability_env.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reliability_env import Workspace, run_cli, snapshot, workspace, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+rel = pytest.mark.reliability
+PROMPT = ("--prompt", "What shape is in the image?")
+
+
+@pytest.fixture()
+def ws(tmp_path_factory, tmp_path) -> Workspace:
+    return workspace(tmp_path_factory, tmp_path)
+
+
+def _records(ws: Workspace, split: str) -> list[dict]:
+    return json.loads(ws.annotation(split).read_text(encoding="utf-8"))
+
+
+def _rotate_answers(ws: Workspace, split: str = "train") -> None:
+    """Every training answer replaced in place by the next record's (the data stays valid)."""
+    recs = _records(ws, split)
+    answers = [r["conversations"][1]["value"] for r in recs]
+    for r, a in zip(recs, answers[1:] + answers[:1]):
+        r["conversations"][1]["value"] = a
+    assert answers != [r["conversations"][1]["value"] for r in recs]
+    ws.annotation(split).write_text(json.dumps(recs, indent=1) + "\n", encoding="utf-8")
+
+
+def _out(ws: Workspace) -> Path:
+    return ws.models / "editors-new"
+
+
+def _report(ws: Workspace) -> dict:
+    return json.loads((ws.reports / "train.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# resume keyed on everything; a finished run is never resumed
+# ---------------------------------------------------------------------------------------------
+@rel(area="faults", case="`mrt train` again after a finished run, with the training answers changed in place",
+     outcome="trains afresh on the new data (the finished run left no checkpoint); other editors")
+def test_a_finished_run_is_never_resumed(ws):
+    first = run_cli(ws, "train")
+    assert first.exit_code == 0, first.output
+    assert not (_out(ws) / "checkpoints").exists(), "a finished run left checkpoints to resume from"
+    weights = (_out(ws) / "editors.safetensors").read_bytes()
+    _rotate_answers(ws)
+    again = run_cli(ws, "train")
+    assert again.exit_code == 0, again.output
+    assert "resuming" not in again.output, again.output
+    assert _report(ws)["resumed_from"] is None and _report(ws)["steps"] == 2
+    assert (_out(ws) / "editors.safetensors").read_bytes() != weights
+
+
+# ---------------------------------------------------------------------------------------------
+# a killed run's checkpoints: corrupt newest → previous one; changed data → fresh, says why
+# ---------------------------------------------------------------------------------------------
+KILL_STEPS, KILL_EVERY = 80, 20
+KILL_SETS = ("-S", f"train.steps={KILL_STEPS}", "-S", f"train.save_every={KILL_EVERY}")
+
+
+@pytest.fixture(scope="module")
+def killed_checkpoints(tmp_path_factory) -> Path:
+    """SIGKILL a real `mrt train` once two checkpoints exist; a copy of what it left behind."""
+    from components.checkpoints import listed
+    from components.offline import set_offline_env
+
+    set_offline_env()
+    ws = workspace(tmp_path_factory, tmp_path_factory.mktemp("killed"))
+    ckpt = _out(ws) / "checkpoints"
+    env = {**os.environ, "MRT_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ws.tracking_uri}
+    proc = subprocess.Popen([sys.executable, "-m", "components.cli", "train", "-p", str(ws.params), *KILL_SETS],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and len(listed(ckpt)) < 2:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    steps = [s for s, _ in listed(ckpt)]
+    assert len(steps) >= 2 and steps[-1] < KILL_STEPS, f"not killed mid-run: checkpoints {steps}"
+    keep = tmp_path_factory.mktemp("killed-copy") / "checkpoints"
+    shutil.copytree(ckpt, keep)
+    return keep
+
+
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+CORRUPTIONS = {
+    "empty state.pt": ("state.pt", 0.0),
+    "half-length state.pt": ("state.pt", 0.5),
+    "half-length trainable.safetensors": ("trainable.safetensors", 0.5),
+}
+
+
+@pytest.mark.parametrize("how", [pytest.param(h, id=h.replace(" ", "-"), marks=rel(
+    area="faults", case=f"killed `mrt train` whose newest checkpoint has an {h}" if h.startswith("e") else
+    f"killed `mrt train` whose newest checkpoint has a {h}",
+    outcome="the bad file is named, training resumes from the previous checkpoint and finishes (exit 0)"))
+    for h in CORRUPTIONS])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ws, killed_checkpoints, how, monkeypatch):
+    from components.checkpoints import listed
+
+    shutil.copytree(killed_checkpoints, _out(ws) / "checkpoints")
+    (newest_step, newest), (prev_step, _) = listed(_out(ws) / "checkpoints")[-1], listed(_out(ws) / "checkpoints")[-2]
+    name, keep = CORRUPTIONS[how]
+    _truncate(newest / name, keep)
+    monkeypatch.setenv("MRT_DEBUG", "1")  # details shown, and still no traceback: the fallback is not an error
+    result = run_cli(ws, "train", *KILL_SETS)
+    assert result.exit_code == 0, result.output
+    assert str(newest / name) in result.output and "trying the previous one" in result.output, result.output
+    assert "[" in result.output.split(str(newest / name), 1)[1].splitlines()[0]  # MRT_DEBUG: the underlying error
+    assert f"resuming from {_out(ws) / 'checkpoints' / f'step-{prev_step}'} (step {prev_step})" in result.output
+    assert _report(ws)["resumed_from"] == prev_step < newest_step and _report(ws)["steps"] == KILL_STEPS
+    assert not (_out(ws) / "checkpoints").exists()
+
+
+@rel(area="faults", case="killed `mrt train`, then the training answers changed in place before the restart",
+     outcome="its checkpoints are not resumed: the message says the data changed; training starts fresh")
+def test_changed_data_is_never_resumed_and_says_why(ws, killed_checkpoints):
+    shutil.copytree(killed_checkpoints, _out(ws) / "checkpoints")
+    _rotate_answers(ws)
+    result = run_cli(ws, "train", *KILL_SETS)
+    assert result.exit_code == 0, result.output
+    assert "changed: data)" in result.output and "training starts fresh" in result.output, result.output
+    assert "resuming from" not in result.output
+    assert _report(ws)["resumed_from"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# fail fast and loud
+# ---------------------------------------------------------------------------------------------
+@rel(area="faults", case="`mrt train -S train.lr=1e30` (training diverges)",
+     outcome="exit 1 naming the step where the loss or weights became non-finite; no editors saved")
+def test_divergence_stops_training_with_a_nonzero_exit(ws):
+    result = run_cli(ws, "train", "-S", "train.lr=1e30", "-S", "train.steps=4")
+    assert result.exit_code == 1, result.output
+    assert "not finite" in result.output or "loss is nan" in result.output.lower(), result.output
+    assert "step " in result.output and "Traceback" not in result.output
+    assert not (_out(ws) / "editors.safetensors").exists()
+
+
+@pytest.mark.parametrize("setting, needle", [
+    pytest.param("train.steps=0", "train.steps", marks=rel(area="bad input", case="`mrt train -S train.steps=0`",
+                                                           outcome="exit 2 naming train.steps; nothing saved")),
+    pytest.param("train.lr=inf", "train.lr", marks=rel(area="bad input", case="`mrt train -S train.lr=inf` (or nan)",
+                                                       outcome="exit 2 naming train.lr; nothing saved")),
+])
+def test_untrainable_settings_are_refused_before_training(ws, setting, needle):
+    result = run_cli(ws, "train", "-S", setting)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert not _out(ws).exists()
+
+
+@rel(area="faults", case="`mrt train` whose report folder cannot be created (a file is in the way)",
+     outcome="exit 1 before the first step, naming the folder; no editors written")
+def test_an_unwritable_output_folder_is_found_before_training(ws):
+    (ws.root / "blocker").write_text("a file, not a folder\n")
+    result = run_cli(ws, "train", "-S", f"train.report={ws.root / 'blocker' / 'train.json'}")
+    assert result.exit_code == 1, result.output
+    assert "not writable" in result.output and str(ws.root / "blocker") in result.output, result.output
+    assert "step 1/" not in result.output and not _out(ws).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# one input guard: the same limits and decoding in validate, train, predict, benchmark, pyfunc
+# ---------------------------------------------------------------------------------------------
+def _png(path: Path, size: tuple[int, int]) -> Path:
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return path
+
+
+@rel(area="bad input", case="image larger than `validate.max_image_side` in train, predict and benchmark",
+     outcome="every command refuses it by the same rule (exit 1, record and field named), before decoding it")
+def test_image_limits_hold_in_every_command(ws):
+    write_params(ws, {"validate": {"max_image_side": 40}})
+    big = _png(ws.root / "big.png", (48, 48))
+    result = run_cli(ws, "predict", *PROMPT, "--editors", "none", "--image", str(big))
+    assert result.exit_code == 1 and "too large (48x48)" in result.output, result.output
+
+    train_rec = _records(ws, "train")[0]
+    shutil.copy(big, ws.data / "images" / train_rec["image"])
+    for command in ("validate", "train"):
+        before = snapshot(ws)
+        result = run_cli(ws, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert f"record {train_rec['id']}" in result.output and "field 'image'" in result.output, result.output
+        assert "48x48" in result.output and "Traceback" not in result.output
+        assert snapshot(ws) == before and not _out(ws).exists()
+
+    held = _records(ws, "heldout")[0]
+    shutil.copy(big, ws.data / "images" / held["image"])
+    result = run_cli(ws, "benchmark")
+    assert result.exit_code == 1 and f"record {held['id']}" in result.output and "48x48" in result.output, result.output
+
+
+@pytest.fixture()
+def served(ws):
+    """The pyfunc model as `mlflow models serve` runs it: load_context on the logged artifacts, then predict."""
+    from components.pyfunc_model import ARTIFACT_ADAPTER, ARTIFACT_BASE, MRTEditorModel
+
+    def load(**config):
+        model = MRTEditorModel()
+        model.load_context(SimpleNamespace(artifacts={ARTIFACT_BASE: str(ws.base), ARTIFACT_ADAPTER: str(ws.editors)},
+                                           model_config=config))
+        return model
+    return load
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@rel(area="bad input", case="served model: 16-bit greyscale, float (mode F) and oversized images",
+     outcome="decoded and limited exactly as `mrt predict` does: 16-bit scaled (same answer), mode F and "
+             "oversized refused by row and column")
+def test_served_model_and_predict_apply_one_guard(ws, served):
+    import pandas as pd
+
+    from components.batching import load_image
+    from components.pyfunc_model import ModelInputError, decode_image
+
+    grey = ws.root / "grey16.png"
+    Image.fromarray(np.tile(np.array([0, 20000, 40000, 65535], dtype=np.uint16), (32, 8))).save(grey)
+    assert np.array_equal(np.asarray(decode_image(_b64(grey), 0)), np.asarray(load_image(grey)))
+    cli = run_cli(ws, "predict", *PROMPT, "--editors", str(ws.editors), "--image", str(grey))
+    assert cli.exit_code == 0, cli.output
+    model = served()
+    got = model.predict(None, pd.DataFrame({"prompt": [PROMPT[1]], "image": [_b64(grey)]}),
+                        params={"max_new_tokens": 2, "batch_size": 4})  # the workspace's predict section
+    assert got == [json.loads(cli.output.strip().splitlines()[-1])["answer"]]
+
+    flt = ws.root / "float.tif"
+    Image.fromarray(np.zeros((16, 16), dtype=np.float32), mode="F").save(flt)
+    wide = _png(ws.root / "wide.png", (5000, 8))
+    for path, needle in ((flt, "mode F"), (wide, "too large (5000x8)")):
+        with pytest.raises(ModelInputError, match=r"row 1, column 'image': .*" + needle.replace("(", r"\(").replace(")", r"\)")):
+            model.predict(None, pd.DataFrame({"prompt": ["a", "b"], "image": ["", _b64(path)]}))
+
+
+@rel(area="security", case="served model: a server-side path in the `image` column",
+     outcome="refused with one message whether or not the file exists; inside a configured image root only "
+             "when the model allows paths")
+def test_served_model_refuses_server_side_paths_without_revealing_files(ws, served):
+    import pandas as pd
+
+    from components.pyfunc_model import ModelInputError
+
+    inside = _records(ws, "train")[0]["image"]
+    existing, missing = str(ws.data / "images" / inside), str(ws.data / "images" / "no-such.png")
+    messages = []
+    for path in (existing, missing, "/etc/hostname"):
+        with pytest.raises(ModelInputError) as err:
+            served().predict(None, pd.DataFrame({"prompt": ["a"], "image": [path]}))
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1 and "paths are not accepted" in messages[0], messages
+    assert "hostname" not in messages[0] and inside not in messages[0]
+
+    allowed = served(image_root=str(ws.data / "images"), allow_image_paths=True)
+    assert len(allowed.predict(None, pd.DataFrame({"prompt": ["a"], "image": [inside]}))) == 1
+    messages = []
+    for path in ("no-such.png", "../annotation_train.json", "/etc/hostname", "../../../../etc/hostname"):
+        with pytest.raises(ModelInputError) as err:
+            allowed.predict(None, pd.DataFrame({"prompt": ["a"], "image": [path]}))
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1 and "hostname" not in messages[0], messages
+
+
+# ---------------------------------------------------------------------------------------------
+# confined pointers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [
+    pytest.param(v, id=i, marks=rel(area="security", case=f"editor_config.json `weights_file` set to {d}",
+                                    outcome="`mrt predict` refuses it naming the field; the file is not opened"))
+    for i, v, d in (("absolute", "/etc/hostname", "an absolute path"),
+                    ("dotdot", "../../etc/hostname", "`../../etc/hostname`"))])
+def test_weights_file_is_confined_to_the_editors_folder(ws, value):
+    cfg_path = ws.editors / "editor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["weights_file"] = value
+    cfg_path.write_text(json.dumps(cfg))
+    result = run_cli(ws, "predict", *PROMPT, "--editors", str(ws.editors))
+    assert result.exit_code == 1, result.output
+    assert "field 'weights_file'" in result.output and "nothing was read" in result.output, result.output
+
+
+@pytest.mark.parametrize("field, value", [
+    pytest.param("files.train", "../../outside.json", id="split-file", marks=rel(
+        area="security", case="manifest.json split file `../../outside.json`",
+        outcome="`mrt validate`/`train` refuse it naming the manifest field; nothing read")),
+    pytest.param("image_root", "../../..", id="image-root", marks=rel(
+        area="security", case="manifest.json relative `image_root` escaping the data folder",
+        outcome="`mrt validate`/`train` refuse it naming the manifest field; nothing read")),
+])
+def test_manifest_paths_are_confined_to_the_data_folder(ws, field, value):
+    manifest_path = ws.data / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    node, key = (manifest["files"], "train") if field == "files.train" else (manifest, field)
+    node[key] = value
+    manifest_path.write_text(json.dumps(manifest))
+    for command in ("validate", "train"):
+        result = run_cli(ws, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert "manifest.json" in result.output and field in result.output and "escapes" in result.output, result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# params YAML, temp files in artifacts
+# ---------------------------------------------------------------------------------------------
+@rel(area="bad input", case="params file with a duplicate key",
+     outcome="exit 2 naming both lines; never the last value silently")
+def test_duplicate_params_keys_are_refused(ws):
+    ws.params.write_text(ws.params.read_text() + "train:\n  steps: 5\n")  # `train:` is already a section
+    result = run_cli(ws, "params")
+    assert result.exit_code == 2, result.output
+    assert "duplicate key 'train'" in result.output and "first at line" in result.output
+
+
+@rel(area="bad input", case="params file with a YAML alias bomb (nested aliases, ~400 bytes)",
+     outcome="exit 2 within seconds: too many values after expansion")
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    lines, prev = ['a: &a ["x","x","x","x","x","x","x","x","x"]'], "a"
+    for name in "bcdefghi":
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+        prev = name
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "components.cli", "params", "-p", str(bomb)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "aliases" in proc.stderr and time.monotonic() - t0 < 30
+
+
+@rel(area="tracking", case="a leftover `editors.safetensors.tmp-*` from an interrupted save in the editors folder",
+     outcome="not shipped: the registered model's adapter holds only the editors files")
+def test_temporary_files_are_never_shipped(ws, tmp_path):
+    from components.pyfunc_model import stage_adapter
+
+    (ws.editors / "editors.safetensors.tmp-123-abcd").write_bytes(b"half a file")
+    staged = stage_adapter(ws.editors, tmp_path / "staged")
+    assert sorted(p.name for p in staged.iterdir()) == ["editor_config.json", "editors.safetensors"]

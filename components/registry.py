@@ -606,6 +606,9 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{pp.benchmark_report}: benchmark report lacks field {exc}") from None
     passed, why = validation_status(pp.validation_report)
+    from components.store_init import ensure_local_store
+
+    ensure_local_store(tracking.tracking_uri(track))  # a brand-new store is created under the lock
     tracking.configure(track)
     lineage = tracking.lineage_tags(params, params_file)
     own_run = run_id is None

@@ -369,3 +369,43 @@ def test_temporary_files_are_never_shipped(ws, tmp_path):
     (ws.editors / "editors.safetensors.tmp-123-abcd").write_bytes(b"half a file")
     staged = stage_adapter(ws.editors, tmp_path / "staged")
     assert sorted(p.name for p in staged.iterdir()) == ["editor_config.json", "editors.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrent first promotions on a brand-new store
+# ---------------------------------------------------------------------------------------------
+@rel(area="promote", case="two concurrent `mrt promote` on a brand-new SQLite store",
+     outcome="both exit 0: the store is created once, under the promotion lock; one champion")
+def test_concurrent_promotions_on_a_new_store(ws, tmp_path):
+    db = ws.root / "fresh" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    bench = {"model": {"trainable_params": 100, "trainable_pct": 0.5}, "heldout": {"hx_a": 0.5}, "heldout_mean": 0.5,
+             "mme": {"existence": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}}, "mme_perception": 50.0,
+             "mme_cognition": 0.0, "mme_total": 50.0, "robustness": {}, "real_image_mean": None}
+    procs = []
+    for i in range(2):
+        d = ws.root / f"p{i}"
+        d.mkdir()
+        (d / "benchmark.json").write_text(json.dumps(bench))
+        (d / "validation.json").write_text(json.dumps({"success": True, "checks_failed": 0}))
+        write_params(ws, {"track": {"tracking_uri": uri, "system_metrics": False, "retries": 1, "retry_delay_s": 0.05},
+                          "promote": {"candidate_dir": str(ws.editors), "benchmark_report": str(d / "benchmark.json"),
+                                      "validation_report": str(d / "validation.json"),
+                                      "report": str(d / "promotion.json")}})
+        params = shutil.copy(ws.params, d / "params.yaml")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MRT_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "components.cli", "promote", "-p", str(params)],
+                                      cwd=ws.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=240)[0])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert [p.returncode for p in procs] == [0, 0], "\n-----\n".join(outs)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.get_registered_model("mrt-editors").aliases.get("champion") is not None

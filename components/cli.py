@@ -208,6 +208,9 @@ def report_cmd(
     reliability: Optional[str] = typer.Option(
         None, "--reliability", help="also write the Reliability table from this pytest --reliability-report JSON"
     ),
+    reliability_doc: str = typer.Option(
+        "docs/reliability.md", "--reliability-doc", help="file with the reliability markers"
+    ),
 ) -> None:
     """Write README's results table from the comparison (and ablation) reports — never by hand."""
     from components.report import ReportError, write_readme_results
@@ -222,8 +225,8 @@ def report_cmd(
     if reliability:
         from components.reliability import write_readme_reliability
 
-        write_readme_reliability(readme, reliability)
-        typer.echo(f"updated {readme}'s reliability table from {reliability}")
+        write_readme_reliability(reliability_doc, reliability)
+        typer.echo(f"updated {reliability_doc}'s reliability table from {reliability}")
 
 
 @app.command("promote")

@@ -259,8 +259,11 @@ def run_cmd(
 ) -> None:
     """The whole pipeline as one Prefect flow (data → validate → base → train → benchmark → ablate →
     baselines → promote); ends with the summary table."""
+    from components.lifeline import install_signal_handlers, start_watchdog
     from flows.pipeline import UP_TO_DATE, PipelineStopped, run
 
+    install_signal_handlers()  # SIGTERM/SIGHUP: runs end FAILED, Prefect's temporary server stops
+    start_watchdog()  # SIGKILL: the watchdog stops what this process started
     try:
         result = run(params, set_ or [], force)
     except PipelineStopped as exc:

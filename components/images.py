@@ -96,7 +96,9 @@ def check_file(path: str | os.PathLike, limits: ImageLimits | None = None) -> No
         raise ImageRefused(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
     except FileNotFoundError:
         raise ValueError(f"{path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # its header claims far more pixels than any limit
+        raise ImageRefused(f"{path}: image is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
@@ -116,7 +118,9 @@ def decode_bytes(data: bytes, limits: ImageLimits | None = None):
             return to_rgb(im)
     except ImageRefused:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageRefused(f"image is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRefused(f"bytes are not a readable image ({type(exc).__name__}: {exc})") from None
 
 

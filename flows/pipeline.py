@@ -27,6 +27,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from components import lifeline
 from components.offline import set_offline_env
 from flows.tasks import (
     base_task,
@@ -199,7 +200,8 @@ def mrt_pipeline(params_file: str = "params.yaml", overrides: list[str] | None =
         return {"status": UP_TO_DATE, "message": msg, "lineage": lineage, "timings": timings,
                 "flow_s": time.perf_counter() - t_flow}
 
-    parent = tracking.start_run(params.track, "mrt-pipeline", tags={**lineage, "mrt.role": "pipeline"})
+    parent = tracking.start_run(params.track, "mrt-pipeline",
+                                tags={**lineage, "mrt.role": "pipeline", **lifeline.owner_tag()})
     tracking.log_params_flat(parent, params.to_dict(), prefix="", track=params.track)
     status = "FAILED"
     try:
@@ -298,7 +300,9 @@ def run(params_file: str = "params.yaml", overrides: list[str] | None = None, fo
     """Check the params before Prefect starts (a typo fails in a second, not after a server start),
     then run the flow."""
     set_offline_env()
-    check_wiring(load(params_file, overrides))
+    params = load(params_file, overrides)
+    check_wiring(params)
+    lifeline.end_orphaned_runs(params.track)  # runs a killed pipeline left RUNNING end KILLED
     return mrt_pipeline(params_file=params_file, overrides=list(overrides or []), force=force)
 
 

@@ -2,8 +2,8 @@
 served pyfunc model.
 
 Every door decodes the same way (`components.batching.to_rgb`: 16-bit scaled to 8 bits, mode F
-refused) and applies the same limits — the `validate` section's `max_image_bytes`, `min_image_side`
-and `max_image_side` (so at most max_image_side² pixels) — read from the image *header*, before a
+refused) and applies the same limits — the `validate` section's `max_image_bytes` and
+`max_image_side` (so at most max_image_side² pixels) — read from the image *header*, before a
 single pixel is decompressed: a 200 KB PNG that claims 13000×13000 pixels is refused without costing
 gigabytes. The CLI sets the limits from the params file it loaded (`configure`); the pyfunc model
 takes them from its model_config.
@@ -30,7 +30,6 @@ class ImageRefused(ValueError):
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20_000_000
-    min_side: int = 8
     max_side: int = 4096
 
     @property
@@ -39,14 +38,13 @@ class ImageLimits:
 
     @classmethod
     def from_validate(cls, vp: Any) -> "ImageLimits":
-        return cls(max_bytes=int(vp.max_image_bytes), min_side=int(vp.min_image_side), max_side=int(vp.max_image_side))
+        return cls(max_bytes=int(vp.max_image_bytes), max_side=int(vp.max_image_side))
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "ImageLimits":
         cfg = dict(cfg or {})
         d = cls()
         return cls(max_bytes=int(cfg.get("max_image_bytes", d.max_bytes)),
-                   min_side=int(cfg.get("min_image_side", d.min_side)),
                    max_side=int(cfg.get("max_image_side", d.max_side)))
 
 
@@ -69,10 +67,9 @@ def _check_opened(im, n_bytes: int, limits: ImageLimits) -> None:
     if n_bytes > limits.max_bytes:
         raise ImageRefused(f"image has {n_bytes} bytes, more than max_image_bytes={limits.max_bytes}")
     w, h = im.size
-    if not (limits.min_side <= w <= limits.max_side and limits.min_side <= h <= limits.max_side):
-        how = "large" if max(w, h) > limits.max_side else "small"
-        raise ImageRefused(f"image is too {how} ({w}x{h}); each side must be within [{limits.min_side}, "
-                           f"{limits.max_side}] (validate.min_image_side / max_image_side)")
+    if max(w, h) > limits.max_side:  # min_image_side is a data-quality rule of `mrt validate` only
+        raise ImageRefused(f"image is too large ({w}x{h}); each side must be at most {limits.max_side} "
+                           "(validate.max_image_side)")
     why = unsupported_image_mode(im.mode)
     if why:
         raise ImageRefused(why)

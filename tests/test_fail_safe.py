@@ -409,3 +409,82 @@ def test_concurrent_promotions_on_a_new_store(ws, tmp_path):
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.get_registered_model("mrt-editors").aliases.get("champion") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# a killed `mrt run`: its temporary Prefect server stops, its MLflow runs end KILLED
+# ---------------------------------------------------------------------------------------------
+def _proc_tree(pid: int) -> dict[int, str]:
+    from components.lifeline import _descendants
+
+    out = {}
+    for child in _descendants(pid):
+        try:
+            out[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.slow
+@rel(area="faults", case="`mrt run` killed with SIGKILL while its stages run",
+     outcome="its temporary Prefect server stops within seconds; its MLflow runs end KILLED when the next run starts")
+def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from components.config import TrackParams
+    from components.lifeline import _start_time, end_orphaned_runs
+
+    for name in ("dvc.yaml", "params.yaml"):  # the flow reads its stages from dvc.yaml in its folder
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copy(REPO / "profiles" / "smoke.yaml", tmp_path / "smoke.yaml")
+    db = tmp_path / "build" / "smoke" / "mlflow.db"
+    env = {**os.environ, "MRT_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "components.cli", "run", "-p", "smoke.yaml"], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    server: dict[int, str] = {}
+    running: list = []
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            tree = _proc_tree(proc.pid)
+            server = {p: c for p, c in tree.items() if "uvicorn" in c and "prefect" in c}
+            if server and db.exists():
+                try:
+                    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+                    running = [r for e in client.search_experiments()
+                               for r in client.search_runs([e.experiment_id], "attributes.status = 'RUNNING'")]
+                except Exception:  # noqa: BLE001 - the store may be mid-creation
+                    running = []
+                if running:
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the pipeline ended before it could be killed:\n" + (tmp_path / "run.log").read_text()
+        assert server and running, "no temporary Prefect server or no RUNNING MLflow run seen:\n" + (tmp_path / "run.log").read_text()
+        starts = {p: _start_time(p) for p in server}
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    gone_by = time.monotonic() + 30
+    while time.monotonic() < gone_by and any(_start_time(p) == s for p, s in starts.items()):
+        time.sleep(0.2)
+    leftover = [p for p, s in starts.items() if _start_time(p) == s]
+    for p in leftover:  # never leave it running, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not leftover, f"temporary Prefect server still running after the pipeline was killed: {server}"
+
+    # what the next `mrt run` does first (flows.pipeline.run): the killed pipeline's runs end KILLED
+    track = TrackParams(tracking_uri=f"sqlite:///{db}")
+    assert end_orphaned_runs(track) >= 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    for r in running:
+        assert client.get_run(r.info.run_id).info.status == "KILLED"

@@ -92,12 +92,13 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-def _confined(data_dir: Path, rel: str, field: str) -> None:
-    """`rel` names something inside `data_dir` (no absolute path, no `..` escape, no symlink out)."""
-    from components.data.paths import resolve_image
+def _confined(data_dir: Path, rel: str, field: str, follow_links: bool = True) -> None:
+    """`rel` names something inside `data_dir` (no absolute path, no `..` escape; with follow_links,
+    no symlink out either — a root folder may be a link, as mounted data sets often are)."""
+    from components.data.paths import normalize_image_path, resolve_image
 
     try:
-        resolve_image(data_dir, rel)
+        resolve_image(data_dir, rel) if follow_links else normalize_image_path(rel)
     except ValueError as exc:
         msg = str(exc).replace("image path", "path").replace("image root", "data folder")
         raise _manifest_error(data_dir / MANIFEST, field, f"{msg}; nothing was read") from None
@@ -117,7 +118,7 @@ def load_dataset_dir(data_dir: str | Path, *, splits: tuple[str, ...] | None = N
     # real data set (data.visionflan_images / data.mme_root) and stays absolute.
     for key in ("image_root", "mme_root"):
         if manifest.get(key) and not Path(manifest[key]).is_absolute():
-            _confined(data_dir, manifest[key], key)
+            _confined(data_dir, manifest[key], key, follow_links=False)
     image_root = data_dir / manifest["image_root"]
     mme_root = data_dir / manifest["mme_root"] if manifest.get("mme_root") else None
     rows: list[Row] = []

@@ -488,3 +488,22 @@ def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     for r in running:
         assert client.get_run(r.info.run_id).info.status == "KILLED"
+
+
+@rel(area="promote", case="promotion lease left by a process killed mid-promotion (server store)",
+     outcome="the next promotion breaks it at once with a message naming the holder; a live holder's lease is kept")
+def test_a_dead_holders_lease_is_stale_and_a_live_one_is_not():
+    from components.registry import _stale
+
+    host = os.uname().nodename
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    future = time.time() + 100
+    assert _stale({"token": f"abc@{host}:{dead.pid}", "expires": future}, "mine")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not _stale({"token": f"abc@{host}:{live.pid}", "expires": future}, "mine")
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert not _stale({"token": f"abc@another-host:{dead.pid}", "expires": future}, "mine")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -105,9 +106,13 @@ def save(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler, fp_hash: 
             "fingerprint_parts": dict(parts or {}),
             "losses": torch.tensor(losses, dtype=torch.float64),
         }
-        torch.save(state, tmp / STATE)
-        for name in (TRAINABLE, STATE):
-            _fsync_file(tmp / name)
+        buf = io.BytesIO()  # serialised in memory, written by plain file I/O: a full disk is an OSError
+        torch.save(state, buf)  # with its errno, not torch's opaque writer error
+        with open(tmp / STATE, "wb") as fh:
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_file(tmp / TRAINABLE)
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

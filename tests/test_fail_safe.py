@@ -507,3 +507,25 @@ def test_a_dead_holders_lease_is_stale_and_a_live_one_is_not():
         live.kill()
         live.wait(timeout=30)
     assert not _stale({"token": f"abc@another-host:{dead.pid}", "expires": future}, "mine")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
+@rel(area="faults", case="`mrt train` when a checkpoint cannot be written (file-size limit: what a full disk does to a write)",
+     outcome="exit 1 naming the checkpoint and the OS reason; no half-written checkpoint or temporary folder left")
+def test_a_failed_checkpoint_write_is_clear_and_leaves_nothing(ws):
+    import resource
+
+    def limit():  # writes past 6000 bytes fail with EFBIG (the trainable tensors fit, the state does not)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+
+    env = {**os.environ, "MRT_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ws.tracking_uri}
+    env.pop("MRT_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "components.cli", "train", "-p", str(ws.params)], cwd=REPO, env=env,
+                          preexec_fn=limit, capture_output=True, text=True, timeout=240)
+    ckpt = _out(ws) / "checkpoints"
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{ckpt / 'step-1'}: cannot write the step-1 checkpoint (File too large)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not ckpt.exists() or not list(ckpt.iterdir()), sorted(p.name for p in ckpt.iterdir())
+    assert not (_out(ws) / "editors.safetensors").exists()

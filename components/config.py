@@ -289,6 +289,7 @@ class TrackParams(_Section):
     system_metrics_interval_s: float = Field(2.0, gt=0)
     retries: int = Field(3, ge=0)  # tracking-server calls retried this many times before the run fails
     retry_delay_s: float = Field(2.0, ge=0)
+    request_timeout_s: int = Field(30, ge=1)  # one HTTP call to a tracking server that does not answer
 
 
 class PromoteParams(_Section):

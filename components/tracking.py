@@ -130,6 +130,7 @@ def configure(track: "TrackParams") -> str:
 
     global _configured
     _quiet_http_retries()
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(track.request_timeout_s)  # bounded by params
     _configured = track
     uri = tracking_uri(track)
     mlflow.set_tracking_uri(uri)

@@ -529,3 +529,57 @@ def test_a_failed_checkpoint_write_is_clear_and_leaves_nothing(ws):
     assert "Traceback" not in proc.stderr
     assert not ckpt.exists() or not list(ckpt.iterdir()), sorted(p.name for p in ckpt.iterdir())
     assert not (_out(ws) / "editors.safetensors").exists()
+
+
+@rel(area="tracking", case="`mrt promote` against a tracking server that accepts connections but never answers",
+     outcome="exit 1 within the params' bound (request_timeout_s × attempts), one error line, no traceback")
+def test_a_silent_tracking_server_fails_fast_with_one_line(ws):
+    import socket
+    import threading
+
+    held = []
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])  # accepted, never answered
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    bench = ws.root / "benchmark.json"
+    bench.write_text(json.dumps({"model": {"trainable_params": 1, "trainable_pct": 0.1}, "heldout": {"hx_a": 0.5},
+                                 "heldout_mean": 0.5, "mme": {}, "mme_perception": 0.0, "mme_cognition": 0.0,
+                                 "mme_total": 0.0, "robustness": {}, "real_image_mean": None}))
+    (ws.root / "validation.json").write_text(json.dumps({"success": True, "checks_failed": 0}))
+    write_params(ws, {"track": {"tracking_uri": uri, "request_timeout_s": 2, "retries": 1, "retry_delay_s": 0.1,
+                                "system_metrics": False},
+                      "promote": {"candidate_dir": str(ws.editors), "benchmark_report": str(bench),
+                                  "validation_report": str(ws.root / "validation.json"),
+                                  "report": str(ws.root / "promotion.json")}})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MRT_NUM_THREADS": "1"}
+    for key in ("MRT_DEBUG", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        env.pop(key, None)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "components.cli", "promote", "-p", str(ws.params)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=150)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        srv.close()
+    took = time.monotonic() - t0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert uri in lines[0] and "failed after 2 attempt(s)" in lines[0], lines[0]
+    assert took < 60, f"took {took:.0f} s"

@@ -439,7 +439,8 @@ def _proc_tree(pid: int) -> dict[int, str]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 @pytest.mark.slow
 @rel(area="faults", case="`mrt run` killed with SIGKILL while its stages run",
-     outcome="its temporary Prefect server stops within seconds; its MLflow runs end KILLED when the next run starts")
+     outcome="its temporary Prefect server stops within seconds; its RUNNING MLflow runs end KILLED by the check "
+             "`mrt run` makes first")
 def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -501,7 +502,8 @@ def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
 
 
 @rel(area="promote", case="promotion lease left by a process killed mid-promotion (server store)",
-     outcome="the next promotion breaks it at once with a message naming the holder; a live holder's lease is kept")
+     outcome="stale at once (its holder's process is gone), not after the lease's TTL; a live holder's or another "
+             "host's lease is kept")
 def test_a_dead_holders_lease_is_stale_and_a_live_one_is_not():
     from components.registry import _stale
 

@@ -440,14 +440,32 @@ def ablation_rows(arms: Sequence[Arm], results: Sequence[dict[str, Any]], out_di
         trainable = tr.get("trainable_params")
         if trainable is None:
             trainable = (bm.get("model") or {}).get("trainable_params")
+        held_out, held_in = bm.get("heldout_summary") or {}, bm.get("heldin_summary") or {}
+        benchmarked = bool(bm)
         row.update(
             trainable_params=trainable,
             heldout_mean=bm.get("heldout_mean"),
+            heldout_chance_corrected_mean=held_out.get("chance_corrected_mean"),
+            heldin_mean=bm.get("heldin_mean"),
             mme_total=bm.get("mme_total"),
             mme_perception=bm.get("mme_perception"),
+            # how many tasks / MME subtasks got one answer for every record (None: not benchmarked)
+            collapsed_heldout=len(held_out.get("collapsed_tasks") or []) if benchmarked else None,
+            collapsed_heldin=len(held_in.get("collapsed_tasks") or []) if held_in else None,
+            collapsed_mme=len(bm.get("mme_collapsed") or []) if bm.get("mme_baselines") else None,
+            # the baselines of the evaluated records (the same for every arm scored on them)
+            heldout_chance_mean=held_out.get("chance_mean"),
+            heldout_majority_mean=held_out.get("majority_mean"),
+            heldout_majority_chance_corrected_mean=held_out.get("majority_chance_corrected_mean"),
+            heldin_chance_mean=held_in.get("chance_mean"),
+            heldin_majority_mean=held_in.get("majority_mean"),
+            mme_chance_total=bm.get("mme_chance_total"),
+            mme_majority_total=bm.get("mme_majority_total"),
         )
         for task, score in sorted((bm.get("heldout") or {}).items()):
             row[f"heldout/{task}"] = score
+        for task, score in sorted((bm.get("heldin") or {}).items()):
+            row[f"heldin/{task}"] = score
         row.update(
             train_wall_s=tr.get("train_wall_s"),
             wall_s=res.get("wall_s"),

@@ -1,11 +1,19 @@
 """`mrt benchmark`: one model over the held-out Vision-Flan-format tasks and the MME-format set.
 
 What it measures and why this way:
-- Held-out tasks are tasks no training split contains (zero-shot, as in the paper). Each task is
+- Held-out tasks are tasks no training split contains (zero-shot, as in the paper). The held-in
+  split (when the data has one) asks the training task types about images no training split holds,
+  so a reader can tell "does not perceive" (held-in low) from "does not transfer" (held-in high,
+  held-out low). Each task is
   scored by the metric its answer kind calls for — option-letter matching for multiple choice (so
   "(b)", "B) square" and "square" all count as B, the options being read from the instruction),
   normalised exact match for everything else — through the local `evaluate` modules in
   `components/metrics/`, so a published number and a unit test come from one code path.
+- Every accuracy stands beside what a model without eyes gets (`components.metrics.baselines`): the
+  task's chance level, the best constant answer on its test references ("majority") and the most
+  common training answer; the chance-corrected mean (acc − chance)/(1 − chance) stands beside the raw
+  mean, and a task whose answers all read the same is flagged as collapsed. MME subtasks likewise get
+  the random-guess and best-constant scores and a collapse flag.
 - MME is scored by the `mme_score` module, which reproduces the official tool bit for bit, and the
   official results layout is written too, so the official `calculation.py` can re-score the run.
 - Robustness (an open question of the method): the held-out tasks again under image noise, blur and
@@ -16,7 +24,7 @@ What it measures and why this way:
   reports apart from `wall_s`.
 
 Outputs: the report JSON (flat enough for `dvc metrics show`: per task, per MME subtask, overall,
-per perturbation), written atomically; a predictions JSONL with every answer beside its reference
+per perturbation, and the `*_summary` / `mme_baselines` blocks with the baselines), written atomically; a predictions JSONL with every answer beside its reference
 (one line per record per pass) for error analysis; the MME results folder.
 """
 
@@ -64,7 +72,7 @@ def task_kinds(manifest: dict, tasks: Sequence[str], manifest_path: str) -> dict
     for task in sorted(set(tasks)):
         entry = info.get(task)
         if not isinstance(entry, dict):
-            raise _data_error(manifest_path, "", f"tasks.{task}", "held-out task missing from the manifest")
+            raise _data_error(manifest_path, "", f"tasks.{task}", "evaluated task missing from the manifest")
         kind = entry.get("answer_kind")
         if kind not in METRIC_BY_KIND:
             raise _data_error(
@@ -151,6 +159,69 @@ def score_mme(rows: Sequence[Row], predictions: Sequence[str]) -> dict[str, Any]
     )
     result["correct"] = [mme_yes_no(pred) == r.answer.strip().lower() for r, pred in zip(rows, predictions)]
     return result
+
+
+def summarize_split(rows: Sequence[Row], predictions: Sequence[str], kinds: dict[str, str],
+                    train_answers: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Per task: accuracy beside chance, the best constant answer, the training-majority answer, the
+    chance-corrected accuracy and the collapse flag; plus their means (`baselines.split_summary`)."""
+    from components.metrics.baselines import split_summary, task_entry
+
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_task[r.task].append(i)
+    tasks = {}
+    for task, idx in by_task.items():
+        kind = kinds[task]
+        options = [options_text(rows[i].instruction) for i in idx] if kind == "letter" else None
+        tasks[task] = task_entry(kind, [predictions[i] for i in idx], [rows[i].answer for i in idx], options,
+                                 (train_answers or {}).get(task, ()))
+    return split_summary(tasks)
+
+
+def summarize_mme(rows: Sequence[Row], predictions: Sequence[str]) -> dict[str, Any]:
+    """Per MME subtask: random-guess and best-constant acc / acc+ / score and the collapse flag
+    (answers read the official way); plus the chance and constant totals over the subtasks present."""
+    from components.metrics.baselines import mme_collapse, mme_subtask_baselines
+
+    by_sub: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_sub[r.task].append(i)
+    subtasks = {}
+    for sub, idx in by_sub.items():
+        entry = mme_subtask_baselines([rows[i].answer for i in idx], [rows[i].image for i in idx])
+        top, share, flat = mme_collapse([predictions[i] for i in idx])
+        subtasks[sub] = {**entry, "top_answer": top, "top_share": share, "collapsed": flat}
+    return {
+        "subtasks": subtasks,
+        "chance_total": sum(e["chance_score"] for e in subtasks.values()),
+        "majority_total": sum(e["majority_score"] for e in subtasks.values()),
+        "collapsed_subtasks": [sub for sub, e in subtasks.items() if e["collapsed"]],
+    }
+
+
+def training_answers(data_dir: str | Path, manifest: dict, tasks: Sequence[str]) -> dict[str, list[str]]:
+    """task → the answers training saw for it: its rows of the train split, or, for a type asked only
+    by the text-only split (held-out types), those text rows (manifest `text_tasks[*].for_task`).
+    Records the readers reject are left to validation; the good ones count."""
+    from components.data.load import load_dataset_dir
+
+    wanted = set(tasks)
+    text_for = {name: info.get("for_task") for name, info in (manifest.get("text_tasks") or {}).items()
+                if isinstance(info, dict)}
+    files = manifest.get("files") or {}
+    splits = tuple(s for s in ("train", "text") if s in files)
+    if not splits or not wanted:
+        return {}
+    loaded = load_dataset_dir(data_dir, splits=splits)
+    train: dict[str, list[str]] = defaultdict(list)
+    text: dict[str, list[str]] = defaultdict(list)
+    for r in loaded.rows:
+        if r.split == "train" and r.task in wanted:
+            train[r.task].append(r.answer)
+        elif r.split == "text" and text_for.get(r.task) in wanted:
+            text[text_for[r.task]].append(r.answer)
+    return {t: train.get(t) or text.get(t) or [] for t in sorted(wanted)}
 
 
 def cap_mme(rows: Sequence[Row], per_task: int | None) -> list[Row]:
@@ -328,24 +399,28 @@ def _load_rows(p: BenchmarkParams):
     from components.data.load import MANIFEST, load_dataset_dir
     from components.inference import pick_per_task
 
-    data = load_dataset_dir(p.data_dir, splits=("heldout", "mme"))
+    data = load_dataset_dir(p.data_dir, splits=("heldout", "heldin", "mme"))
     if data.errors:
         raise DataError(data.errors)
     heldout = data.split("heldout")
     if not heldout:
         raise _data_error(str(Path(p.data_dir) / MANIFEST), "", "files.heldout", "the data set has no held-out rows")
+    heldin = data.split("heldin")  # absent from data sets written without one (the real Vision-Flan)
     if p.per_task is not None:
         heldout = pick_per_task(heldout, p.per_task)
+        heldin = pick_per_task(heldin, p.per_task)
     mme = cap_mme(data.split("mme"), p.per_task)
     known = data.manifest.get("tasks")
-    unknown = [r for r in heldout if isinstance(known, dict) and r.task not in known]
-    if unknown:  # name the record, not only the manifest: the record is what a person fixes
-        r = unknown[0]
-        raise _data_error(r.source, r.id, "task_name", f"held-out task {r.task!r} is not among the tasks of "
-                          f"{Path(p.data_dir) / MANIFEST} ({len(unknown)} record(s) in all)")
-    kinds = task_kinds(data.manifest, [r.task for r in heldout], str(Path(p.data_dir) / MANIFEST))
-    check_references(heldout, kinds)
-    return data, heldout, mme, kinds
+    for split, rows in (("held-out", heldout), ("held-in", heldin)):
+        unknown = [r for r in rows if isinstance(known, dict) and r.task not in known]
+        if unknown:  # name the record, not only the manifest: the record is what a person fixes
+            r = unknown[0]
+            raise _data_error(r.source, r.id, "task_name", f"{split} task {r.task!r} is not among the tasks of "
+                              f"{Path(p.data_dir) / MANIFEST} ({len(unknown)} record(s) in all)")
+    kinds = task_kinds(data.manifest, [r.task for r in heldout + heldin], str(Path(p.data_dir) / MANIFEST))
+    check_references(heldout + heldin, kinds)
+    answers = training_answers(p.data_dir, data.manifest, sorted({r.task for r in heldout + heldin}))
+    return data, heldout, heldin, mme, kinds, answers
 
 
 def run_benchmark(
@@ -364,10 +439,11 @@ def run_benchmark(
 
     t0 = time.time()
     set_threads()
-    data, heldout, mme, kinds = _load_rows(p)
+    data, heldout, heldin, mme, kinds, train_answers = _load_rows(p)
     loaded = _resolve_model(p, model, processor)
 
-    passes = {CLEAN: heldout + mme, **{kind: heldout for kind in p.perturbations}}  # MME: clean pass only
+    # MME and held-in: clean pass only (the perturbations ask about robustness of held-out transfer).
+    passes = {CLEAN: heldout + heldin + mme, **{kind: heldout for kind in p.perturbations}}
     formatter = ChatFormatter(loaded.processor, max_length=10**9)
     total = sum(math.ceil(len(rows) / p.batch_size) for rows in passes.values())
     bar = _Progress(total, f"benchmark {label or loaded.kind}")
@@ -376,15 +452,21 @@ def run_benchmark(
     finally:
         bar.close()
 
-    n_h = len(heldout)
-    clean = score_heldout(heldout, answers[CLEAN][:n_h], kinds)
-    lines = list(_prediction_lines(heldout, answers[CLEAN][:n_h], clean["correct"], CLEAN))
-    mme_result = None
+    n_h, n_i = len(heldout), len(heldin)
+    heldout_preds = answers[CLEAN][:n_h]
+    heldin_preds = answers[CLEAN][n_h : n_h + n_i]
+    clean = score_heldout(heldout, heldout_preds, kinds)
+    lines = list(_prediction_lines(heldout, heldout_preds, clean["correct"], CLEAN))
+    heldin_scored = score_heldout(heldin, heldin_preds, kinds) if heldin else None
+    if heldin_scored is not None:
+        lines += _prediction_lines(heldin, heldin_preds, heldin_scored["correct"], CLEAN)
+    mme_result = mme_summary = None
     if mme:
         from components.metrics.mme import write_mme_results
 
-        mme_preds = answers[CLEAN][n_h:]
+        mme_preds = answers[CLEAN][n_h + n_i :]
         mme_result = score_mme(mme, mme_preds)
+        mme_summary = summarize_mme(mme, mme_preds)
         write_mme_results(list(zip(mme, mme_preds)), p.mme_results_dir)
         lines += _prediction_lines(mme, mme_preds, mme_result["correct"], CLEAN)
     robustness = {}
@@ -403,6 +485,11 @@ def run_benchmark(
         "heldout": clean["per_task"],
         "heldout_mean": clean["mean"],
         "heldout_n": n_h,
+        "heldout_summary": summarize_split(heldout, heldout_preds, kinds, train_answers),
+        "heldin": {} if heldin_scored is None else heldin_scored["per_task"],
+        "heldin_mean": None if heldin_scored is None else heldin_scored["mean"],
+        "heldin_n": n_i,
+        "heldin_summary": None if not heldin else summarize_split(heldin, heldin_preds, kinds, train_answers),
         "mme": {} if mme_result is None else {
             name: {k: s[k] for k in ("acc", "acc_plus", "score")} for name, s in mme_result["subtasks"].items()
         },
@@ -410,6 +497,10 @@ def run_benchmark(
         "mme_cognition": None if mme_result is None else mme_result["cognition"],
         "mme_total": None if mme_result is None else mme_result["total"],
         "mme_n": len(mme),
+        "mme_baselines": None if mme_summary is None else mme_summary["subtasks"],
+        "mme_chance_total": None if mme_summary is None else mme_summary["chance_total"],
+        "mme_majority_total": None if mme_summary is None else mme_summary["majority_total"],
+        "mme_collapsed": [] if mme_summary is None else mme_summary["collapsed_subtasks"],
         "robustness": robustness,
         "real_image_tasks": real,
         "real_image_mean": sum(real.values()) / len(real) if real else None,
@@ -420,16 +511,52 @@ def run_benchmark(
     return report
 
 
+# Split-level numbers of `*_summary` logged as `<split>/<name>`; per task `<split>/<task>/<field>`.
+SUMMARY_METRICS = ("chance_mean", "majority_mean", "train_majority_mean", "chance_corrected_mean",
+                   "majority_chance_corrected_mean")
+TASK_METRICS = ("chance", "majority", "train_majority", "chance_corrected")
+# `heldout/<name>` keys that are not tasks (the promotion gate reads tasks as `heldout/<task>`).
+AGGREGATE_NAMES = frozenset({"mean", "collapsed_tasks", *SUMMARY_METRICS})
+
+
+def _summary_metrics(prefix: str, summary: dict[str, Any] | None) -> dict[str, Any]:
+    if not summary:
+        return {}
+    flat: dict[str, Any] = {f"{prefix}/{k}": summary.get(k) for k in SUMMARY_METRICS}
+    flat[f"{prefix}/collapsed_tasks"] = len(summary.get("collapsed_tasks") or [])
+    for task, e in (summary.get("tasks") or {}).items():
+        flat.update({f"{prefix}/{task}/{k}": e.get(k) for k in TASK_METRICS})
+        flat[f"{prefix}/{task}/collapsed"] = 1.0 if e.get("collapsed") else 0.0
+    return flat
+
+
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The report as MLflow metrics (DESIGN.md names): heldout/<task>, heldout/mean, mme/<subtask>,
-    mme/perception, mme/total, robustness/<kind>/mean, real_image/mean, trainable_params, trainable_pct.
-    Keys whose value is unknown (None) are left out."""
+    mme/perception, mme/total, robustness/<kind>/mean, real_image/mean, trainable_params, trainable_pct;
+    beside them the baselines: heldout/chance_mean, heldout/majority_mean, heldout/train_majority_mean,
+    heldout/chance_corrected_mean, heldout/majority_chance_corrected_mean, heldout/collapsed_tasks (a
+    count), per task heldout/<task>/{chance,majority,train_majority,chance_corrected,collapsed}; the
+    same under heldin/ (heldin/<task>, heldin/mean, …); mme/chance_total, mme/majority_total,
+    mme/collapsed_subtasks and per subtask mme/<subtask>/{chance,majority,collapsed}.
+    Keys whose value is unknown (None) are left out; collapse flags are 1.0 / 0.0."""
     flat: dict[str, Any] = {f"heldout/{t}": s for t, s in report["heldout"].items()}
     flat["heldout/mean"] = report["heldout_mean"]
+    flat.update(_summary_metrics("heldout", report.get("heldout_summary")))
+    flat.update({f"heldin/{t}": s for t, s in (report.get("heldin") or {}).items()})
+    flat["heldin/mean"] = report.get("heldin_mean")
+    flat.update(_summary_metrics("heldin", report.get("heldin_summary")))
     flat.update({f"mme/{name}": s["score"] for name, s in report["mme"].items()})
     flat["mme/perception"] = report["mme_perception"]
     flat["mme/cognition"] = report["mme_cognition"]
     flat["mme/total"] = report["mme_total"]
+    if report.get("mme_baselines"):
+        flat["mme/chance_total"] = report.get("mme_chance_total")
+        flat["mme/majority_total"] = report.get("mme_majority_total")
+        flat["mme/collapsed_subtasks"] = len(report.get("mme_collapsed") or [])
+        for name, b in report["mme_baselines"].items():
+            flat[f"mme/{name}/chance"] = b.get("chance_score")
+            flat[f"mme/{name}/majority"] = b.get("majority_score")
+            flat[f"mme/{name}/collapsed"] = 1.0 if b.get("collapsed") else 0.0
     for kind, r in report["robustness"].items():
         flat[f"robustness/{kind}/mean"] = r["heldout_mean"]
         flat.update({f"robustness/{kind}/{t}": s for t, s in r["heldout"].items()})

@@ -160,8 +160,13 @@ def benchmark_cmd(
     if model_dir is not None:
         bench = bench.model_copy(update={"model_dir": None if model_dir.lower() == "none" else model_dir})
     report = run_benchmark(bench)
-    keys = ("heldout", "heldout_mean", "mme_perception", "mme_total", "real_image_mean", "wall_s")
+    keys = ("heldout", "heldout_mean", "heldin_mean", "mme_perception", "mme_total", "mme_chance_total",
+            "mme_majority_total", "mme_collapsed", "real_image_mean", "wall_s")
     summary = {k: report.get(k) for k in keys}
+    for split in ("heldout", "heldin"):  # every mean beside chance and the best constant answer
+        s = report.get(f"{split}_summary") or {}
+        summary[f"{split}_baselines"] = {k: s.get(k) for k in ("chance_mean", "majority_mean", "train_majority_mean",
+                                                                "chance_corrected_mean", "collapsed_tasks")}
     summary["robustness"] = {k: v.get("heldout_mean") for k, v in (report.get("robustness") or {}).items()}
     typer.echo(json.dumps(summary, indent=2, default=str))
     typer.echo(f"report: {bench.report}  predictions: {bench.predictions}")

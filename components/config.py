@@ -34,6 +34,7 @@ class DataParams(_Section):
     image_size: int = Field(64, ge=16, le=1024)
     train_per_task: int = Field(120, ge=1)
     heldout_per_task: int = Field(40, ge=1)
+    heldin_per_task: int = Field(20, ge=1)  # held-in test split: training task types on unseen images
     align_size: int = Field(3000, ge=1)
     text_per_type: int = Field(80, ge=1)
     mme_images_per_subtask: int = Field(20, ge=1)
@@ -300,6 +301,14 @@ class PromoteParams(_Section):
     validation_report: str = "reports/validation.json"
     margin: float = Field(0.0, ge=0, le=1)  # held-out mean must beat the champion's by at least this
     max_task_drop: float = Field(0.05, ge=0, le=1)  # and no held-out task may drop by more than this
+    # Baselines (noise guard): the held-out mean must beat the best constant answer (benchmark report) and
+    # the frozen base (comparison report) by max(baseline_margin, spread_factor × the seed std of the
+    # candidate's method in the comparison), measured over at least min_seeds seeds.
+    comparison_report: str | None = "reports/comparison.json"  # `mrt compare`: frozen base + seed spread
+    baseline_margin: float = Field(0.02, ge=0, le=1)
+    spread_factor: float = Field(2.0, ge=0)
+    min_seeds: int = Field(2, ge=1)
+    enforce_baselines: bool = True  # false: the baseline conditions are recorded but do not block
     report: str = "reports/promotion.json"
 
 

@@ -2,7 +2,12 @@
 
 Every evaluated model becomes a new version of track.registered_model with alias `candidate`; the
 alias `champion` moves only when the pure :func:`gate` says so (DESIGN.md: validation passed, held-out
-mean beats the champion's by at least `margin`, no held-out task drops by more than `max_task_drop`).
+mean beats the champion's by at least `margin`, no held-out task drops by more than `max_task_drop`)
+and the candidate is not noise: its held-out mean beats the best constant answer (the benchmark
+report's `heldout/majority_mean`) and the frozen base (the comparison report) by more than the seed
+spread — max(`baseline_margin`, `spread_factor` × the sample std over seeds of its method's held-out
+mean, measured over at least `min_seeds` seeds). The decision lists every condition with its
+numbers and whether it held (`Decision.conditions`).
 
 No half states
     A version is created in ONE call that carries every tag the gate and the lineage need (metrics,
@@ -70,6 +75,34 @@ class PromotionError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # the gate (pure)
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """What the noise guard compares a candidate with, besides its own benchmark report: the frozen
+    base's held-out mean and the seed spread of the candidate's method (both from `mrt compare`)."""
+
+    frozen_heldout_mean: float | None = None
+    seed_std: float | None = None  # sample std over seeds of the method's held-out mean
+    seeds: int = 0  # how many successful seeds that std is over
+    method: str | None = None
+    source: str | None = None  # the comparison report it was read from
+
+
+@dataclass
+class Condition:
+    """One rule of the gate, with the numbers it was decided on."""
+
+    name: str
+    held: bool
+    enforced: bool = True
+    value: float | None = None  # e.g. the candidate's margin over the baseline
+    threshold: float | None = None  # what `value` had to reach
+    detail: str = ""
+
+    @property
+    def blocks(self) -> bool:
+        return self.enforced and not self.held
+
+
 @dataclass
 class Decision:
     """What the gate decided and every number it used."""
@@ -82,6 +115,12 @@ class Decision:
     candidate_heldout_mean: float | None = None
     champion_heldout_mean: float | None = None
     task_deltas: dict[str, float] = field(default_factory=dict)  # candidate − champion, per held-out task
+    majority_heldout_mean: float | None = None  # the best constant answer's held-out mean (same records)
+    frozen_heldout_mean: float | None = None
+    seed_std: float | None = None
+    seeds: int = 0
+    required_margin: float | None = None  # over the baselines: max(baseline_margin, spread_factor × seed_std)
+    conditions: list[Condition] = field(default_factory=list)
     candidate_version: int | None = None
     champion_version_before: int | None = None
     champion_version_after: int | None = None
@@ -95,9 +134,13 @@ class Decision:
             return None
         return self.candidate_heldout_mean - self.champion_heldout_mean
 
+    def condition(self, name: str) -> Condition | None:
+        return next((c for c in self.conditions if c.name == name), None)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean_delta"] = self.mean_delta
+        d["failed_conditions"] = [c.name for c in self.conditions if not c.held]
         return d
 
     def markdown(self) -> str:
@@ -123,11 +166,30 @@ class Decision:
             f"| validation | {'passed' if self.validation_passed else 'failed'} | | | must pass | "
             f"{'ok' if self.validation_passed else 'blocks'} |",
         ]
+
+        def result(c: Condition | None) -> str:
+            if c is None:
+                return "—"
+            return "ok" if c.held else ("blocks" if c.enforced else "fails (not enforced)")
+
+        need = "—" if self.required_margin is None else f"{self.required_margin:g}"
+        for cname, label, base in (("beats_majority", "vs best constant answer", self.majority_heldout_mean),
+                                   ("beats_frozen_base", "vs frozen base", self.frozen_heldout_mean)):
+            c = self.condition(cname)
+            if c is not None:
+                lines.append(f"| heldout/mean {label} | {num(self.candidate_heldout_mean)} | {num(base)} | "
+                             f"{num(c.value, True)} | > 0 and ≥ {need} | {result(c)} |")
+        c = self.condition("seed_spread")
+        if c is not None:
+            lines.append(f"| seed spread | std {num(self.seed_std)} over {self.seeds} seed(s) | | | "
+                         f"≥ {c.threshold:g} seeds | {result(c)} |")
         md = self.mean_delta
-        mean_ok = md is None or (md >= self.margin - _EPS and md > _EPS)
+        c = self.condition("beats_champion")
+        rule = f"≥ {c.threshold:g} and > 0" if c is not None and c.threshold is not None else f"≥ {self.margin:g} and > 0"
+        ok = c.held if c is not None else (md is None or (md >= self.margin - _EPS and md > _EPS))
         lines.append(
             f"| heldout/mean | {num(self.candidate_heldout_mean)} | {num(self.champion_heldout_mean)} | "
-            f"{num(md, True)} | ≥ {self.margin:g} and > 0 | {'ok' if mean_ok else 'blocks'} |"
+            f"{num(md, True)} | {rule} | {'ok' if ok else 'blocks'} |"
         )
         for task, delta in sorted(self.task_deltas.items()):
             ok = delta >= -self.max_task_drop - _EPS
@@ -138,15 +200,71 @@ class Decision:
 
 def heldout_scores(metrics: Mapping[str, float]) -> tuple[dict[str, float], float | None]:
     """(per-task held-out scores, held-out mean) from flat metric names (`heldout/<task>`, `heldout/mean`).
-    The mean falls back to the unweighted mean of the tasks when absent."""
+    Keys with a second level (`heldout/<task>/majority`) and the split's aggregates
+    (`heldout/chance_mean`, `heldout/majority_mean`, …) are not tasks. The mean falls back to the
+    unweighted mean of the tasks when absent."""
+    from components.benchmark import AGGREGATE_NAMES
+
     tasks = {}
     for k, v in metrics.items():
-        if k.startswith("heldout/") and k != "heldout/mean" and v is not None and math.isfinite(float(v)):
-            tasks[k.split("/", 1)[1]] = float(v)
+        if not k.startswith("heldout/") or v is None or not math.isfinite(float(v)):
+            continue
+        name = k.split("/", 1)[1]
+        if "/" not in name and name not in AGGREGATE_NAMES:
+            tasks[name] = float(v)
     mean = metrics.get("heldout/mean")
     if mean is None or not math.isfinite(float(mean)):
         mean = sum(tasks.values()) / len(tasks) if tasks else None
     return tasks, (float(mean) if mean is not None else None)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _baseline_conditions(d: Decision, candidate: Mapping[str, float], reference: Reference | None,
+                         promote: "PromoteParams") -> None:
+    """The noise guard: beat the best constant answer and the frozen base by more than the seed spread."""
+    enforced = bool(promote.enforce_baselines)
+    ref = reference or Reference()
+    d.majority_heldout_mean = _finite(candidate.get("heldout/majority_mean"))
+    d.frozen_heldout_mean = _finite(ref.frozen_heldout_mean)
+    d.seed_std, d.seeds = _finite(ref.seed_std), int(ref.seeds or 0)
+    where = f" ({ref.source})" if ref.source else ""
+
+    spread_ok = d.seed_std is not None and d.seeds >= promote.min_seeds
+    d.conditions.append(Condition(
+        "seed_spread", spread_ok, enforced, d.seed_std, float(promote.min_seeds),
+        f"seed spread of {ref.method or 'the candidate method'}'s held-out mean: std {d.seed_std:.4f} over "
+        f"{d.seeds} seed(s){where}; min_seeds {promote.min_seeds}" if d.seed_std is not None else
+        f"seed spread unknown: no comparison report with the candidate's method{where} "
+        "(run `mrt compare` with several seeds)"))
+    spread_margin = promote.spread_factor * d.seed_std if d.seed_std is not None else 0.0
+    d.required_margin = max(float(promote.baseline_margin), spread_margin)
+    need = (f"max(baseline_margin {promote.baseline_margin:g}, {promote.spread_factor:g} × seed std "
+            f"{d.seed_std:.4f}) = {d.required_margin:.4f}" if d.seed_std is not None
+            else f"baseline_margin {promote.baseline_margin:g}")
+    cand = d.candidate_heldout_mean
+    for name, label, base, missing in (
+        ("beats_majority", "the best constant answer", d.majority_heldout_mean,
+         "the benchmark report has no best-constant baseline (heldout/majority_mean)"),
+        ("beats_frozen_base", "the frozen base", d.frozen_heldout_mean,
+         f"the frozen base's held-out mean is unknown{where or ''} (run `mrt compare` with method frozen)"),
+    ):
+        if cand is None or base is None:
+            d.conditions.append(Condition(name, False, enforced, None, d.required_margin,
+                                          missing if base is None else "the candidate has no held-out mean"))
+            continue
+        delta = cand - base
+        held = delta > _EPS and delta + _EPS >= d.required_margin
+        d.conditions.append(Condition(
+            name, held, enforced, delta, d.required_margin,
+            f"heldout/mean {cand:.4f} vs {label} {base:.4f}: delta {delta:+.4f} "
+            f"{'≥' if held else 'does not reach'} the required margin {need}"))
 
 
 def gate(
@@ -154,16 +272,24 @@ def gate(
     champion: Mapping[str, float] | None,
     validation_passed: bool,
     promote: "PromoteParams",
+    reference: Reference | None = None,
 ) -> Decision:
-    """DESIGN.md's promotion rule, as a pure function of the two models' metrics.
+    """DESIGN.md's promotion rule plus the noise guard, as a pure function of the numbers.
 
     - failed validation never promotes;
     - a candidate without held-out scores never promotes;
-    - with no champion yet, the candidate becomes champion;
-    - otherwise the held-out mean must beat the champion's by at least `margin` (and by more than
-      zero: an equal model is not a better one, so re-promoting the same model is a no-op), and no
-      held-out task the champion was scored on may drop by more than `max_task_drop` (a task the
-      candidate was not scored on counts as a block: its drop is unknown).
+    - the candidate's held-out mean must beat the best constant answer (`heldout/majority_mean` of its
+      own benchmark) and the frozen base (`reference`) by more than zero and by at least
+      max(`baseline_margin`, `spread_factor` × seed std), the std measured over ≥ `min_seeds` seeds;
+      with `enforce_baselines` false these conditions are recorded but do not block;
+    - with no champion yet, the candidate becomes champion (if nothing above blocks);
+    - otherwise the held-out mean must beat the champion's by at least `margin` — and, when the seed
+      spread is known and enforced, by `spread_factor` × seed std — and by more than zero (an equal
+      model is not a better one, so re-promoting the same model is a no-op), and no held-out task the
+      champion was scored on may drop by more than `max_task_drop` (a task the candidate was not
+      scored on counts as a block: its drop is unknown).
+    Every condition is in `Decision.conditions` (held or not, enforced or not, with its numbers) and
+    every failing one also in `Decision.reasons`.
     """
     cand_tasks, cand_mean = heldout_scores(candidate)
     d = Decision(
@@ -174,34 +300,57 @@ def gate(
         max_task_drop=float(promote.max_task_drop),
         candidate_heldout_mean=cand_mean,
     )
+    d.conditions.append(Condition("validation", bool(validation_passed), True, detail=(
+        "data validation passed" if validation_passed else
+        "data validation failed: a model trained on data that failed validation is never promoted")))
     if not validation_passed:
         d.reasons.append("data validation failed: a model trained on data that failed validation is never promoted")
+    d.conditions.append(Condition("heldout_scores", cand_mean is not None, True, cand_mean, detail=(
+        f"held-out mean {cand_mean:.4f}" if cand_mean is not None else
+        "the candidate has no held-out scores (heldout/<task>, heldout/mean)")))
     if cand_mean is None:
         d.reasons.append("the candidate has no held-out scores (heldout/<task>, heldout/mean)")
+    _baseline_conditions(d, candidate, reference, promote)
+    guard = [c.detail if c.held or c.enforced else f"{c.detail} (recorded, not enforced: enforce_baselines false)"
+             for c in d.conditions[2:]]
+    _champion_rules(d, champion, cand_tasks, promote, blocked=any(c.blocks for c in d.conditions))
+    d.reasons += guard  # after the champion's verdict, so the first reasons say what decided
+    return d
+
+
+def _champion_rules(d: Decision, champion: Mapping[str, float] | None, cand_tasks: dict[str, float],
+                    promote: "PromoteParams", blocked: bool) -> None:
+    cand_mean = d.candidate_heldout_mean
     if champion is None:
-        if not d.reasons:
+        if not blocked:
             d.promote = True
             d.reasons.append(f"no champion yet: the first validated candidate becomes champion (heldout/mean {cand_mean:.4f})")
-        return d
+        return
     champ_tasks, champ_mean = heldout_scores(champion)
     d.champion_heldout_mean = champ_mean
     d.task_deltas = {t: cand_tasks[t] - s for t, s in champ_tasks.items() if t in cand_tasks}
     if cand_mean is None:
-        return d
+        return
     if champ_mean is None:
         d.reasons.append("the champion has no held-out scores to compare with; keeping it (promote by hand)")
-        return d
-    blocked = bool(d.reasons)
+        return
+    need = d.margin
+    spread = d.condition("seed_spread")
+    if promote.enforce_baselines and spread is not None and spread.held and d.seed_std is not None:
+        need = max(need, promote.spread_factor * d.seed_std)
     delta = cand_mean - champ_mean
-    if delta + _EPS < d.margin or delta <= _EPS:
+    beats = not (delta + _EPS < need or delta <= _EPS)
+    d.conditions.append(Condition("beats_champion", beats, True, delta, need,
+                                  f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}"))
+    if not beats:
         blocked = True
         d.reasons.append(
             f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} does not beat it "
-            f"by the margin {d.margin:g}"
+            f"by the margin {need:g}"
         )
     else:
         d.reasons.append(
-            f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} ≥ margin {d.margin:g}"
+            f"heldout/mean {cand_mean:.4f} vs champion {champ_mean:.4f}: delta {delta:+.4f} ≥ margin {need:g}"
         )
     missing = sorted(set(champ_tasks) - set(cand_tasks))
     if missing:
@@ -213,11 +362,40 @@ def gate(
         d.reasons.append(
             f"heldout/{t} drops by {drop:.4f} ({champ_tasks[t]:.4f} → {cand_tasks[t]:.4f}) > max_task_drop {d.max_task_drop:g}"
         )
+    d.conditions.append(Condition("task_drops", not drops and not missing, True,
+                                  min(d.task_deltas.values()) if d.task_deltas else None, -d.max_task_drop,
+                                  "worst held-out task delta vs the champion"))
     if not drops and not missing and d.task_deltas:
         worst = min(d.task_deltas.values())
         d.reasons.append(f"no held-out task drops by more than {d.max_task_drop:g} (worst delta {worst:+.4f})")
     d.promote = not blocked
-    return d
+
+
+def reference_from_comparison(path: str | os.PathLike | None, method: str | None) -> Reference | None:
+    """The frozen base's held-out mean and the seed spread of `method` from a `mrt compare` report;
+    None when there is no report (the gate then records both as unknown). A report that exists but
+    cannot be read raises ValueError naming the file and field."""
+    if not path or not Path(path).is_file():
+        return None
+    report = _read_json(path, "comparison report")
+    methods = report.get("methods")
+    if not isinstance(methods, dict):
+        raise ValueError(f"{path}: field 'methods' missing or not a mapping — not a `mrt compare` report")
+
+    def stat(name: str | None) -> dict:
+        entry = methods.get(name) if name else None
+        value = entry.get("heldout_mean") if isinstance(entry, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    frozen, own = stat("frozen"), stat(method)
+    values = [v for v in own.get("values") or [] if _finite(v) is not None]
+    return Reference(
+        frozen_heldout_mean=_finite(frozen.get("mean")),
+        seed_std=_finite(own.get("std")) if values else None,
+        seeds=len(values),
+        method=method,
+        source=str(path),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,6 +811,8 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{pp.benchmark_report}: benchmark report lacks field {exc}") from None
     passed, why = validation_status(pp.validation_report)
+    method = (bench.get("model") or {}).get("method")
+    reference = reference_from_comparison(pp.comparison_report, method)  # a bad report fails before anything
     from components.store_init import ensure_local_store
 
     ensure_local_store(tracking.tracking_uri(track))  # a brand-new store is created under the lock
@@ -648,7 +828,7 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
         model_uri = log_editor_model(run_id, track, params.train.base_dir, pp.candidate_dir)
         version_tags = {
             **lineage,
-            **{k: repr(v) for k, v in metrics.items() if k.startswith(("heldout/", "mme/"))},
+            **{k: repr(v) for k, v in metrics.items() if k.startswith(("heldout/", "heldin/", "mme/"))},
             "mrt.validation_passed": str(passed).lower(),
             "mrt.benchmark_report": pp.benchmark_report,
             PROMOTION_ID_TAG: pid,
@@ -656,7 +836,7 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
         with promotion_lock(track):
             cleanup_pending(track, keep=pid)
             before = champion(track)
-            decision = gate(metrics, before["metrics"] if before else None, passed, pp)
+            decision = gate(metrics, before["metrics"] if before else None, passed, pp, reference)
             decision.reasons.insert(0, why)
             decision.champion_version_before = before["version"] if before else None
             version = register_candidate(track, model_uri, run_id, version_tags)
@@ -702,6 +882,10 @@ def _record(track: "TrackParams", run_id: str, d: Decision) -> None:
     tracking.log_metrics(run_id, {
         "promotion/promoted": 1.0 if d.promote else 0.0,
         **({"promotion/mean_delta": d.mean_delta} if d.mean_delta is not None else {}),
+        **({"promotion/required_margin": d.required_margin} if d.required_margin is not None else {}),
+        **{f"promotion/{c.name}": 1.0 if c.held else 0.0 for c in d.conditions},
+        **{f"promotion/{c.name}/value": c.value for c in d.conditions
+           if c.name in ("beats_majority", "beats_frozen_base") and c.value is not None},
     }, track=track)
     with tempfile.TemporaryDirectory(prefix="mrt-promotion-") as tmp:
         p = Path(tmp) / "promotion.json"

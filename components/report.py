@@ -23,12 +23,19 @@ from typing import Any, Iterable, Sequence
 RESULTS_START = "<!-- results:start -->"
 RESULTS_END = "<!-- results:end -->"
 METHOD_LABELS = {"frozen": "frozen base", "mrt": "MRT", "lora": "LoRA", "full": "full fine-tuning"}
-# Fixed leading columns of ablation.csv; per-task columns `heldout/<task>` follow, then the tail.
+# Fixed leading columns of ablation.csv; per-task columns `heldout/<task>` and `heldin/<task>` follow,
+# then the tail. The baseline columns are the same on every row (one set of evaluated records).
 ABLATION_HEAD = ["arm", "seed", "family", "groups", "layers", "ranks", "lengths", "trainable_params",
-                 "heldout_mean", "mme_total", "mme_perception"]
+                 "heldout_mean", "heldout_chance_corrected_mean", "heldin_mean", "mme_total", "mme_perception",
+                 "collapsed_heldout", "collapsed_heldin", "collapsed_mme"]
+ABLATION_BASELINES = ["heldout_chance_mean", "heldout_majority_mean", "heldout_majority_chance_corrected_mean",
+                      "heldin_chance_mean", "heldin_majority_mean", "mme_chance_total", "mme_majority_total"]
 ABLATION_TAIL = ["train_wall_s", "wall_s", "status", "error", "out_dir"]
-_INT_FIELDS = {"seed", "trainable_params"}
-_FLOAT_FIELDS = {"heldout_mean", "mme_total", "mme_perception", "train_wall_s", "wall_s"}
+_TASK_PREFIXES = ("heldout/", "heldin/")
+_INT_FIELDS = {"seed", "trainable_params", "collapsed_heldout", "collapsed_heldin", "collapsed_mme"}
+_FLOAT_FIELDS = {"heldout_mean", "heldout_chance_corrected_mean", "heldin_mean", "mme_total", "mme_perception",
+                 "train_wall_s", "wall_s", *ABLATION_BASELINES}
+COLLAPSE_MARK = "†"  # beside a score: the model gave one answer to every record of that task
 METHOD_COLORS = {"frozen": "#7f7f7f", "mrt": "#1f77b4", "lora": "#ff7f0e", "full": "#2ca02c"}
 FAMILY_COLORS = {"reference": "#1f77b4", "only": "#ff7f0e", "leave-one-out": "#2ca02c", "depth": "#9467bd",
                  "length": "#8c564b", "rank": "#e377c2"}
@@ -165,9 +172,11 @@ def describe_placement(editors: Any, model_config: Any = None) -> dict[str, str]
 # ablation: CSV, Markdown, plot
 # ---------------------------------------------------------------------------------------------
 def ablation_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    tasks = sorted({k for r in rows for k in r if k.startswith("heldout/")})
-    extra = [k for r in rows for k in r if k not in ABLATION_HEAD + ABLATION_TAIL and not k.startswith("heldout/")]
-    return ABLATION_HEAD + tasks + list(dict.fromkeys(extra)) + ABLATION_TAIL
+    fixed = ABLATION_HEAD + ABLATION_BASELINES + ABLATION_TAIL
+    heldout = sorted({k for r in rows for k in r if k.startswith("heldout/")})
+    heldin = sorted({k for r in rows for k in r if k.startswith("heldin/")})
+    extra = [k for r in rows for k in r if k not in fixed and not k.startswith(_TASK_PREFIXES)]
+    return ABLATION_HEAD + heldout + heldin + ABLATION_BASELINES + list(dict.fromkeys(extra)) + ABLATION_TAIL
 
 
 def _csv_value(v: Any) -> Any:
@@ -205,10 +214,10 @@ def read_ablation_csv(path: str | Path) -> list[dict[str, Any]]:
             for k, v in raw.items():
                 try:
                     if v in ("", None):
-                        row[k] = None if (k in _INT_FIELDS or k in _FLOAT_FIELDS or k.startswith("heldout/")) else ""
+                        row[k] = None if (k in _INT_FIELDS or k in _FLOAT_FIELDS or k.startswith(_TASK_PREFIXES)) else ""
                     elif k in _INT_FIELDS:
                         row[k] = int(float(v))
-                    elif k in _FLOAT_FIELDS or k.startswith("heldout/"):
+                    elif k in _FLOAT_FIELDS or k.startswith(_TASK_PREFIXES):
                         row[k] = float(v)
                     else:
                         row[k] = v
@@ -237,7 +246,11 @@ def aggregate_arms(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "trainable_params": next(
                 (r["trainable_params"] for r in rs if r.get("trainable_params") is not None), None),
             "heldout_mean": mean_std(r.get("heldout_mean") for r in ok),
+            "heldout_chance_corrected_mean": mean_std(r.get("heldout_chance_corrected_mean") for r in ok),
+            "heldin_mean": mean_std(r.get("heldin_mean") for r in ok),
             "mme_total": mean_std(r.get("mme_total") for r in ok),
+            "collapsed": {split: mean_std(r.get(f"collapsed_{split}") for r in ok)
+                          for split in ("heldout", "heldin", "mme")},
             "wall_s": mean_std(r.get("wall_s") for r in ok),
             "n": len(rs),
             "failed": [r for r in rs if r.get("status") != "ok"],
@@ -248,6 +261,35 @@ def aggregate_arms(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _status(agg: dict[str, Any]) -> str:
     k = len(agg["failed"])
     return "ok" if k == 0 else "failed" if k == agg["n"] else f"{k}/{agg['n']} failed"
+
+
+def _count(stat: dict[str, Any] | None) -> str:
+    """Mean of a count over seeds: "3" or "2.5"; "—" when unknown."""
+    if not stat or stat.get("mean") is None:
+        return "—"
+    m = stat["mean"]
+    return f"{m:.0f}" if float(m).is_integer() else f"{m:.1f}"
+
+
+def _collapsed_cell(collapsed: dict[str, dict[str, Any]]) -> str:
+    return " · ".join(_count(collapsed.get(split)) for split in ("heldout", "heldin", "mme"))
+
+
+def ablation_baselines(rows: Sequence[dict[str, Any]]) -> str:
+    """One sentence: chance and best-constant scores of the records the arms were scored on."""
+    first = next((r for r in rows if r.get("heldout_chance_mean") is not None), None)
+    if first is None:
+        return ""
+
+    def num(key: str, digits: int = 3) -> str:
+        v = first.get(key)
+        return "—" if v is None else f"{v:.{digits}f}"
+
+    return (f"Baselines of these records: chance (uniform guess) held-out {num('heldout_chance_mean')}, held-in "
+            f"{num('heldin_chance_mean')}, MME {num('mme_chance_total', 1)}; best constant answer on the test set "
+            f"held-out {num('heldout_majority_mean')} (chance-corrected "
+            f"{num('heldout_majority_chance_corrected_mean')}), held-in {num('heldin_majority_mean')}, "
+            f"MME {num('mme_majority_total', 1)}.")
 
 
 def ablation_table(rows: Sequence[dict[str, Any]], *, detailed: bool = True) -> str:
@@ -263,15 +305,20 @@ def ablation_table(rows: Sequence[dict[str, Any]], *, detailed: bool = True) -> 
 
     if detailed:
         header = ["arm", "groups", "layers", "ranks", "lengths", "trainable params", "held-out mean", "Δ vs all",
-                  "MME total", "wall s", "status"]
+                  "held-out chance-corr.", "held-in mean", "MME total", "collapsed (out · in · MME)", "wall s",
+                  "status"]
         body = [[a["arm"], a["groups"], a["layers"] or "—", a["ranks"] or "—", a["lengths"] or "—",
-                 fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a), fmt_pm(a["mme_total"], 1),
-                 fmt_pm(a["wall_s"], 0), _status(a)] for a in aggs]
-        return md_table(header, body, "lllllrrrrrl")
-    header = ["arm", "groups", "trainable params", "held-out mean", "Δ vs all", "MME total"]
+                 fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a),
+                 fmt_pm(a["heldout_chance_corrected_mean"], 3), fmt_pm(a["heldin_mean"], 3),
+                 fmt_pm(a["mme_total"], 1), _collapsed_cell(a["collapsed"]), fmt_pm(a["wall_s"], 0), _status(a)]
+                for a in aggs]
+        return md_table(header, body, "lllllrrrrrrrrl")
+    header = ["arm", "groups", "trainable params", "held-out mean", "Δ vs all", "held-out chance-corr.",
+              "held-in mean", "MME total", "collapsed (out · in · MME)"]
     body = [[a["arm"], a["groups"], fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a),
-             fmt_pm(a["mme_total"], 1)] for a in aggs]
-    return md_table(header, body, "llrrrr")
+             fmt_pm(a["heldout_chance_corrected_mean"], 3), fmt_pm(a["heldin_mean"], 3),
+             fmt_pm(a["mme_total"], 1), _collapsed_cell(a["collapsed"])] for a in aggs]
+    return md_table(header, body, "llrrrrrrr")
 
 
 def _failures(items: Iterable[tuple[str, str]]) -> str:
@@ -292,9 +339,11 @@ def ablation_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> s
         "",
         "Held-out mean: exact match / option letter over the held-out tasks (zero-shot); "
         + ("mean ± sample std over seeds. " if len(seeds) > 1 else "")
-        + "Δ vs all: difference to the reference placement (`train.editors`).",
+        + "Δ vs all: difference to the reference placement (`train.editors`). " + READING_NOTE,
         "",
         ablation_table(rows),
+        "",
+        ablation_baselines(rows),
     ]
     failed = [(f"{r['arm']}/seed-{r['seed']}", r.get("error", "")) for r in rows if r.get("status") != "ok"]
     return "\n".join(lines) + _failures(failed) + "\n"
@@ -355,22 +404,93 @@ def _trainable(m: dict[str, Any]) -> str:
     return fmt_int(n) + (f" ({pct:.2f}%)" if pct is not None and n else "")
 
 
+READING_NOTE = (
+    "Chance-corrected: (accuracy − chance) / (1 − chance) per task, averaged (0 = chance, 1 = perfect). "
+    "Held-in: the training task types on images no training split holds. Collapsed: tasks (held-out · "
+    "held-in · MME subtasks) whose answers were one value for every record, mean over seeds.")
+
+
+def _baseline_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The rows a model without eyes earns: a uniform guess, the best constant answer on the test set,
+    and the most common training answer (only where every task has training answers)."""
+    base = summary.get("baselines") or {}
+    out, inn, mme = base.get("heldout") or {}, base.get("heldin") or {}, base.get("mme") or {}
+    if not (out or inn or mme):
+        return []
+
+    def num(d: dict[str, Any], key: str, digits: int = 3) -> str:
+        v = d.get(key)
+        return "—" if v is None else f"{v:.{digits}f}"
+
+    rows = [
+        ["chance (uniform guess)", "—", num(out, "chance_mean"), "0.000" if out else "—", num(inn, "chance_mean"),
+         num(mme, "chance_total", 1), "—", "—", "—"],
+        ["majority answer (best constant, test set)", "—", num(out, "majority_mean"),
+         num(out, "majority_chance_corrected_mean"), num(inn, "majority_mean"), num(mme, "majority_total", 1),
+         "all", "—", "—"],
+    ]
+    if out.get("train_majority_mean") is not None or inn.get("train_majority_mean") is not None:
+        rows.append(["most common training answer", "—", num(out, "train_majority_mean"), "—",
+                     num(inn, "train_majority_mean"), "—", "all", "—", "—"])
+    return rows
+
+
 def comparison_table(summary: dict[str, Any]) -> str:
-    """method | trainable params | held-out mean ± std | MME total ± std | wall s."""
-    header = ["method", "trainable params", "held-out mean ± std", "MME total ± std", "wall s", "runs"]
+    """One row per method (mean ± std over seeds), then the chance and constant-answer rows."""
+    header = ["method", "trainable params", "held-out mean ± std", "held-out chance-corr. ± std",
+              "held-in mean ± std", "MME total ± std", "collapsed (out · in · MME)", "wall s", "runs"]
     body = []
     for name, m in summary["methods"].items():
         ok = len(m.get("heldout_mean", {}).get("values") or [])
         body.append([METHOD_LABELS.get(name, name), _trainable(m), fmt_pm(m.get("heldout_mean"), 3),
-                     fmt_pm(m.get("mme_total"), 1), fmt_pm(m.get("wall_s"), 0), f"{ok}/{len(m.get('runs', []))}"])
-    return md_table(header, body, "lrrrrr")
+                     fmt_pm(m.get("heldout_chance_corrected_mean"), 3), fmt_pm(m.get("heldin_mean"), 3),
+                     fmt_pm(m.get("mme_total"), 1), _method_collapsed(m), fmt_pm(m.get("wall_s"), 0),
+                     f"{ok}/{len(m.get('runs', []))}"])
+    return md_table(header, body + _baseline_rows(summary), "lrrrrrrrr")
 
 
-def per_task_table(summary: dict[str, Any]) -> str:
+def _method_collapsed(m: dict[str, Any]) -> str:
+    """Mean over successful seeds of how many tasks collapsed, per split (held-out · held-in · MME)."""
+    runs = [r for r in m.get("runs") or [] if r.get("status") == "ok" and isinstance(r.get("collapsed"), dict)]
+    if not runs:
+        return "—"
+    return " · ".join(_count(mean_std(len(r["collapsed"].get(split) or []) for r in runs))
+                      for split in ("heldout", "heldin", "mme"))
+
+
+def _task_cell(stat: dict[str, Any] | None, collapsed_in: int, seeds: int) -> str:
+    text = fmt_pm(stat, 3)
+    if collapsed_in and text != "—":
+        text += f" {COLLAPSE_MARK}" + (f"{collapsed_in}/{seeds}" if collapsed_in < seeds else "")
+    return text
+
+
+def per_task_table(summary: dict[str, Any], split: str = "heldout") -> str:
+    """Per task of a split: chance, the best constant answer (and its score), then each method's
+    mean ± std over seeds, marked † where its answers collapsed to one value (†k/n: in k of n seeds)."""
     methods = list(summary["methods"])
-    tasks = sorted({t for m in summary["methods"].values() for t in (m.get("per_task") or {})})
-    body = [[t] + [fmt_pm(summary["methods"][m].get("per_task", {}).get(t), 3) for m in methods] for t in tasks]
-    return md_table(["held-out task"] + [METHOD_LABELS.get(m, m) for m in methods], body, "l" + "r" * len(methods))
+    key = "per_task" if split == "heldout" else f"{split}_per_task"
+    tasks = sorted({t for m in summary["methods"].values() for t in (m.get(key) or {})})
+    base = ((summary.get("baselines") or {}).get(split) or {}).get("per_task") or {}
+
+    def baseline(t: str) -> list[str]:
+        b = base.get(t) or {}
+        chance = "—" if b.get("chance") is None else f"{b['chance']:.3f}"
+        majority = "—" if b.get("majority") is None else f"{b['majority']:.3f} ({b.get('majority_answer')})"
+        return [chance, majority]
+
+    body = []
+    for t in tasks:
+        cells = []
+        for name in methods:
+            m = summary["methods"][name]
+            seeds = len((m.get(key) or {}).get(t, {}).get("values") or [])
+            cells.append(_task_cell((m.get(key) or {}).get(t), (m.get("collapsed") or {}).get(split, {}).get(t, 0),
+                                    seeds))
+        body.append([t, *baseline(t), *cells])
+    label = {"heldout": "held-out task", "heldin": "held-in task"}.get(split, f"{split} task")
+    return md_table([label, "chance", "majority (answer)"] + [METHOD_LABELS.get(m, m) for m in methods], body,
+                    "lrr" + "r" * len(methods))
 
 
 def comparison_provenance(summary: dict[str, Any]) -> str:
@@ -385,17 +505,22 @@ def comparison_provenance(summary: dict[str, Any]) -> str:
 def comparison_markdown(summary: dict[str, Any]) -> str:
     failed = [(f"{name}/seed-{r['seed']}", r.get("error", "")) for name, m in summary["methods"].items()
               for r in m.get("runs", []) if r.get("status") != "ok"]
-    return "\n".join([
+    parts = [
         "# MRT against LoRA, full fine-tuning and the frozen base",
         "",
         comparison_provenance(summary),
         "",
         comparison_table(summary),
         "",
-        "Per held-out task (mean ± std over seeds):",
+        READING_NOTE,
+        "",
+        f"Per held-out task (mean ± std over seeds; {COLLAPSE_MARK}: answers collapsed to one value):",
         "",
         per_task_table(summary),
-    ]) + _failures(failed) + "\n"
+    ]
+    if any(m.get("heldin_per_task") for m in summary["methods"].values()):
+        parts += ["", "Per held-in task (training task types on unseen images):", "", per_task_table(summary, "heldin")]
+    return "\n".join(parts) + _failures(failed) + "\n"
 
 
 def write_comparison_plot(path: str | Path, summary: dict[str, Any]) -> Path:
@@ -453,13 +578,19 @@ def results_block(comparison: dict[str, Any], ablation_rows: Sequence[dict[str, 
         "",
         comparison_table(comparison),
         "",
-        "Per held-out task (mean ± std over seeds):",
+        READING_NOTE,
+        "",
+        f"Per held-out task (mean ± std over seeds; {COLLAPSE_MARK}: answers collapsed to one value; the held-in "
+        "tasks are in the comparison Markdown report):",
         "",
         per_task_table(comparison),
     ]
     if ablation_rows:
         parts += ["", "Editor placement ablation (`mrt ablate`, `reports/ablation.md` has every column):", "",
                   ablation_table(ablation_rows, detailed=False)]
+        note = ablation_baselines(ablation_rows)
+        if note:
+            parts += ["", note]
     return "\n".join(parts)
 
 

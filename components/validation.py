@@ -14,8 +14,9 @@ Four kinds of checks, all always present in the report (so reports are comparabl
   split, answer length, globally unique ids, known splits, image present/absent per split).
 - ``file``: checks that need the image files (path inside its root, exists, size in bytes, decodes,
   side lengths). Each distinct image is read once; every record naming a bad image is listed.
-- ``leakage``: a held-out or MME image whose bytes *or decoded pixels* equal a train/align image, and a
-  held-out example (instruction, answer, image) copied from training.
+- ``leakage``: a held-out, held-in or MME image whose bytes *or decoded pixels* equal a train/align
+  image, and a held-out or held-in example (instruction, answer, image) copied from training. The
+  held-in split asks the training task types, so only its images (never its tasks) must be unseen.
 
 Ids must be unique across all splits, not only within a file: reports, leakage findings and
 predictions all name records by id, so one id meaning two records would make them ambiguous.
@@ -59,9 +60,9 @@ MME_SUBTASKS = (
     "code_reasoning",
 )
 ALIGN_TASK = "caption"
-IMAGE_SPLITS = ("train", "heldout", "align", "mme")
+IMAGE_SPLITS = ("train", "heldout", "heldin", "align", "mme")
 TRAINING_IMAGE_SPLITS = ("train", "align")
-HELDOUT_IMAGE_SPLITS = ("heldout", "mme")
+HELDOUT_IMAGE_SPLITS = ("heldout", "heldin", "mme")  # test images: none may occur in training
 
 # Check names in report order, with what each one means. Kinds: reader, expectation, file, leakage.
 CHECKS: dict[str, tuple[str, str]] = {
@@ -84,8 +85,8 @@ CHECKS: dict[str, tuple[str, str]] = {
     "image_bytes": ("file", "the image file is non-empty and at most max_image_bytes"),
     "image_decodes": ("file", "the image decodes completely, in a supported mode (not 32-bit float)"),
     "image_dimensions": ("file", "both image sides are within [min_image_side, max_image_side]"),
-    "leakage_image": ("leakage", "no held-out/MME image equals a train/align image (bytes or pixels)"),
-    "leakage_example": ("leakage", "no held-out example (instruction, answer, image) is in training"),
+    "leakage_image": ("leakage", "no held-out/held-in/MME image equals a train/align image (bytes or pixels)"),
+    "leakage_example": ("leakage", "no held-out/held-in example (instruction, answer, image) is in training"),
 }
 
 # Row column → the record field a person would edit, per record format.
@@ -370,7 +371,7 @@ def known_task_pairs(manifest: dict) -> list[tuple[str, str]]:
     """(split, task) pairs that may occur, from the manifest.
 
     train/heldout: the manifest's tasks in their own split (so a held-out task inside the train file
-    fails: task leakage); align: the caption task; text: the manifest's ``text_tasks`` (else any task
+    fails: task leakage); heldin: the training tasks (a held-out task there fails too); align: the caption task; text: the manifest's ``text_tasks`` (else any task
     name or question type, for manifests written without that table); mme: the official subtasks
     plus any the manifest lists.
     """
@@ -386,6 +387,8 @@ def known_task_pairs(manifest: dict) -> list[tuple[str, str]]:
         split = info.get("split")
         for s in ((split,) if split in ("train", "heldout") else ("train", "heldout")):
             pairs.add((s, name))
+            if s == "train":
+                pairs.add(("heldin", name))
         fallback_text.add(name)
         if isinstance(info.get("type"), str):
             fallback_text.add(info["type"])
@@ -656,7 +659,7 @@ def _image_stats(infos: dict[int, ImageInfo]) -> dict[str, Any]:
 # leakage
 # ---------------------------------------------------------------------------------------------
 def _check_leakage(rows: list[Row], infos: dict[int, ImageInfo], checks: dict[str, CheckResult]) -> None:
-    """Held-out/MME images must not occur in train/align; held-out examples must not be copies."""
+    """Held-out/held-in/MME images must not occur in train/align; their examples must not be copies."""
     by_bytes: dict[str, Row] = {}
     by_pixels: dict[str, Row] = {}
     examples: dict[tuple[str, str, str], Row] = {}

@@ -19,7 +19,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.tasks import ablate_task, load, log_child_task, outputs_current
 
 ABLATION_TABLE_KEY = "ablation-table"
-TABLE_COLUMNS = ("arm", "seed", "groups", "trainable_params", "heldout_mean", "mme_total", "wall_s", "status")
+TABLE_COLUMNS = ("arm", "seed", "groups", "trainable_params", "heldout_mean", "heldout_chance_corrected_mean",
+                 "heldin_mean", "mme_total", "collapsed_heldout", "collapsed_heldin", "wall_s", "status")
 
 
 def arm_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

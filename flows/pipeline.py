@@ -81,7 +81,9 @@ WIRING = (
     ("train.out_dir", ("benchmark.model_dir", "promote.candidate_dir")),
     ("benchmark.report", ("promote.benchmark_report",)),
     ("validate.report", ("promote.validation_report",)),
+    ("compare.report", ("promote.comparison_report",)),
 )
+NULLABLE = {"promote.comparison_report"}  # null is allowed: the gate then records the frozen base as unknown
 
 
 def check_wiring(params) -> None:
@@ -95,7 +97,8 @@ def check_wiring(params) -> None:
         return raw[section][key]
 
     bad = [f"{dst} is {get(dst)!r} but {src} is {get(src)!r}"
-           for src, dsts in WIRING for dst in dsts if get(dst) != get(src)]
+           for src, dsts in WIRING for dst in dsts
+           if get(dst) != get(src) and not (dst in NULLABLE and get(dst) is None)]
     if bad:
         raise ParamsError("the pipeline chains stages through these paths; make them equal:\n  " + "\n  ".join(bad))
 
@@ -103,7 +106,8 @@ def check_wiring(params) -> None:
 # ---------------------------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------------------------
-SUMMARY_HEADER = ("method", "trainable params", "held-out mean", "MME total", "promoted?")
+SUMMARY_HEADER = ("method", "trainable params", "held-out mean", "held-out chance-corr.", "held-in mean",
+                  "MME total", "promoted?")
 
 
 def _num(v: Any, digits: int) -> str:
@@ -117,11 +121,38 @@ def summary_rows(candidate: dict[str, Any], comparison: dict[str, Any] | None,
 
     promoted = "—" if decision is None else ("yes" if decision.get("promote") else "no")
     rows = [[f"{candidate['method']} (candidate)", fmt_int(candidate.get("trainable_params")),
-             _num(candidate.get("heldout_mean"), 3), _num(candidate.get("mme_total"), 1), promoted]]
+             _num(candidate.get("heldout_mean"), 3), _num(candidate.get("heldout_chance_corrected_mean"), 3),
+             _num(candidate.get("heldin_mean"), 3), _num(candidate.get("mme_total"), 1), promoted]]
     for method, m in ((comparison or {}).get("methods") or {}).items():
         rows.append([method, fmt_int(m.get("trainable_params")), fmt_pm(m.get("heldout_mean"), 3),
+                     fmt_pm(m.get("heldout_chance_corrected_mean"), 3), fmt_pm(m.get("heldin_mean"), 3),
                      fmt_pm(m.get("mme_total"), 1), "—"])
+    base = candidate.get("baselines") or {}
+    if base:  # what a model without eyes scores on the same records
+        rows.append(["chance (uniform guess)", "—", _num(base.get("heldout_chance"), 3), "0.000",
+                     _num(base.get("heldin_chance"), 3), _num(base.get("mme_chance"), 1), "—"])
+        rows.append(["majority answer (best constant)", "—", _num(base.get("heldout_majority"), 3),
+                     _num(base.get("heldout_majority_cc"), 3), _num(base.get("heldin_majority"), 3),
+                     _num(base.get("mme_majority"), 1), "—"])
     return rows
+
+
+def candidate_scores(report_path: str) -> dict[str, Any]:
+    """The benchmark report's chance-corrected and held-in means and its baselines, for the summary."""
+    from components.tracking import _read_json
+
+    r = _read_json(report_path, "benchmark report")
+    out, inn = r.get("heldout_summary") or {}, r.get("heldin_summary") or {}
+    return {
+        "heldout_chance_corrected_mean": out.get("chance_corrected_mean"),
+        "heldin_mean": r.get("heldin_mean"),
+        "baselines": {} if not out else {
+            "heldout_chance": out.get("chance_mean"), "heldout_majority": out.get("majority_mean"),
+            "heldout_majority_cc": out.get("majority_chance_corrected_mean"),
+            "heldin_chance": inn.get("chance_mean"), "heldin_majority": inn.get("majority_mean"),
+            "mme_chance": r.get("mme_chance_total"), "mme_majority": r.get("mme_majority_total"),
+        },
+    }
 
 
 def write_summary(path: str, rows: list[list[str]], note: str) -> str:
@@ -137,7 +168,7 @@ def write_summary(path: str, rows: list[list[str]], note: str) -> str:
     for r in rows:
         table.add_row(*r)
     Console(stderr=False).print(table)
-    md = f"# mrt run summary\n\n{note}\n\n" + md_table(SUMMARY_HEADER, rows, align="lrrrr") + "\n"
+    md = f"# mrt run summary\n\n{note}\n\n" + md_table(SUMMARY_HEADER, rows, align="lrrrrrr") + "\n"
     write_text(path, md)
     return md
 
@@ -254,7 +285,8 @@ def mrt_pipeline(params_file: str = "params.yaml", overrides: list[str] | None =
 
         candidate = {"method": params.train.method, "seed": params.train.seed,
                      "trainable_params": train.get("trainable_params"),
-                     "heldout_mean": bench["heldout_mean"], "mme_total": bench["mme_total"]}
+                     "heldout_mean": bench["heldout_mean"], "mme_total": bench["mme_total"],
+                     **candidate_scores(bench["report"])}
         create_table_artifact(_benchmark_table(candidate, comparison), key="benchmark-table",
                               description="Candidate and baselines: held-out mean and MME total")
 

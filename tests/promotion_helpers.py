@@ -80,13 +80,19 @@ def tiny_artifacts(tmp_path_factory) -> tuple[Path, Path, Path]:
     return build_model(tmp_path_factory.mktemp("tiny_model"))
 
 
-def bench_report(heldout: dict[str, float]) -> dict:
-    """The smallest benchmark report `components.benchmark.flat_metrics` reads."""
+def bench_report(heldout: dict[str, float], majority: float | None = None) -> dict:
+    """The smallest benchmark report `components.benchmark.flat_metrics` reads; `majority`: the
+    best-constant held-out mean of its summary (None: no summary)."""
     mean = sum(heldout.values()) / len(heldout)
+    summary = None if majority is None else {
+        "tasks": {}, "mean": mean, "chance_mean": 0.4, "majority_mean": majority, "train_majority_mean": None,
+        "chance_corrected_mean": (mean - 0.4) / 0.6, "majority_chance_corrected_mean": (majority - 0.4) / 0.6,
+        "collapsed_tasks": []}
     return {
-        "model": {"trainable_params": 100, "trainable_pct": 0.5},
+        "model": {"trainable_params": 100, "trainable_pct": 0.5, "method": "mrt"},
         "heldout": heldout,
         "heldout_mean": mean,
+        "heldout_summary": summary,
         "mme": {"existence": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}},
         "mme_perception": 50.0,
         "mme_cognition": 0.0,
@@ -97,12 +103,13 @@ def bench_report(heldout: dict[str, float]) -> dict:
 
 
 def promote_params(root: Path, model: tuple[Path, Path, Path], heldout: dict[str, float], name: str = "run",
-                   validation: bool | None = True, track: TrackParams | None = None, **promote_kw) -> Params:
+                   validation: bool | None = True, track: TrackParams | None = None, majority: float | None = None,
+                   **promote_kw) -> Params:
     """Params for one promotion of `model` scored `heldout`; reports under root/name."""
     base, editors, _ = model
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
-    (d / "benchmark.json").write_text(json.dumps(bench_report(heldout)))
+    (d / "benchmark.json").write_text(json.dumps(bench_report(heldout, majority)))
     if validation is not None:
         (d / "validation.json").write_text(json.dumps({"success": validation, "checks_failed": 0 if validation else 2}))
     data = root / "data"
@@ -116,6 +123,9 @@ def promote_params(root: Path, model: tuple[Path, Path, Path], heldout: dict[str
             "benchmark_report": str(d / "benchmark.json"),
             "validation_report": str(d / "validation.json"),
             "report": str(d / "promotion.json"),
+            # registry mechanics, not the noise guard (test_promotion_gate.py), unless a test asks for it
+            "comparison_report": None,
+            "enforce_baselines": False,
             **promote_kw,
         },
     })

@@ -113,7 +113,7 @@ def _build_golden(root: Path) -> Path:
     from tiny_llava import TINY
 
     ws = Workspace(root)
-    write_dataset(DataParams(out_dir=str(ws.data), image_size=IMAGE_SIZE, train_per_task=2, heldout_per_task=2,
+    write_dataset(DataParams(out_dir=str(ws.data), image_size=IMAGE_SIZE, train_per_task=2, heldout_per_task=2, heldin_per_task=1,
                              align_size=4, text_per_type=1, mme_images_per_subtask=1), progress=False)
     rows = load_dataset_dir(ws.data).rows
     processor = build_tiny_processor(tiny_corpus(rows), IMAGE_SIZE, TINY)

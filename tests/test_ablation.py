@@ -164,6 +164,23 @@ def test_markdown_aggregates_seeds_and_lists_failures():
     assert "`no-prefix/seed-1`: ValueError: boom" in md and "more" not in md
 
 
+def test_markdown_shows_chance_corrected_held_in_collapse_and_baselines(tmp_path):
+    extra = dict(heldout_chance_corrected_mean=0.1, heldin_mean=0.8, collapsed_heldout=2, collapsed_heldin=0,
+                 collapsed_mme=5, heldout_chance_mean=0.43, heldout_majority_mean=0.55,
+                 heldout_majority_chance_corrected_mean=0.2, heldin_chance_mean=0.3, heldin_majority_mean=0.45,
+                 mme_chance_total=375.0, mme_majority_total=250.0, **{"heldin/vf_a": 0.8})
+    rows = [{**r, **extra} if r["status"] == "ok" else r for r in _rows()]
+    rows[1]["collapsed_heldout"] = 3
+    back = read_ablation_csv(write_ablation_csv(tmp_path / "a.csv", rows))
+    assert back[0]["collapsed_heldout"] == 2 and back[0]["heldin/vf_a"] == 0.8 and back[0]["mme_majority_total"] == 250.0
+    md = ablation_markdown(back, {"grid": "default", "steps": 3, "seeds": [0, 1]})
+    line_all = next(line for line in md.splitlines() if line.startswith("| all |"))
+    assert "| 0.100 ± 0.000 | 0.800 ± 0.000 |" in line_all and "| 2.5 · 0 · 5 |" in line_all
+    assert ("chance (uniform guess) held-out 0.430, held-in 0.300, MME 375.0; best constant answer on the test "
+            "set held-out 0.550 (chance-corrected 0.200), held-in 0.450, MME 250.0") in md
+    assert "Chance-corrected: (accuracy − chance) / (1 − chance)" in md
+
+
 def test_plot_is_a_png(tmp_path):
     from PIL import Image
 
@@ -204,7 +221,9 @@ def _check_outputs(ab: AblateParams, rows, names):
     assert [r["arm"] for r in back] == names
     for r in back:
         assert r["trainable_params"] > 0 and 0 <= r["heldout_mean"] <= 1 and r["mme_total"] is not None
-        assert any(k.startswith("heldout/") for k in r)
+        assert any(k.startswith("heldout/") for k in r) and any(k.startswith("heldin/") for k in r)
+        assert r["heldin_mean"] is not None and r["heldout_chance_corrected_mean"] is not None
+        assert 0 < r["heldout_chance_mean"] <= r["heldout_majority_mean"] <= 1 and r["collapsed_heldout"] >= 0
         folder = Path(r["out_dir"])
         for name in ("editor_config.json", "train.json", "benchmark.json", "predictions.jsonl", "log.txt"):
             assert (folder / name).is_file(), folder / name

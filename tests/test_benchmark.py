@@ -16,6 +16,7 @@ from PIL import Image
 
 from components.config import BenchmarkParams
 from components.data.records import DataError, Row
+from components.metrics.text import normalize_answer
 from components.perturb import PERTURBATIONS, gaussian_blur, perturb_image
 
 PASSES = ["noise", "blur", "jitter"]
@@ -47,7 +48,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bench")
     data = root / "data"
-    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=2, heldout_per_task=3, align_size=4,
+    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=2, heldout_per_task=3, heldin_per_task=2, align_size=4,
                              text_per_type=2, mme_images_per_subtask=2), progress=False)
     rows = load_dataset_dir(data).rows
     processor = build_tiny_processor(tiny_corpus(rows), 32, TINY)
@@ -91,14 +92,29 @@ def test_report_structure(two_runs, setup):
     p, report = two_runs[0]
     manifest = json.loads((setup[1] / "manifest.json").read_text())
     heldout_tasks = sorted(t for t, i in manifest["tasks"].items() if i["split"] == "heldout")
-    assert list(report) == ["model", "heldout", "heldout_mean", "heldout_n", "mme", "mme_perception",
-                            "mme_cognition", "mme_total", "mme_n", "robustness", "real_image_tasks",
+    assert list(report) == ["model", "heldout", "heldout_mean", "heldout_n", "heldout_summary", "heldin",
+                            "heldin_mean", "heldin_n", "heldin_summary", "mme", "mme_perception",
+                            "mme_cognition", "mme_total", "mme_n", "mme_baselines", "mme_chance_total",
+                            "mme_majority_total", "mme_collapsed", "robustness", "real_image_tasks",
                             "real_image_mean", "wall_s"]
     assert report["model"]["method"] == "base" and report["model"]["trainable_params"] == 0
     assert report["model"]["label"] == "tiny" and report["model"]["model_dir"] is None
     assert list(report["heldout"]) == heldout_tasks
     assert report["heldout_n"] == 3 * len(heldout_tasks)
     assert report["heldout_mean"] == pytest.approx(sum(report["heldout"].values()) / len(heldout_tasks))
+    train_tasks = sorted(t for t, i in manifest["tasks"].items() if i["split"] == "train")
+    assert list(report["heldin"]) == train_tasks and report["heldin_n"] == 2 * len(train_tasks)
+    assert report["heldin_mean"] == pytest.approx(sum(report["heldin"].values()) / len(train_tasks))
+    for split in ("heldout", "heldin"):
+        summary = report[f"{split}_summary"]
+        assert list(summary["tasks"]) == list(report[split]) and summary["mean"] == pytest.approx(report[f"{split}_mean"])
+        for task, e in summary["tasks"].items():
+            assert e["accuracy"] == pytest.approx(report[split][task])  # one code path, two routes
+            assert 0 < e["chance"] <= e["majority"] <= 1 and e["train_majority"] is not None
+        assert summary["collapsed_tasks"] == [t for t, e in summary["tasks"].items() if e["collapsed"]]
+    assert set(report["mme_baselines"]) == set(report["mme"])
+    assert report["mme_chance_total"] == 75.0 * len(report["mme"])
+    assert report["mme_majority_total"] == 50.0 * len(report["mme"])  # one yes, one no per image
     assert list(report["robustness"]) == PASSES
     for r in report["robustness"].values():
         assert list(r["heldout"]) == heldout_tasks
@@ -127,9 +143,11 @@ def test_two_runs_are_identical_apart_from_wall_time(two_runs):
 def test_predictions_one_line_per_record_per_pass(two_runs):
     p, report = two_runs[0]
     lines = _lines(p.predictions)
-    n_h, n_m = report["heldout_n"], report["mme_n"]
-    assert len(lines) == n_h + n_m + len(PASSES) * n_h
-    assert Counter(x["perturbation"] for x in lines) == {"none": n_h + n_m, **{k: n_h for k in PASSES}}
+    n_h, n_i, n_m = report["heldout_n"], report["heldin_n"], report["mme_n"]
+    assert len(lines) == n_h + n_i + n_m + len(PASSES) * n_h
+    assert Counter(x["perturbation"] for x in lines) == {"none": n_h + n_i + n_m, **{k: n_h for k in PASSES}}
+    assert Counter(x["split"] for x in lines if x["perturbation"] == "none") == {"heldout": n_h, "heldin": n_i,
+                                                                                 "mme": n_m}
     assert len({(x["id"], x["perturbation"]) for x in lines}) == len(lines)
     assert {x["split"] for x in lines if x["perturbation"] != "none"} == {"heldout"}  # MME only in the clean pass
     assert set(lines[0]) == {"id", "task", "split", "perturbation", "instruction", "reference", "prediction", "correct"}
@@ -138,6 +156,11 @@ def test_predictions_one_line_per_record_per_pass(two_runs):
         for task, score in scores.items():
             hits = [x["correct"] for x in lines if x["perturbation"] == kind and x["task"] == task]
             assert score == pytest.approx(sum(hits) / len(hits))
+    for split in ("heldout", "heldin"):  # the collapse flag is what the predictions say
+        for task, e in report[f"{split}_summary"]["tasks"].items():
+            preds = {normalize_answer(x["prediction"]) for x in lines
+                     if x["perturbation"] == "none" and x["split"] == split and x["task"] == task}
+            assert e["collapsed"] == (len(preds) == 1)
 
 
 def test_mme_part_equals_the_official_results_folder(two_runs):
@@ -158,6 +181,15 @@ def test_flat_metrics_for_mlflow(two_runs):
     flat = flat_metrics(report)
     assert flat["heldout/mean"] == report["heldout_mean"] and flat["mme/total"] == report["mme_total"]
     assert flat["trainable_params"] == 0.0 and "robustness/blur/mean" in flat
+    assert flat["heldin/mean"] == report["heldin_mean"]
+    hs = report["heldout_summary"]
+    assert flat["heldout/chance_corrected_mean"] == hs["chance_corrected_mean"]
+    assert flat["heldout/majority_mean"] == hs["majority_mean"] and flat["heldout/chance_mean"] == hs["chance_mean"]
+    assert flat["heldout/collapsed_tasks"] == len(hs["collapsed_tasks"])
+    task = next(iter(hs["tasks"]))
+    assert flat[f"heldout/{task}/majority"] == hs["tasks"][task]["majority"]
+    assert flat[f"heldout/{task}/collapsed"] in (0.0, 1.0)
+    assert flat["mme/majority_total"] == report["mme_majority_total"] and "mme/existence/chance" in flat
     assert all(isinstance(v, float) for v in flat.values())
 
 
@@ -192,12 +224,13 @@ def test_run_benchmark_uses_the_kind_metric_end_to_end(setup, tmp_path, monkeypa
     kinds = {t: i["answer_kind"] for t, i in data.manifest["tasks"].items()}
     assert "letter" in {kinds[r.task] for r in data.split("heldout")}
     queue = [(f"({r.answer.lower()})" if kinds[r.task] == "letter" else f"{r.answer.upper()}.")
-             for r in data.split("heldout")] + [r.answer.lower() for r in data.split("mme")]
+             for r in data.split("heldout") + data.split("heldin")] + [r.answer.lower() for r in data.split("mme")]
     it = iter(queue)
     monkeypatch.setattr(inf, "generate", lambda model, proc, images, prompts, **kw: [next(it) for _ in prompts])
     report = run_benchmark(_params(setup, tmp_path))
-    assert set(report["heldout"].values()) == {1.0}
+    assert set(report["heldout"].values()) == {1.0} and set(report["heldin"].values()) == {1.0}
     assert {s["score"] for s in report["mme"].values()} == {200.0}
+    assert report["heldout_summary"]["chance_corrected_mean"] == 1.0 and report["mme_collapsed"] == []
 
 
 def test_unknown_answer_kind_names_the_manifest_field():
@@ -226,6 +259,7 @@ def test_per_task_caps_heldout_and_keeps_mme_images_whole(setup, tmp_path):
     assert Counter(r.task for r in capped) == {t: 2 for t in {r.task for r in mme}}
     report = run_benchmark(_params(setup, tmp_path, per_task=1))
     assert report["heldout_n"] == len(report["heldout"]) and report["mme_n"] == 10
+    assert report["heldin_n"] == len(report["heldin"])
 
 
 # ---------------------------------------------------------------------------------------------

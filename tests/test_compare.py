@@ -13,15 +13,30 @@ from components.config import CompareParams
 from components.report import RESULTS_END, RESULTS_START, ReportError, comparison_markdown, write_readme_results
 
 
-def _result(heldout: float | None, mme: float | None, trainable: int, wall: float, status: str = "ok") -> dict:
+def _summary(mean: float, collapsed: tuple[str, ...], tasks: dict[str, float]) -> dict:
+    """A benchmark `*_summary` block: chance 0.5 and best constant 0.6 ("yes") on every task."""
+    entry = {"chance": 0.5, "majority": 0.6, "majority_answer": "yes", "train_majority": 0.4,
+             "train_majority_answer": "no"}
+    return {"tasks": {t: {**entry, "accuracy": a, "collapsed": t in collapsed} for t, a in tasks.items()},
+            "mean": mean, "chance_mean": 0.5, "majority_mean": 0.6, "train_majority_mean": 0.4,
+            "chance_corrected_mean": (mean - 0.5) / 0.5, "majority_chance_corrected_mean": 0.2,
+            "collapsed_tasks": list(collapsed)}
+
+
+def _result(heldout: float | None, mme: float | None, trainable: int, wall: float, status: str = "ok",
+            collapsed: tuple[str, ...] = ()) -> dict:
     if status != "ok":
         return {"status": "failed", "error": "RuntimeError: no\ntrace", "train": None, "benchmark": None,
                 "wall_s": None}
+    tasks, heldin = {"t1": heldout, "t2": heldout / 2}, {"h1": heldout + 0.1}
     return {
         "status": "ok", "error": "", "wall_s": wall,
         "train": {"trainable_params": trainable, "trainable_pct": trainable / 1000, "train_wall_s": wall / 2},
-        "benchmark": {"heldout_mean": heldout, "mme_total": mme, "mme_perception": mme,
-                      "heldout": {"t1": heldout, "t2": heldout / 2}},
+        "benchmark": {"heldout_mean": heldout, "mme_total": mme, "mme_perception": mme, "heldout": tasks,
+                      "heldout_summary": _summary(heldout * 0.75, collapsed, tasks),
+                      "heldin": heldin, "heldin_mean": heldout + 0.1, "heldin_summary": _summary(heldout + 0.1, (), heldin),
+                      "mme_baselines": {"existence": {"chance_score": 75.0, "majority_score": 50.0}},
+                      "mme_chance_total": 75.0, "mme_majority_total": 50.0, "mme_collapsed": ["existence"]},
     }
 
 
@@ -34,7 +49,8 @@ def test_summary_gives_mean_and_sample_std_over_successful_seeds(tmp_path):
     cmp = CompareParams(methods=["frozen", "mrt", "lora"], seeds=[0, 1, 2], out_dir=str(tmp_path))
     runs = compare_runs(cmp)
     results = [_result(0.1, 50.0, 0, 5.0),
-               _result(0.2, 100.0, 700, 10.0), _result(0.4, 120.0, 700, 12.0), _result(0.6, 140.0, 700, 14.0),
+               _result(0.2, 100.0, 700, 10.0, collapsed=("t1", "t2")), _result(0.4, 120.0, 700, 12.0),
+               _result(0.6, 140.0, 700, 14.0, collapsed=("t2",)),
                _result(0.3, 90.0, 9000, 8.0), _result(None, None, 0, 0, status="failed"),
                _result(0.5, 110.0, 9000, 9.0)]
     s = summarize(runs, results, cmp)
@@ -53,8 +69,19 @@ def test_summary_gives_mean_and_sample_std_over_successful_seeds(tmp_path):
     md = comparison_markdown(s)
     row = next(line for line in md.splitlines() if line.startswith("| MRT |"))
     assert "0.400 ± 0.200" in row and "120.0 ± 20.0" in row and "700 (0.70%)" in row and "3/3" in row
+    assert "| 0.500 ± 0.200 |" in row  # held-in mean: held-out + 0.1 per seed
+    assert "-0.400 ± 0.300" in row  # chance-corrected: (0.75 · held-out − 0.5) / 0.5 per seed
+    assert "| 1 · 0 · 1 |" in row  # collapsed tasks, mean over seeds: held-out (2, 0, 1) · held-in · MME
+    assert mrt["collapsed"] == {"heldout": {"t1": 1, "t2": 2}, "heldin": {}, "mme": {"existence": 3}}
     t1 = next(line for line in md.splitlines() if line.startswith("| t1 |"))
-    assert t1 == "| t1 | 0.100 | 0.400 ± 0.200 | 0.400 ± 0.141 |"
+    assert t1 == "| t1 | 0.500 | 0.600 (yes) | 0.100 | 0.400 ± 0.200 †1/3 | 0.400 ± 0.141 |"
+    chance = next(line for line in md.splitlines() if line.startswith("| chance (uniform guess) |"))
+    assert chance == "| chance (uniform guess) | — | 0.500 | 0.000 | 0.500 | 75.0 | — | — | — |"
+    majority = next(line for line in md.splitlines() if line.startswith("| majority answer"))
+    assert majority == "| majority answer (best constant, test set) | — | 0.600 | 0.200 | 0.600 | 50.0 | all | — | — |"
+    assert "| most common training answer | — | 0.400 |" in md
+    assert "| h1 | 0.500 | 0.600 (yes) |" in md  # the held-in table
+    assert s["baselines"]["heldout"]["majority_mean"] == 0.6 and s["baselines"]["mme"]["majority_total"] == 50.0
     assert "| LoRA |" in md and "2/3" in md and "`lora/seed-1`: RuntimeError: no" in md and "| t1 |" in md
 
 

@@ -20,7 +20,7 @@ from components.data.render import png_bytes, png_hash, render
 from components.data.scenes import random_objects_scene
 from components.data.tasks import ALL_TYPES, HELDOUT_TYPES, MME_SUBTASKS, TRAIN_TYPES
 
-SMALL = dict(train_per_task=6, heldout_per_task=6, align_size=40, text_per_type=6, mme_images_per_subtask=3)
+SMALL = dict(train_per_task=6, heldout_per_task=6, heldin_per_task=4, align_size=40, text_per_type=6, mme_images_per_subtask=3)
 
 
 def _params(out: Path, **kw) -> DataParams:
@@ -73,6 +73,7 @@ def test_manifest_and_counts(written):
     expected = {
         "train": n_train * SMALL["train_per_task"],
         "heldout": n_held * SMALL["heldout_per_task"],
+        "heldin": n_train * SMALL["heldin_per_task"],
         "align": SMALL["align_size"],
         "text": (n_train + n_held) * SMALL["text_per_type"],
         "mme_images": len(MME_SUBTASKS) * SMALL["mme_images_per_subtask"],
@@ -154,6 +155,49 @@ def test_no_heldout_or_mme_image_in_training(written):
     mme = {png_hash(p.read_bytes()) for p in (d / MME_ROOT).rglob("*.png")}
     assert len(mme) == SMALL["mme_images_per_subtask"] * len(MME_SUBTASKS)
     assert train.isdisjoint(held) and train.isdisjoint(mme)
+
+
+def test_heldin_split_asks_training_task_types_on_unseen_images(written):
+    d = written[0]
+    heldin, train = _records(d, "heldin"), _records(d, "train")
+    per_task = Counter(r["task_name"] for r in heldin)
+    assert set(per_task) == {t.task_name for t in TRAIN_TYPES}  # every training type, no held-out type
+    assert set(per_task.values()) == {SMALL["heldin_per_task"]}
+    train_ids = {r["id"] for r in train} | {r["id"] for r in _records(d, "heldout")}
+    assert train_ids.isdisjoint(r["id"] for r in heldin)
+    for r in heldin:
+        assert r["image"] == f"{r['task_name']}/{r['id']}.png" and (d / "images" / r["image"]).is_file()
+    phrasings = {t.task_name: t for t in TRAIN_TYPES}
+    for r in heldin:  # the training task's own phrasings (the options/slots filled in)
+        t = phrasings[r["task_name"]]
+        question = r["conversations"][0]["value"].removeprefix("<image>\n")
+        assert any(re.fullmatch(re.escape(ph).replace(r"\{", "{").replace(r"\}", "}")
+                                .replace("{options}", ".+").replace("{shape}", r"\w+").replace("{color}", r"\w+")
+                                .replace("{shapes}", r"\w+").replace("{shape1s}", r"\w+").replace("{shape2s}", r"\w+")
+                                .replace("{side}", r"\w+"), question) for ph in t.phrasings), (r["id"], question)
+    seen = _hashes(d, train) | _hashes(d, _records(d, "align"))
+    assert _hashes(d, heldin).isdisjoint(seen)
+    assert len(_hashes(d, heldin)) == len(heldin)  # and no two held-in records share a picture
+    counts = Counter((r["task_name"], r["conversations"][1]["value"]) for r in heldin)
+    for t in TRAIN_TYPES:  # balanced like the training split: a constant answer cannot do well
+        if t.outcomes:
+            got = [counts[(t.task_name, o)] for o in t.outcomes]
+            assert max(got) - min(got) <= 1, (t.task_name, got)
+
+
+def test_heldin_split_leaves_the_other_splits_unchanged(written, tmp_path):
+    d = written[0]
+    other = write_dataset(_params(tmp_path / "more", heldin_per_task=7), progress=False).parent
+    for split in ("train", "heldout", "align", "text"):
+        assert (d / SPLIT_FILES[split]).read_bytes() == (other / SPLIT_FILES[split]).read_bytes()
+    assert len(_records(other, "heldin")) == 7 * len(TRAIN_TYPES)
+
+
+def test_heldin_per_task_is_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="heldin_per_task"):
+        DataParams(heldin_per_task=0)
 
 
 def test_colliding_heldout_draw_is_redrawn(tmp_path):

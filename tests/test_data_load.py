@@ -15,7 +15,7 @@ from components.data.mme import MMEItem, write_mme_subtask
 from components.data.records import DataError
 from components.data.visionflan import make_record, write_visionflan
 
-TINY = dict(train_per_task=2, heldout_per_task=2, align_size=4, text_per_type=2, mme_images_per_subtask=1)
+TINY = dict(train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=4, text_per_type=2, mme_images_per_subtask=1)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,10 @@ def test_loads_every_split(data_dir):
     assert loaded.errors == []
     counts = Counter(r.split for r in loaded.rows)
     m = loaded.manifest["counts"]
-    assert counts == {s: m[s] for s in ("train", "heldout", "align", "text", "mme")}
+    assert counts == {s: m[s] for s in ("train", "heldout", "heldin", "align", "text", "mme")}
     assert loaded.image_root == data_dir / "images"
     assert loaded.mme_root == data_dir / "mme/MME_Benchmark_release_version"
-    for split in ("train", "heldout", "align", "mme"):
+    for split in ("train", "heldout", "heldin", "align", "mme"):
         row = loaded.split(split)[0]
         assert loaded.image_path(row).is_file()
     with pytest.raises(ValueError, match="text-only"):

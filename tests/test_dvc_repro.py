@@ -34,7 +34,7 @@ def test_dvc_repro_data_and_validate_in_a_fresh_copy(tmp_path):
     repo.mkdir()
     _fresh_copy(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(train_per_task=3, heldout_per_task=3, align_size=20, text_per_type=2,
+    params["data"].update(train_per_task=3, heldout_per_task=3, heldin_per_task=2, align_size=20, text_per_type=2,
                           mme_images_per_subtask=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

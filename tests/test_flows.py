@@ -122,10 +122,15 @@ def test_summary_rows_candidate_then_baselines():
     lora = {"trainable_params": 81920, "heldout_mean": {"mean": 0.4, "std": 0.01, "values": [0.39, 0.41]},
             "mme_total": {"mean": 250.0, "std": 0.0, "values": [250.0]}}
     cmp = {"methods": {"lora": lora}}
-    rows = summary_rows({"method": "mrt", "trainable_params": 13240, "heldout_mean": 0.4431, "mme_total": 254.25},
+    base = {"heldout_chance": 0.429, "heldout_majority": 0.55, "heldout_majority_cc": 0.2, "heldin_chance": 0.3,
+            "heldin_majority": 0.44, "mme_chance": 375.0, "mme_majority": 250.0}
+    rows = summary_rows({"method": "mrt", "trainable_params": 13240, "heldout_mean": 0.4431, "mme_total": 254.25,
+                         "heldout_chance_corrected_mean": 0.05, "heldin_mean": 0.35, "baselines": base},
                         cmp, {"promote": True})
-    assert rows[0] == ["mrt (candidate)", "13,240", "0.443", "254.2", "yes"]
-    assert rows[1] == ["lora", "81,920", "0.400 ± 0.010", "250.0", "—"]
+    assert rows[0] == ["mrt (candidate)", "13,240", "0.443", "0.050", "0.350", "254.2", "yes"]
+    assert rows[1] == ["lora", "81,920", "0.400 ± 0.010", "—", "—", "250.0", "—"]
+    assert rows[2] == ["chance (uniform guess)", "—", "0.429", "0.000", "0.300", "375.0", "—"]
+    assert rows[3] == ["majority answer (best constant)", "—", "0.550", "0.200", "0.440", "250.0", "—"]
     assert summary_rows({"method": "mrt"}, None, None)[0][-1] == "—"
 
 

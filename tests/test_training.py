@@ -207,7 +207,7 @@ def tiny_pipeline(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("e2e")
     data = root / "data"
-    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=6, heldout_per_task=3, align_size=80,
+    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=6, heldout_per_task=3, heldin_per_task=1, align_size=80,
                              text_per_type=3, mme_images_per_subtask=1), progress=False)
     ap = AlignParams(data_dir=str(data), out_dir=str(root / "base"), report=str(root / "align.json"), tiny=TINY,
                      steps=12, batch_size=8, eval_size=8, max_length=256)
@@ -295,7 +295,7 @@ def test_mrt_beats_frozen_base_on_heldout_tasks(tmp_path):
     from components.training import run_align, train
 
     data = tmp_path / "data"
-    write_dataset(DataParams(out_dir=str(data), train_per_task=60, heldout_per_task=20, align_size=1500,
+    write_dataset(DataParams(out_dir=str(data), train_per_task=60, heldout_per_task=20, heldin_per_task=1, align_size=1500,
                              text_per_type=60, mme_images_per_subtask=1), progress=False)
     tiny = TinyModelParams(patch_size=16, lm_hidden=128, lm_intermediate=384)
     run_align(AlignParams(data_dir=str(data), out_dir=str(tmp_path / "base"), report=str(tmp_path / "align.json"),

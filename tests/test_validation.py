@@ -322,6 +322,49 @@ def test_heldout_example_copied_from_training(data_dir, tmp_path):
     assert f["record"] == "hx_parity-0" and "vf_shape-1" in f["message"]
 
 
+def _add_heldin(data_dir: Path) -> None:
+    """A held-in split: a training task (vf_shape) asked about two images of its own."""
+    recs = []
+    for i, ans in enumerate(["star", "circle"]):
+        rel = f"vf_shape/vf_shape_heldin-{i}.png"
+        _png(data_dir / "images" / rel, 500 + i)
+        recs.append(_record(f"vf_shape_heldin-{i}", "vf_shape", f"What is in the image? ({i})", ans, rel))
+    _write_json(data_dir / "annotation_heldin.json", recs)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest["files"]["heldin"] = "annotation_heldin.json"
+    _write_json(data_dir / "manifest.json", manifest)
+
+
+def test_heldin_split_of_training_tasks_on_unseen_images_passes(data_dir, tmp_path):
+    _add_heldin(data_dir)
+    report, on_disk = _run(data_dir, tmp_path)
+    assert report.success, report.summary()
+    assert on_disk["stats"]["rows_per_split"] == {**GOOD_ROWS, "heldin": 2}
+
+
+def test_heldin_image_seen_in_training_is_leakage(data_dir, tmp_path):
+    _add_heldin(data_dir)
+    shutil.copy(data_dir / "images/vf_shape/vf_shape-0.png", data_dir / "images/vf_shape/vf_shape_heldin-1.png")
+    report, on_disk = _run(data_dir, tmp_path)
+    (f,) = _failed(report, on_disk, "leakage_image")
+    assert f["record"] == "vf_shape_heldin-1" and f["field"] == "image" and "vf_shape-0" in f["message"]
+    assert f["file"].endswith("annotation_heldin.json") and "heldin image" in f["message"]
+    assert _only_failing(on_disk) == {"leakage_image"}
+
+
+def test_heldin_split_holds_only_training_tasks(data_dir, tmp_path):
+    _add_heldin(data_dir)
+
+    def retask(recs):
+        recs[0]["task_name"] = "hx_parity"  # a held-out task is not a held-in one
+
+    _edit(data_dir / "annotation_heldin.json", retask)
+    report, on_disk = _run(data_dir, tmp_path)
+    (f,) = _failed(report, on_disk, "known_task")
+    assert f["record"] == "vf_shape_heldin-0" and "'heldin'" in f["message"]
+    assert _only_failing(on_disk) == {"known_task"}
+
+
 def test_unknown_task_and_heldout_task_in_train(data_dir, tmp_path):
     def retask(recs):
         recs[0]["task_name"] = "vf_typo"
@@ -449,11 +492,11 @@ def test_generated_dataset_passes(tmp_path):
     from components.data.generate import write_dataset
 
     out = tmp_path / "gen"
-    write_dataset(DataParams(out_dir=str(out), train_per_task=2, heldout_per_task=2, align_size=6,
+    write_dataset(DataParams(out_dir=str(out), train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=6,
                              text_per_type=1, mme_images_per_subtask=1), progress=False)
     report, on_disk = _run(out, tmp_path)
     assert report.success, report.summary()
-    assert set(on_disk["stats"]["rows_per_split"]) == {"train", "heldout", "align", "text", "mme"}
+    assert set(on_disk["stats"]["rows_per_split"]) == {"train", "heldout", "heldin", "align", "text", "mme"}
     assert on_disk["stats"]["rows_per_split"]["mme"] == 10  # 5 subtasks × 1 image × 2 questions
 
 
@@ -467,7 +510,7 @@ def test_records_dropped_by_the_real_source_conversion_fail_validation(tmp_path)
     from components.validation import validate_dataset
 
     data = tmp_path / "d"
-    write_dataset(DataParams(out_dir=str(data), train_per_task=2, heldout_per_task=2, align_size=10,
+    write_dataset(DataParams(out_dir=str(data), train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=10,
                              text_per_type=1, mme_images_per_subtask=1), progress=False)
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["counts"]["read_errors"] = 3

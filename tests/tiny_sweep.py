@@ -25,7 +25,7 @@ def build_tiny_setup(root: Path) -> tuple[Path, Path]:
     from components.data.load import load_dataset_dir
 
     data, base = root / "data", root / "base"
-    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=4, heldout_per_task=2, align_size=8,
+    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=4, heldout_per_task=2, heldin_per_task=1, align_size=8,
                              text_per_type=2, mme_images_per_subtask=1), progress=False)
     rows = load_dataset_dir(data).rows
     processor = build_tiny_processor(tiny_corpus(rows), 32, TINY)

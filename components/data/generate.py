@@ -2,8 +2,10 @@
 
 Embedded: every split is generated from `DataParams` alone, deterministically (one numpy stream
 per task, seeded from (seed, crc32(name)); same seed ⇒ byte-identical annotations, manifest and
-PNGs). Held-out and MME images are redrawn until their PNG hash differs from every train/align
-image, so no held-out picture can be memorised in training.
+PNGs). Held-out, held-in and MME images are redrawn until their PNG hash differs from every
+train/align image, so no test picture can be memorised in training. The held-in split asks the
+training task types (same task names, phrasings and answer balance) about such unseen images: a
+model that fails it does not perceive; one that passes it but fails held-out does not transfer.
 
 Real (`source: visionflan`): the 186k-record annotation is split into train / held-out by
 `data.heldout_tasks` and written in the same layout, with the manifest pointing at the real image
@@ -52,6 +54,7 @@ DATASET_NAME = "visionflan-mini"
 SPLIT_FILES = {
     "train": "annotation_train.json",
     "heldout": "annotation_heldout.json",
+    "heldin": "annotation_heldin.json",
     "align": "annotation_align.json",
     "text": "annotation_text.json",
 }
@@ -188,6 +191,26 @@ class _EmbeddedWriter:
             self.advance(t.task_name)
         return recs
 
+    def heldin_task(self, t: TaskType) -> list[dict]:
+        """A training task type on unseen images, from a stream of its own (the training split's
+        records and images are unchanged by it)."""
+        rng = stream(self.p.seed, f"heldin/{t.task_name}")
+        ctx = TaskContext()
+        recs = []
+        for i, target in enumerate(balanced_targets(rng, t.outcomes, self.p.heldin_per_task)):
+            rid = f"{t.task_name}_heldin_{i:05d}"
+
+            def draw(target=target):
+                ex = make_example(t, rng, target, ctx)
+                return ex.scene, ex
+
+            ex, data = self._unseen(draw, rid)
+            rel = f"{t.task_name}/{rid}.png"
+            self._image(rel, data)
+            recs.append(make_record(rid, t.task_name, ex.instruction, ex.answer, rel))
+            self.advance(f"heldin/{t.task_name}")
+        return recs
+
     def mme_subtask(self, subtask: str) -> int:
         rng = stream(self.p.seed, f"mme/{subtask}")
         for i in range(self.p.mme_images_per_subtask):
@@ -213,6 +236,7 @@ def _embedded_total(p: DataParams, with_mme: bool) -> int:
         p.train_per_task * len(TRAIN_TYPES)
         + p.align_size
         + p.heldout_per_task * len(HELDOUT_TYPES)
+        + p.heldin_per_task * len(TRAIN_TYPES)
         + (p.mme_images_per_subtask * len(MME_SUBTASKS) if with_mme else 0)
         + p.text_per_type * len(ALL_TYPES)
     )
@@ -240,6 +264,8 @@ def _write_embedded(p: DataParams, stage: Path, progress: bool) -> dict:
         records["align"] = w.align()
         for t in HELDOUT_TYPES:
             records["heldout"] += w.heldout_task(t)
+        for t in TRAIN_TYPES:
+            records["heldin"] += w.heldin_task(t)
         if real_mme is None:
             for subtask in MME_SUBTASKS:
                 n = w.mme_subtask(subtask)

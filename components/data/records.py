@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# Splits of the embedded set. `align` = image-caption pairs, `text` = text-only instructions
-# (no image), `mme` = the MME-format yes/no set.
-SPLITS = ("train", "heldout", "align", "text", "mme")
+# Splits of the embedded set. `heldin` = the training task types on images no training split holds
+# (never trained on: tells "does not perceive" from "does not transfer"), `align` = image-caption
+# pairs, `text` = text-only instructions (no image), `mme` = the MME-format yes/no set (always last).
+SPLITS = ("train", "heldout", "heldin", "align", "text", "mme")
 
 
 @dataclass(frozen=True)

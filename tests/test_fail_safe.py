@@ -385,7 +385,7 @@ def test_temporary_files_are_never_shipped(ws, tmp_path):
 # concurrent first promotions on a brand-new store
 # ---------------------------------------------------------------------------------------------
 @rel(area="promote", case="two concurrent `mrt promote` on a brand-new SQLite store",
-     outcome="both exit 0: the store is created once, under the promotion lock; one champion")
+     outcome="both exit 0: the store is created once, under the promotion lock; two complete versions")
 def test_concurrent_promotions_on_a_new_store(ws, tmp_path):
     db = ws.root / "fresh" / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -418,7 +418,9 @@ def test_concurrent_promotions_on_a_new_store(ws, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert client.get_registered_model("mrt-editors").aliases.get("champion") is not None
+    versions = client.search_model_versions("name='mrt-editors'")
+    assert len(versions) == 2 and all(v.tags.get("mrt.state") == "complete" for v in versions), \
+        [(v.version, v.tags) for v in versions]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from components.config import AblateParams, BenchmarkParams, EditorParams, ParamsError, TrainParams
+from components.config import AblateParams, BenchmarkParams, EditorParams, ParamsError, TrackParams, TrainParams
 
 GROUPS = ("visual", "projector", "prefix", "suffix")
 LAYERED = ("visual", "prefix", "suffix")  # groups with a depth (layer spec)
@@ -231,6 +231,8 @@ def _warm_modules(jobs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
     mods = ["torch", "transformers", "components.training", "components.benchmark", "components.inference"]
     if any(j["train"].get("method") == "lora" for j in jobs):
         mods.append("peft")
+    if any(j.get("tracking") for j in jobs):
+        mods += ["mlflow", "mlflow.tracking", "components.stage_runs"]
     return tuple(mods)
 
 
@@ -285,8 +287,20 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
                 tp = TrainParams.model_validate(job["train"])
                 bp = BenchmarkParams.model_validate(job["bench"])
-                out["train"] = train(tp)
-                out["benchmark"] = run_benchmark(bp, label=job["key"])
+                trk = job.get("tracking")
+                if trk:  # a live MLflow run for this job (components.stage_runs)
+                    from components.config import TrackParams
+                    from components.stage_runs import tracked_benchmark, tracked_train
+
+                    track = TrackParams.model_validate(trk["track"])
+                    out["train"], out["run_id"] = tracked_train(
+                        track, tp, role=trk["role"], name=trk["name"], tags=trk.get("tags"), parent=trk.get("parent"),
+                        system_metrics=False)
+                    out["benchmark"] = (tracked_benchmark(track, bp, run_id=out["run_id"], label=job["key"])[0]
+                                        if out["run_id"] else run_benchmark(bp, label=job["key"]))
+                else:
+                    out["train"] = train(tp)
+                    out["benchmark"] = run_benchmark(bp, label=job["key"])
             except Exception as exc:  # noqa: BLE001 - a failing arm is a result, not the end of the sweep
                 fail(exc)
                 print(out["traceback"], file=sys.stderr)  # into the job's log
@@ -479,13 +493,28 @@ def ablation_rows(arms: Sequence[Arm], results: Sequence[dict[str, Any]], out_di
 
 def run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParams,
                  report: Reporter | None = print_progress,
-                 runner: Callable[..., list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+                 runner: Callable[..., list[dict[str, Any]]] | None = None,
+                 track: TrackParams | None = None) -> list[dict[str, Any]]:
     """Train and benchmark every arm of the grid; write ablate.report_csv, report_md and plot.
 
     Each arm is `train` with method mrt, the arm's editors and seed, and `ablate.steps` steps, then
     `bench` on the arm's folder with `ablate.per_task` records per held-out task. Returns the CSV's
-    rows in grid order (failed arms included, status "failed").
+    rows in grid order (failed arms included, status "failed"). With `track`, the sweep is an
+    `ablation` MLflow run and every arm a live child run of it (components.stage_runs).
     """
+    from components.stage_runs import stage_run
+
+    with stage_run(track, "ablation", tags={"mrt.role": "ablation-sweep", "mrt.grid": ablate.grid},
+                   params={"ablate": ablate.model_dump(mode="json")}) as sweep:
+        rows = _run_ablation(ablate, train, bench, report, runner, track if sweep.active else None, sweep.run_id)
+        for path in (ablate.report_csv, ablate.report_md, ablate.plot):
+            sweep.artifact(path, "reports")
+        return rows
+
+
+def _run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParams, report: Reporter | None,
+                  runner: Callable[..., list[dict[str, Any]]] | None, track: TrackParams | None,
+                  parent: str | None) -> list[dict[str, Any]]:
     from components.report import ablation_markdown, write_ablation_csv, write_ablation_plot, write_text
 
     arms = expand_grid(ablate, train.editors)
@@ -494,6 +523,11 @@ def run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkParam
                  editors=arm.editors, seed=arm.seed, steps=ablate.steps)
         for arm in arms
     ]
+    if track is not None:
+        for arm, job in zip(arms, jobs):
+            job["tracking"] = {"track": track.model_dump(mode="json"), "parent": parent, "role": "ablation",
+                               "name": f"ablation-{arm.name}-seed{arm.seed}",
+                               "tags": {"mrt.arm": arm.name, "mrt.family": arm.family}}
     t0 = time.time()
     # `runner(jobs, report)`: another executor with run_jobs' contract (flows.ray_runner.jobs_runner for Ray).
     results = runner(jobs, report) if runner else run_jobs(jobs, ablate.workers, ablate.threads_per_worker, report)

@@ -179,7 +179,9 @@ def save_base(model, processor, out_dir: str | os.PathLike, meta: dict | None = 
     processor.save_pretrained(out)
     if meta is not None:
         (out / "base_meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-    return out
+    from components.report import make_readable
+
+    return make_readable(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -546,8 +546,13 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     flat["heldin/mean"] = report.get("heldin_mean")
     flat.update(_summary_metrics("heldin", report.get("heldin_summary")))
     flat.update({f"mme/{name}": s["score"] for name, s in report["mme"].items()})
-    flat["mme/perception"] = report["mme_perception"]
-    flat["mme/cognition"] = report["mme_cognition"]
+    # A half of MME with none of its subtasks in the set has no score (not a score of 0).
+    from components.metrics.mme import COGNITION_SUBTASKS, PERCEPTION_SUBTASKS
+
+    if any(name in PERCEPTION_SUBTASKS for name in report["mme"]):
+        flat["mme/perception"] = report["mme_perception"]
+    if any(name in COGNITION_SUBTASKS for name in report["mme"]):
+        flat["mme/cognition"] = report["mme_cognition"]
     flat["mme/total"] = report["mme_total"]
     if report.get("mme_baselines"):
         flat["mme/chance_total"] = report.get("mme_chance_total")

@@ -113,6 +113,9 @@ def save(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler, fp_hash: 
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_file(tmp / TRAINABLE)
+        from components.report import make_readable
+
+        make_readable(tmp)  # safetensors writes 0600; what the project writes holds no secret
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -59,6 +59,14 @@ def _summary(result: dict) -> str:
     return json.dumps({k: v for k, v in result.items() if not k.endswith("examples")}, indent=2, default=str)
 
 
+def _headline(kind: str, report: str, out: str) -> None:
+    """The stage's headline metrics file (components.headline) beside its full report."""
+    from components.headline import write_from_report
+
+    if Path(report).is_file():
+        write_from_report(kind, report, out)
+
+
 def _load(params: str, overrides: Optional[List[str]]):
     from components.config import load_params
     from components.images import ImageLimits, configure
@@ -113,6 +121,7 @@ def validate_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) ->
 
     cfg = _load(params, set_)
     report = validate_dataset(cfg.validate_)
+    _headline("validate", cfg.validate_.report, cfg.validate_.metrics)
     typer.echo(report.summary())
     typer.echo(f"report: {cfg.validate_.report}")
     if not report.success:
@@ -127,6 +136,7 @@ def align_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> No
 
     cfg = _load(params, set_)
     result = align(cfg.align)
+    _headline("align", cfg.align.report, cfg.align.metrics)
     typer.echo(_summary(result))
     typer.echo(f"report: {cfg.align.report}")
 
@@ -134,13 +144,16 @@ def align_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> No
 @app.command("train")
 @_friendly
 def train_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
-    """Train editors (mrt) or a baseline (lora, full, frozen) on the frozen base."""
-    from components.training import train
+    """Train editors (mrt) or a baseline (lora, full, frozen) on the frozen base (a live MLflow run)."""
+    from components.hashing import params_hash
+    from components.stage_runs import tracked_train
 
     cfg = _load(params, set_)
-    result = train(cfg.train)
+    result, run_id = tracked_train(cfg.track, cfg.train, role="candidate",
+                                   tags={"mrt.params_hash": params_hash(cfg), "mrt.params_file": params})
+    _headline("train", cfg.train.report, cfg.train.metrics)
     typer.echo(_summary(result))
-    typer.echo(f"report: {cfg.train.report}")
+    typer.echo(f"report: {cfg.train.report}" + (f"  MLflow run: {run_id}" if run_id else ""))
 
 
 @app.command("benchmark")
@@ -152,14 +165,16 @@ def benchmark_cmd(
         None, "--model-dir", help="editors/LoRA/full/frozen folder (default: benchmark.model_dir; 'none' = bare base)"
     ),
 ) -> None:
-    """Score a model on the held-out tasks and the MME-format set (plus robustness passes)."""
-    from components.benchmark import run_benchmark
+    """Score a model on the held-out tasks and the MME-format set (plus robustness passes); the
+    scores go into the MLflow run that trained the model."""
+    from components.stage_runs import tracked_benchmark
 
     cfg = _load(params, set_)
     bench = cfg.benchmark
     if model_dir is not None:
         bench = bench.model_copy(update={"model_dir": None if model_dir.lower() == "none" else model_dir})
-    report = run_benchmark(bench)
+    report, _ = tracked_benchmark(cfg.track, bench)
+    _headline("benchmark", bench.report, bench.metrics)
     keys = ("heldout", "heldout_mean", "heldin_mean", "mme_perception", "mme_total", "mme_chance_total",
             "mme_majority_total", "mme_collapsed", "real_image_mean", "wall_s")
     summary = {k: report.get(k) for k in keys}
@@ -184,7 +199,8 @@ def ablate_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> N
         from flows.ray_runner import jobs_runner
 
         runner = jobs_runner(cfg.ablate)
-    rows = run_ablation(cfg.ablate, cfg.train, cfg.benchmark, runner=runner)
+    rows = run_ablation(cfg.ablate, cfg.train, cfg.benchmark, runner=runner, track=cfg.track)
+    _headline("ablate", cfg.ablate.report_csv, cfg.ablate.metrics)
     failed = [r for r in rows if r.get("status") != "ok"]
     typer.echo(f"{len(rows) - len(failed)}/{len(rows)} arms ok; table: {cfg.ablate.report_md}, plot: {cfg.ablate.plot}")
     if failed:
@@ -198,7 +214,8 @@ def compare_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> 
     from components.compare import run_compare
 
     cfg = _load(params, set_)
-    run_compare(cfg.compare, cfg.train, cfg.benchmark)
+    run_compare(cfg.compare, cfg.train, cfg.benchmark, track=cfg.track)
+    _headline("compare", cfg.compare.report, cfg.compare.metrics)
     typer.echo(Path(cfg.compare.table).read_text(encoding="utf-8"))
     typer.echo(f"report: {cfg.compare.report}")
 
@@ -208,7 +225,10 @@ def compare_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> 
 def report_cmd(
     params: str = ParamsOpt,
     set_: Optional[List[str]] = SetOpt,
-    readme: str = typer.Option("README.md", "--readme", help="file with the results markers"),
+    readme: Optional[str] = typer.Option(
+        None, "--readme", help="file with the results markers (default: report.readme; the block is also "
+        "written alone to report.results)"
+    ),
     results: bool = typer.Option(True, "--results/--no-results", help="write the results block"),
     reliability: Optional[str] = typer.Option(
         None, "--reliability", help="also write the Reliability table from this pytest --reliability-report JSON"
@@ -218,16 +238,27 @@ def report_cmd(
     ),
 ) -> None:
     """Write README's results table from the comparison (and ablation) reports — never by hand."""
-    from components.report import ReportError, write_readme_results
+    from components import report as rep
 
     cfg = _load(params, set_)
     if not results and not reliability:
-        raise ReportError("nothing to write: --no-results without --reliability FILE")
+        raise rep.ReportError("nothing to write: --no-results without --reliability FILE")
+    target = readme if readme is not None else cfg.report.readme
     if results:
         ablation_csv = cfg.ablate.report_csv if Path(cfg.ablate.report_csv).exists() else None
-        write_readme_results(readme, cfg.compare.report, ablation_csv)
-        typer.echo(f"updated {readme} from {cfg.compare.report}" + (f" and {ablation_csv}" if ablation_csv else ""))
+        if target:
+            rep.check_markers(target, rep.RESULTS_START, rep.RESULTS_END)  # before anything is written
+        comparison = rep.read_comparison(cfg.compare.report)
+        rows = rep.read_ablation_csv(ablation_csv) if ablation_csv else None
+        sources = [cfg.compare.report] + ([ablation_csv] if ablation_csv else [])
+        block = rep.results_block(comparison, rows, sources)
+        rep.write_text(cfg.report.results, block + "\n")
+        if target:
+            rep.replace_marked_block(target, rep.RESULTS_START, rep.RESULTS_END, block)
+        typer.echo(f"wrote {cfg.report.results}" + (f" and {target}'s results block" if target else "")
+                   + f" from {', '.join(sources)}")
     if reliability:
+        readme = target or "README.md"
         from components.reliability import write_readme_reliability
 
         write_readme_reliability(reliability_doc, reliability)
@@ -251,6 +282,7 @@ def promote_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> 
             raise
         _err(f"promotion failed: {exc}")
         raise typer.Exit(EXIT_FAILED) from None
+    _headline("promote", cfg.promote.report, cfg.promote.metrics)
     typer.echo(decision.markdown())
     typer.echo(f"report: {cfg.promote.report}")
 
@@ -260,12 +292,14 @@ def promote_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> 
 def run_cmd(
     params: str = ParamsOpt,
     set_: Optional[List[str]] = SetOpt,
-    force: bool = typer.Option(False, "--force", help="retrain even when the champion is up to date; recompute cached stages"),
+    force: bool = typer.Option(False, "--force", help="run every stage, stale or not (dvc repro --force)"),
 ) -> None:
-    """The whole pipeline as one Prefect flow (data → validate → base → train → benchmark → ablate →
-    baselines → promote); ends with the summary table."""
+    """The whole pipeline as one Prefect flow whose tasks run the dvc.yaml stages (data → validate →
+    align → train → benchmark → ablate → compare → promote → report); DVC decides what is stale.
+    A profile or -S override is written into params.yaml first (DVC reads params.yaml)."""
     from components.lifeline import install_signal_handlers, start_watchdog
     from flows.pipeline import UP_TO_DATE, PipelineStopped, run
+    from flows.repro import ReproError
 
     install_signal_handlers()  # SIGTERM/SIGHUP: runs end FAILED, Prefect's temporary server stops
     start_watchdog()  # SIGKILL: the watchdog stops what this process started
@@ -274,7 +308,12 @@ def run_cmd(
     except PipelineStopped as exc:
         _err(f"pipeline stopped: {exc}")
         raise typer.Exit(EXIT_FAILED) from None
-    if result.get("status") != UP_TO_DATE:
+    except ReproError as exc:
+        _err(f"pipeline failed: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    if result.get("status") == UP_TO_DATE:
+        typer.echo(result["message"])
+    else:
         typer.echo(f"summary: {result['summary']}  MLflow parent run: {result['parent_run_id']}")
 
 
@@ -282,16 +321,28 @@ def run_cmd(
 @_friendly
 def deploy_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Scheduled retraining (deploy section): serve the cron deployment here (work_pool null; blocks
-    until Ctrl-C) or register it on a work pool for its workers."""
-    from flows.deploy import deploy
+    until Ctrl-C) or register it on a work pool for its workers. Needs a Prefect server that outlives
+    this command (PREFECT_API_URL); without one it refuses instead of serving on a temporary server."""
+    from flows.deploy import DeployError, api_url, deploy
 
     cfg = _load(params, set_)
     dp = cfg.deploy
+    try:
+        url = api_url()
+    except DeployError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
     where = f"work pool {dp.work_pool!r}" if dp.work_pool else "this process (Ctrl-C to stop)"
-    typer.echo(f"deployment mrt-pipeline/{dp.name}: cron '{dp.cron}' ({dp.timezone}), "
+    typer.echo(f"deployment mrt-pipeline/{dp.name} on the Prefect server {url}: cron '{dp.cron}' ({dp.timezone}), "
                f"params {dp.params_file}, runs on {where}")
-    dep_id = deploy(dp)
-    if dep_id:
+    try:
+        dep_id = deploy(dp)  # serving: returns once Ctrl-C / SIGTERM stopped it (Prefect catches the signal)
+    except KeyboardInterrupt:  # Ctrl-C before serving began (while registering)
+        dep_id = None
+    if dp.work_pool is None:
+        typer.echo(f"stopped serving mrt-pipeline/{dp.name}: no more scheduled runs from this process "
+                   "(the deployment stays registered on the server)")
+    elif dep_id:
         typer.echo(f"registered deployment {dep_id}; start a worker: prefect worker start --pool {dp.work_pool}")
 
 
@@ -322,21 +373,25 @@ def predict_cmd(
             raise ValueError("--model names a registered version: use it without --base/--editors")
         from mlflow.exceptions import MlflowException
 
-        from components.registry import resolve_model
+        from components.pyfunc_model import BaseModelError
+        from components.registry import resolve_version
         from components.tracking import TrackingError
 
         try:
-            base, adapter = resolve_model(model, track=cfg.track)
-        except (TrackingError, MlflowException) as exc:
+            found = resolve_version(model, track=cfg.track)
+        except (TrackingError, MlflowException, BaseModelError) as exc:
             raise ValueError(f"{model}: {exc}") from None
+        base, adapter, fingerprint = found["base_dir"], found["adapter_dir"], found["fingerprint"]
     else:
         adapter = None if editors == "none" else (editors or cfg.train.out_dir)
+        fingerprint = None
     answers = predict(
         base_dir=base or cfg.train.base_dir,
         adapter_dir=adapter,
         images=images or [None] * len(prompt),
         prompts=list(prompt),
         params=cfg.predict,
+        expect_fingerprint=fingerprint,
     )
     for q, a in zip(prompt, answers):
         typer.echo(json.dumps({"prompt": q, "answer": a}, ensure_ascii=False))

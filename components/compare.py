@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from components.ablation import Reporter, print_progress, make_job, run_jobs
-from components.config import BenchmarkParams, CompareParams, TrainParams
+from components.config import BenchmarkParams, CompareParams, TrackParams, TrainParams
 from components.report import mean_std, produced_by, utc_now
 
 
@@ -141,9 +141,22 @@ def summarize(runs: Sequence[tuple[str, int]], results: Sequence[dict[str, Any]]
 
 
 def run_compare(cmp: CompareParams, train: TrainParams, bench: BenchmarkParams,
-                report: Reporter | None = print_progress) -> dict[str, Any]:
+                report: Reporter | None = print_progress, track: TrackParams | None = None) -> dict[str, Any]:
     """Train (frozen: no training) and benchmark each method x seed; write cmp.report (JSON),
-    cmp.table (Markdown) and cmp.plot (PNG); return the report."""
+    cmp.table (Markdown) and cmp.plot (PNG); return the report. With `track`, the comparison is a
+    `compare` MLflow run and every method x seed a live child run of it (components.stage_runs)."""
+    from components.stage_runs import stage_run
+
+    with stage_run(track, "compare", tags={"mrt.role": "compare"},
+                   params={"compare": cmp.model_dump(mode="json")}) as parent:
+        summary = _run_compare(cmp, train, bench, report, track if parent.active else None, parent.run_id)
+        for path in (cmp.report, cmp.table, cmp.plot):
+            parent.artifact(path, "reports")
+        return summary
+
+
+def _run_compare(cmp: CompareParams, train: TrainParams, bench: BenchmarkParams, report: Reporter | None,
+                 track: TrackParams | None, parent: str | None) -> dict[str, Any]:
     import json
 
     from components.report import comparison_markdown, write_comparison_plot, write_text
@@ -154,6 +167,10 @@ def run_compare(cmp: CompareParams, train: TrainParams, bench: BenchmarkParams,
                  method=method, seed=seed, steps=cmp.steps)
         for method, seed in runs
     ]
+    if track is not None:
+        for (method, seed), job in zip(runs, jobs):
+            job["tracking"] = {"track": track.model_dump(mode="json"), "parent": parent, "role": "baseline",
+                               "name": f"baseline-{method}-seed{seed}", "tags": {}}
     t0 = time.time()
     results = run_jobs(jobs, cmp.workers, cmp.threads_per_worker, report)
     summary = summarize(runs, results, cmp)

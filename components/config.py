@@ -16,6 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def _beside(report: str, stage: str) -> str:
+    """The default headline-metrics path of a stage: `metrics/<stage>.json` in its report's folder."""
+    from pathlib import PurePosixPath
+
+    return str(PurePosixPath(report).parent / "metrics" / f"{stage}.json")
+
+
 class ParamsError(ValueError):
     """A params file or override is invalid. The message names the key and what was expected."""
 
@@ -55,6 +62,13 @@ class DataParams(_Section):
 class ValidateParams(_Section):
     data_dir: str = "data/visionflan-mini"
     report: str = "reports/validation.json"
+    metrics: str | None = None  # headline numbers (dvc metrics); null = report's folder/metrics/validate.json
+
+    @model_validator(mode="after")
+    def _metrics_beside_report(self):
+        if self.metrics is None:
+            self.metrics = _beside(self.report, "validate")
+        return self
     min_answer_chars: int = Field(1, ge=0)
     max_answer_chars: int = Field(64, ge=1)
     max_caption_chars: int = Field(512, ge=1)  # align split: captions are whole scene descriptions
@@ -106,6 +120,13 @@ class AlignParams(_Section):
     data_dir: str = "data/visionflan-mini"
     out_dir: str = "models/base"
     report: str = "reports/align.json"
+    metrics: str | None = None  # headline numbers (dvc metrics); null = report's folder/metrics/align.json
+
+    @model_validator(mode="after")
+    def _metrics_beside_report(self):
+        if self.metrics is None:
+            self.metrics = _beside(self.report, "align")
+        return self
     tiny: TinyModelParams = Field(default_factory=TinyModelParams)
     seed: int = 0
     steps: int = Field(1800, ge=0)
@@ -199,6 +220,13 @@ class TrainParams(_Section):
     out_dir: str = "models/editors"
     report: str = "reports/train.json"
     curve: str = "reports/train_curve.csv"
+    metrics: str | None = None  # headline numbers (dvc metrics); null = report's folder/metrics/train.json
+
+    @model_validator(mode="after")
+    def _metrics_beside_report(self):
+        if self.metrics is None:
+            self.metrics = _beside(self.report, "train")
+        return self
     seed: int = 0
     steps: int = Field(300, ge=1)  # 0 would save untrained editors as if trained
     batch_size: int = Field(16, ge=1)
@@ -230,6 +258,13 @@ class BenchmarkParams(_Section):
     base_dir: str = "models/base"
     model_dir: str | None = "models/editors"  # editors / LoRA / full / frozen output; null = the bare base
     report: str = "reports/benchmark.json"
+    metrics: str | None = None  # headline numbers (dvc metrics); null = report's folder/metrics/benchmark.json
+
+    @model_validator(mode="after")
+    def _metrics_beside_report(self):
+        if self.metrics is None:
+            self.metrics = _beside(self.report, "benchmark")
+        return self
     predictions: str = "reports/predictions.jsonl"
     mme_results_dir: str = "reports/mme_results"
     per_task: int | None = Field(None, ge=1)  # cap records per held-out task; null = all
@@ -253,6 +288,13 @@ class AblateParams(_Section):
     report_csv: str = "reports/ablation.csv"
     report_md: str = "reports/ablation.md"
     plot: str = "reports/ablation.png"
+    metrics: str | None = None  # headline numbers (dvc metrics); null = report_csv's folder/metrics/ablate.json
+
+    @model_validator(mode="after")
+    def _metrics_beside_report(self):
+        if self.metrics is None:
+            self.metrics = _beside(self.report_csv, "ablate")
+        return self
     executor: Literal["local", "ray"] = "local"  # local: process pool (workers); ray: one Ray task per arm (extra [ray])
     gpus_per_arm: float | None = Field(None, ge=0)  # ray: GPUs each arm asks for; null = 1 if the cluster has GPUs, else 0
     ray_address: str | None = None  # ray: null = start a local Ray; "auto" or "ray://host:10001" = join a cluster
@@ -273,6 +315,13 @@ class CompareParams(_Section):
     report: str = "reports/comparison.json"
     table: str = "reports/comparison.md"
     plot: str = "reports/comparison.png"
+    metrics: str | None = None  # headline numbers (dvc metrics); null = report's folder/metrics/compare.json
+
+    @model_validator(mode="after")
+    def _metrics_beside_report(self):
+        if self.metrics is None:
+            self.metrics = _beside(self.report, "compare")
+        return self
 
 
 class PredictParams(_Section):
@@ -310,6 +359,13 @@ class PromoteParams(_Section):
     min_seeds: int = Field(2, ge=1)
     enforce_baselines: bool = True  # false: the baseline conditions are recorded but do not block
     report: str = "reports/promotion.json"
+    metrics: str | None = None  # headline numbers (dvc metrics); null = report's folder/metrics/promote.json
+
+    @model_validator(mode="after")
+    def _metrics_beside_report(self):
+        if self.metrics is None:
+            self.metrics = _beside(self.report, "promote")
+        return self
 
 
 class DeployParams(_Section):
@@ -336,7 +392,13 @@ class RunParams(_Section):
     baselines: bool = True  # benchmark LoRA / full / frozen beside the candidate (the compare section)
     promote: bool = True
     summary: str = "reports/run_summary.md"
-    state_dir: str = "models/.flow-state"  # stamps: which inputs produced the outputs on disk (flow cache check)
+
+
+class ReportParams(_Section):
+    """mrt report: the results block (comparison + ablation tables), as a file and inside a README."""
+
+    results: str = "reports/results.md"  # the block on its own (a DVC output)
+    readme: str | None = "README.md"  # also written between this file's results markers; null = only `results`
 
 
 class Params(_Section):
@@ -352,6 +414,7 @@ class Params(_Section):
     promote: PromoteParams = Field(default_factory=PromoteParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
     run: RunParams = Field(default_factory=RunParams)
+    report: ReportParams = Field(default_factory=ReportParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -127,6 +127,9 @@ def convert_gguf(
             "convert_s": round(time.time() - t0, 2),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        from components.report import make_readable
+
+        make_readable(tmp)
         if is_complete(folder):  # another process finished the same conversion meanwhile
             return folder
         shutil.rmtree(folder, ignore_errors=True)  # an incomplete leftover of a crashed conversion

@@ -54,8 +54,15 @@ def detect_kind(adapter_dir: str | Path | None) -> str:
     )
 
 
-def load_model(base_dir: str | Path, adapter_dir: str | Path | None = None) -> LoadedModel:
-    """The base (or a full fine-tune in its place) with editors/adapter applied, in eval mode."""
+class BaseMismatchError(ValueError):
+    """The base folder holds another model than the one the editors/adapter were trained on."""
+
+
+def load_model(base_dir: str | Path, adapter_dir: str | Path | None = None,
+               expect_fingerprint: str | None = None) -> LoadedModel:
+    """The base (or a full fine-tune in its place) with editors/adapter applied, in eval mode.
+    `expect_fingerprint`: the base's fingerprint the caller requires (a registered version records
+    it); a different base raises BaseMismatchError before anything is applied to it."""
     from components.backbone import load_base
 
     kind = detect_kind(adapter_dir)
@@ -65,10 +72,21 @@ def load_model(base_dir: str | Path, adapter_dir: str | Path | None = None) -> L
     else:
         model, processor = load_base(base_dir)
         loaded = LoadedModel(model, processor, kind)
-        if kind == "mrt":
-            from components.editors import load_editors, model_fingerprint
+        fingerprint = None
+        if expect_fingerprint is not None or kind == "mrt":
+            from components.editors import model_fingerprint
 
-            loaded.extra = load_editors(model, adapter_dir, model_fingerprint(model))
+            fingerprint = model_fingerprint(model)
+        if expect_fingerprint is not None and fingerprint != expect_fingerprint:
+            raise BaseMismatchError(
+                f"{base_dir}: base fingerprint {fingerprint} is not the {expect_fingerprint} this model was "
+                f"trained on — its {kind} weights are meaningless on another base; point it at the base it "
+                "was trained on (MRT_BASE_DIR for a registered version)"
+            )
+        if kind == "mrt":
+            from components.editors import load_editors
+
+            loaded.extra = load_editors(model, adapter_dir, fingerprint)
         elif kind == "lora":
             from peft import PeftModel
 
@@ -139,9 +157,10 @@ def generate(
     return answers
 
 
-def predict(base_dir, adapter_dir, images: Sequence[Any], prompts: Sequence[str], params=None) -> list[str]:
+def predict(base_dir, adapter_dir, images: Sequence[Any], prompts: Sequence[str], params=None,
+            expect_fingerprint: str | None = None) -> list[str]:
     """`mrt predict`: load once, answer every prompt."""
-    loaded = load_model(base_dir, adapter_dir)
+    loaded = load_model(base_dir, adapter_dir, expect_fingerprint=expect_fingerprint)
     max_new = params.max_new_tokens if params is not None else 8
     bs = params.batch_size if params is not None else 16
     imgs = []

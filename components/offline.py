@@ -15,6 +15,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars; ours use rich
+    "DO_NOT_TRACK": "1",  # Prefect's (and other tools') do-not-track switch: no usage telemetry
 }
 
 

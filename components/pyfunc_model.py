@@ -2,10 +2,17 @@
 
 Why a pyfunc: the registry then holds a self-describing model — `mlflow.pyfunc.load_model(
 "models:/mrt-editors@champion")` answers questions without knowing what an editor is, and the same
-version can be served by `mlflow models serve`. The weights travel as plain artifacts (the base
-folder and the editors folder, safetensors + JSON); only the small `MRTEditorModel` class reference
-is pickled, and it loads everything through `components.inference.load_model`, so the registry
-answers exactly what `mrt predict` answers.
+version can be served by `mlflow models serve`. It is logged "from code": a three-line entry file
+builds `MRTEditorModel`, the `components` package travels as the model's code (`code_paths`), and
+its requirements are public packages, so MLflow can build the serving environment from an index.
+
+What a version holds: the editors (or adapter) folder and `base_ref.json` — a *reference* to the
+frozen base (the path it was trained from, its source id and its fingerprint), never the base's
+weights: the base is gigabytes, the editors kilobytes to megabytes. Loading a version finds the
+base (`MRT_BASE_DIR` first, then the recorded path) and checks its fingerprint before anything
+answers; a missing or different base is an error that says what was expected and where it looked.
+Everything loads through `components.inference.load_model`, so the registry answers exactly what
+`mrt predict` answers.
 
 Input: a pandas DataFrame with a `prompt` column and an optional `image` column holding base64-encoded
 PNG/JPEG bytes, raw bytes, or nothing (text-only question); a server-side file path only when the
@@ -26,10 +33,21 @@ from typing import Any
 
 import mlflow.pyfunc
 
-ARTIFACT_BASE = "base"
+ARTIFACT_BASE_REF = "base_ref"
 ARTIFACT_ADAPTER = "adapter"
+BASE_REF_FILE = "base_ref.json"
+BASE_DIR_ENV = "MRT_BASE_DIR"  # where the base lives on the machine that loads a version (overrides the record)
 # resumable training state (large, not part of the model) and interrupted writes' temporary files
 _SKIP_IN_ADAPTER = ("checkpoints", "*.tmp", "*.tmp-*", "*.tmp.*")
+_SKIP_IN_CODE = ("__pycache__", "*.pyc", ".*")
+# What `components.inference.load_model` and this module import when a version loads and answers
+# (distribution names as on the package index).
+REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "peft", "accelerate", "pillow", "pandas",
+                "numpy", "pydantic", "pyyaml")
+
+
+class BaseModelError(RuntimeError):
+    """The base a registered version needs is missing or is not the one its editors were trained on."""
 
 
 class ModelInputError(ValueError):
@@ -97,10 +115,11 @@ class MRTEditorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from components.inference import load_model
 
-        base = context.artifacts[ARTIFACT_BASE]
-        adapter = context.artifacts.get(ARTIFACT_ADAPTER)
-        self._loaded = load_model(base, adapter)
         cfg = dict(getattr(context, "model_config", None) or {})
+        ref = read_base_ref(context.artifacts[ARTIFACT_BASE_REF])
+        adapter = context.artifacts.get(ARTIFACT_ADAPTER)
+        base = resolve_base(ref, adapter)
+        self._loaded = load_model(base, adapter, expect_fingerprint=ref.get("fingerprint"))
         self._max_new_tokens = int(cfg.get("max_new_tokens", 8))
         self._batch_size = int(cfg.get("batch_size", 16))
         from components.images import ImageLimits
@@ -156,17 +175,87 @@ def input_example():
 
 
 def pip_requirements() -> list[str]:
-    """Pinned to what is installed here: explicit requirements keep log_model fast (no inference
-    of the environment, ~0.05 s instead of ~2.5 s) and make the served environment match."""
+    """REQUIREMENTS pinned to the versions installed here, as an index knows them: the local build
+    label is dropped (a CPU wheel's `2.13.0+cpu` is `torch==2.13.0` on the index). Explicit
+    requirements keep log_model fast (no environment inference) and make the served environment
+    match; the project itself is not a requirement — its code travels with the model."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from packaging.version import Version
+
     reqs = []
-    for dist in ("mlflow", "torch", "transformers", "safetensors", "peft", "pillow", "pandas", "mrt-pipeline"):
+    for dist in REQUIREMENTS:
         try:
-            reqs.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:  # pragma: no cover - a source checkout without install
+            reqs.append(f"{dist}=={Version(version(dist)).public}")
+        except PackageNotFoundError:  # pragma: no cover - not installed here: leave it unpinned
             reqs.append(dist)
     return reqs
+
+
+# ---------------------------------------------------------------------------------------------
+# the base reference
+# ---------------------------------------------------------------------------------------------
+def base_reference(base_dir: str | os.PathLike, fingerprint: str) -> dict[str, Any]:
+    """What a version records about its base: the folder it was trained from (as given and
+    absolute), where that folder came from (base_meta.json: the backbone and, for a published
+    checkpoint, its source id) and the fingerprint (`components.editors.model_fingerprint`)."""
+    import json
+
+    base = Path(base_dir)
+    meta: dict[str, Any] = {}
+    if (base / "base_meta.json").is_file():
+        try:
+            meta = json.loads((base / "base_meta.json").read_text(encoding="utf-8")) or {}
+        except ValueError:
+            meta = {}
+    if not fingerprint or fingerprint == "unknown":
+        raise BaseModelError(f"{base}: no base fingerprint to record (the editors' config and the training "
+                             "report name none); a version must say which base it needs")
+    return {
+        "format_version": 1,
+        "base_dir": str(base_dir),
+        "abs_path": str(base.resolve()),
+        "source": meta.get("source"),
+        "backbone": meta.get("backbone"),
+        "fingerprint": fingerprint,
+    }
+
+
+def read_base_ref(path: str | os.PathLike) -> dict[str, Any]:
+    import json
+
+    p = Path(path)
+    try:
+        ref = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"{p}: cannot read the base reference ({exc})") from None
+    for key in ("base_dir", "fingerprint"):
+        if not isinstance(ref, dict) or not ref.get(key):
+            raise BaseModelError(f"{p}: field {key!r} missing from the base reference")
+    return ref
+
+
+def resolve_base(ref: dict[str, Any], adapter_dir: str | os.PathLike | None = None) -> str:
+    """The base folder to load for `ref`: $MRT_BASE_DIR when set (and then only it), else the
+    recorded path, else the recorded absolute path. A full fine-tune needs no base (its folder is
+    the whole model). Raises BaseModelError naming what was expected and every place looked at."""
+    from components.inference import detect_kind
+
+    if adapter_dir is not None and detect_kind(adapter_dir) == "full":
+        return str(adapter_dir)
+    override = os.environ.get(BASE_DIR_ENV)
+    tried = [override] if override else [ref.get("base_dir"), ref.get("abs_path")]
+    for cand in tried:
+        if cand and (Path(cand) / "config.json").is_file():
+            return str(cand)
+    source = f", originally {ref['source']}" if ref.get("source") else ""
+    raise BaseModelError(
+        f"the base model this version was trained on is missing: expected base {ref.get('base_dir')!r}"
+        f"{source} with fingerprint {ref.get('fingerprint')}; looked in "
+        + ", ".join(repr(t) for t in tried if t)
+        + f" (no folder with config.json). Set {BASE_DIR_ENV} to a folder holding that base "
+        "(the `mrt align` output it was trained on)."
+    )
 
 
 def stage_adapter(adapter_dir: str | os.PathLike, into: str | os.PathLike) -> Path:
@@ -187,14 +276,27 @@ mlflow.models.set_model(MRTEditorModel())
 """
 
 
+def stage_code(into: str | os.PathLike) -> Path:
+    """A copy of the `components` package without caches: the model's code (MLflow code_paths)."""
+    import components
+
+    src = Path(components.__file__).resolve().parent
+    dst = Path(into) / "code" / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*_SKIP_IN_CODE))
+    return dst
+
+
 def log_pyfunc(run_id: str, base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None,
-               name: str = "editor_model", model_config: dict | None = None):
+               name: str = "editor_model", model_config: dict | None = None, base_fingerprint: str | None = None):
     """Log the model into `run_id` (explicit run id: no reliance on the thread-local active run).
     Returns MLflow's ModelInfo.
 
     The model is logged "from code" (a three-line entry file that builds `MRTEditorModel`), so
     nothing is pickled. It carries a signature but no input example: MLflow validates an example
-    by loading the whole model a second time, which for a real LLaVA costs minutes."""
+    by loading the whole model a second time, which for a real LLaVA costs minutes.
+    `base_fingerprint`: the base's fingerprint when the caller knows it (a LoRA adapter does not
+    record it); else it is read from the editors' config or the frozen marker."""
+    import json
     import tempfile
     import warnings
 
@@ -204,12 +306,23 @@ def log_pyfunc(run_id: str, base_dir: str | os.PathLike, adapter_dir: str | os.P
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{base}: base model folder not found or has no config.json (run `mrt align`)")
     with tempfile.TemporaryDirectory(prefix="mrt-pyfunc-") as tmp:
-        artifacts = {ARTIFACT_BASE: str(base)}
+        artifacts = {}
+        fp = base_fingerprint
         if adapter_dir is not None:
             from components.inference import detect_kind
 
             detect_kind(adapter_dir)  # fails early, naming the folder, when it is not a training output
             artifacts[ARTIFACT_ADAPTER] = str(stage_adapter(adapter_dir, tmp))
+            fp = fp or _recorded_fingerprint(Path(adapter_dir))
+        if not fp:  # the bare base: its own fingerprint (loads it once)
+            from components.backbone import load_base
+            from components.editors import model_fingerprint
+
+            fp = model_fingerprint(load_base(base)[0])
+        ref_file = Path(tmp) / BASE_REF_FILE
+        ref_file.write_text(json.dumps(base_reference(base, fp), indent=2) + "\n", encoding="utf-8")
+        artifacts[ARTIFACT_BASE_REF] = str(ref_file)
+        code = stage_code(tmp)
         entry = Path(tmp) / "mrt_editor_model.py"
         entry.write_text(_ENTRY, encoding="utf-8")
         # Created here, in the run's experiment: Model.log alone files the model under the
@@ -219,10 +332,28 @@ def log_pyfunc(run_id: str, base_dir: str | os.PathLike, adapter_dir: str | os.P
         model_id = client.create_logged_model(experiment_id, name=name, source_run_id=run_id).model_id
         with warnings.catch_warnings():  # the two choices above are deliberate (see the docstring)
             warnings.filterwarnings("ignore", message=".*(type hints|input example was not provided).*")
-            return _log(Model, name, run_id, model_id, entry, artifacts, model_config)
+            return _log(Model, name, run_id, model_id, entry, artifacts, model_config, [str(code)])
 
 
-def _log(Model, name, run_id, model_id, entry, artifacts, model_config):
+def _recorded_fingerprint(adapter_dir: Path) -> str | None:
+    """The base fingerprint a training output recorded (editor_config.json, frozen.json), if any."""
+    import json
+
+    from components.inference import FROZEN_MARKER
+
+    for name in ("editor_config.json", FROZEN_MARKER):
+        f = adapter_dir / name
+        if f.is_file():
+            try:
+                fp = json.loads(f.read_text(encoding="utf-8")).get("base_fingerprint")
+            except (ValueError, AttributeError):
+                fp = None
+            if fp:
+                return str(fp)
+    return None
+
+
+def _log(Model, name, run_id, model_id, entry, artifacts, model_config, code_paths):
     return Model.log(
         artifact_path=None,
         name=name,
@@ -231,6 +362,7 @@ def _log(Model, name, run_id, model_id, entry, artifacts, model_config):
         model_id=model_id,
         python_model=str(entry),
         artifacts=artifacts,
+        code_paths=code_paths,
         pip_requirements=pip_requirements(),
         signature=signature(),
         model_config=model_config or {"max_new_tokens": 8, "batch_size": 16},

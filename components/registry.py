@@ -416,7 +416,9 @@ def _alias_missing(exc: BaseException) -> bool:
 
 
 def version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
-    """The gate's numbers stored on a version as tags (`heldout/<task>`, `heldout/mean`, `mme/total`…)."""
+    """The gate's numbers from a version's tags — where versions registered by older releases kept
+    them (`heldout/<task>`, `heldout/mean`, `mme/total`…) as strings. New versions keep them as
+    metrics of their logged model (:func:`model_metrics`)."""
     out = {}
     for k, v in tags.items():
         if k.startswith(("heldout/", "mme/")) and "/" in k:
@@ -427,14 +429,36 @@ def version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
     return out
 
 
-def _version_info(mv) -> dict[str, Any]:
+def model_metrics(track: "TrackParams", model_id: str | None) -> dict[str, float]:
+    """The latest value of every metric of a logged model (what a version's page shows), {} when
+    there is no logged model behind the version."""
+    if not model_id:
+        return {}
+    c = client(track)
+    try:
+        lm = call(track, f"read logged model {model_id}", c.get_logged_model, model_id)
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc):
+            return {}
+        raise
+    latest: dict[str, Any] = {}
+    for m in lm.metrics or []:
+        if m.key not in latest or (m.step, m.timestamp) >= (latest[m.key].step, latest[m.key].timestamp):
+            latest[m.key] = m
+    return {k: float(m.value) for k, m in latest.items()}
+
+
+def _version_info(mv, track: "TrackParams | None" = None) -> dict[str, Any]:
     tags = dict(mv.tags or {})
+    model_id = getattr(mv, "model_id", None) or _model_id(mv.source or "")
+    metrics = model_metrics(track, model_id) if track is not None else {}
     return {
         "name": mv.name,
         "version": int(mv.version),
         "run_id": mv.run_id,
         "source": mv.source,
-        "metrics": version_metrics(tags),
+        "model_id": model_id,
+        "metrics": metrics or version_metrics(tags),
         "tags": tags,
         "lineage": {k: v for k, v in tags.items() if k.startswith(tracking.TAG_PREFIX) and k not in _BOOKKEEPING},
     }
@@ -450,7 +474,7 @@ def alias_version(track: "TrackParams", alias: str) -> dict[str, Any] | None:
         if _not_found(exc) or _alias_missing(exc):
             return None
         raise
-    return _version_info(mv)
+    return _version_info(mv, track)
 
 
 def champion(track: "TrackParams") -> dict[str, Any] | None:
@@ -462,15 +486,36 @@ def champion(track: "TrackParams") -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 # registry writes
 # ---------------------------------------------------------------------------------------------
-def log_editor_model(run_id: str, track: "TrackParams", base_dir: str, adapter_dir: str | None) -> str:
-    """Log base + editors/adapter into `run_id` as the pyfunc `editor_model`; returns its model URI
-    (`models:/m-<id>`)."""
+def log_editor_model(run_id: str, track: "TrackParams", base_dir: str, adapter_dir: str | None,
+                     base_fingerprint: str | None = None) -> str:
+    """Log editors/adapter + a reference to the base (never its weights) into `run_id` as the
+    pyfunc `editor_model`; returns its model URI (`models:/m-<id>`)."""
     from components.pyfunc_model import log_pyfunc
 
     tracking.configure(track)
     info = call(track, f"log the editor model of run {run_id}", log_pyfunc, run_id, base_dir, adapter_dir,
-                MODEL_NAME_IN_RUN)
+                MODEL_NAME_IN_RUN, None, base_fingerprint)
     return info.model_uri
+
+
+def record_model_figures(track: "TrackParams", run_id: str, model_uri: str, metrics: Mapping[str, float],
+                         params: Mapping[str, Any]) -> None:
+    """The gate's figures on the logged model behind a version (the version links to it): numbers
+    as metrics (listed on the logged model's page, read back as numbers), settings as params."""
+    from mlflow.entities import Metric
+
+    model_id = _model_id(model_uri)
+    if model_id is None:
+        raise ValueError(f"{model_uri}: expected a logged model URI models:/m-<id>")
+    now = int(time.time() * 1000)
+    items = [Metric(str(k), float(v), now, 0, model_id=model_id) for k, v in metrics.items()
+             if v is not None and math.isfinite(float(v))]
+    c = client(track)
+    for i in range(0, len(items), tracking.METRIC_BATCH):
+        call(track, f"log metrics on {model_uri}", c.log_batch, run_id, metrics=items[i : i + tracking.METRIC_BATCH])
+    if params:
+        call(track, f"log params on {model_uri}", c.log_model_params, model_id,
+             {str(k): tracking._clip(str(v), tracking.MAX_PARAM_CHARS) for k, v in params.items()})
 
 
 def _ensure_registered_model(track: "TrackParams") -> None:
@@ -492,17 +537,21 @@ def _model_id(model_uri: str) -> str | None:
 
 
 def _create_version(track: "TrackParams", model_uri: str, run_id: str | None, tags: Mapping[str, Any]) -> int:
+    """`mlflow.register_model`: the version records the logged model (`models:/m-<id>`) and its
+    source run, and the logged model records the version (its page shows it registered).
+    `run_id` is the logged model's source run (MLflow reads it from the logged model)."""
+    import mlflow
+
     _ensure_registered_model(track)
-    c = client(track)
+    tracking.configure(track)
     mv = call(
         track,
         f"create a version of {track.registered_model}",
-        c.create_model_version,
-        track.registered_model,
+        mlflow.register_model,
         model_uri,
-        run_id,
+        track.registered_model,
+        await_registration_for=0,
         tags={str(k): tracking._clip(str(v), tracking.MAX_TAG_CHARS) for k, v in tags.items()},
-        model_id=_model_id(model_uri),
     )
     return int(mv.version)
 
@@ -796,11 +845,14 @@ def _write_atomic(path: str | os.PathLike, obj: dict) -> None:
 def promote(params: "Params", run_id: str | None = None, params_file: str = "params.yaml") -> Decision:
     """Register the benchmarked candidate and move `champion` if the gate passes.
 
-    Reads promote.benchmark_report and promote.validation_report, logs the pyfunc model (base =
-    train.base_dir, adapter = promote.candidate_dir) into `run_id` (a new `promote` run when None: the
-    DVC door), then — under the promotion lock — deletes pending leftovers, reads the champion, gates,
-    registers the version (alias candidate) and moves `champion` when the gate passes. Records the
-    decision on the run (tags, metrics, promotion.json) and writes promote.report atomically.
+    Reads promote.benchmark_report and promote.validation_report; logs the pyfunc model (the
+    promote.candidate_dir folder + a reference to train.base_dir) into the run that trained those
+    weights (found by their hash; else `run_id`) with the benchmark's figures as its metrics and the
+    gate's settings as its params; `run_id` is the run the decision is recorded on (a new `promote`
+    run, child of $MRT_PARENT_RUN_ID, when None). Then — under the promotion lock — deletes pending
+    leftovers, reads the champion, gates, registers the version (alias candidate) and moves
+    `champion` when the gate passes. Records the decision on the run (tags, metrics, promotion.json)
+    and writes promote.report atomically.
     Raises TrackingError / PromotionError on failure, leaving no half-registered version."""
     from components.benchmark import flat_metrics
 
@@ -820,17 +872,26 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
     lineage = tracking.lineage_tags(params, params_file)
     own_run = run_id is None
     if own_run:
-        run_id = tracking.start_run(track, "promote", tags={**lineage, "mrt.stage": "promote"})
+        run_id = tracking.start_run(track, "promote", tags={**lineage, "mrt.stage": "promote", "mrt.role": "promote"},
+                                    parent_run_id=tracking.parent_run_id())
     pid = uuid.uuid4().hex
     try:
         tracking.set_tags(run_id, lineage, track=track)
         tracking.log_metrics(run_id, metrics, track=track)
-        model_uri = log_editor_model(run_id, track, params.train.base_dir, pp.candidate_dir)
+        # The model goes into the run that trained it (found by the weights' hash), so a version
+        # links to its training curves and scores; the promote run when no such run is recorded.
+        model_run = tracking.find_model_run(track, pp.candidate_dir) or run_id
+        fp = tracking.base_fingerprint(params.train.base_dir, pp.candidate_dir, params.train.report)
+        model_uri = log_editor_model(model_run, track, params.train.base_dir, pp.candidate_dir,
+                                     None if fp == "unknown" else fp)
+        record_model_figures(track, model_run, model_uri, metrics, {
+            **{f"gate.{k}": v for k, v in pp.model_dump(mode="json").items() if k not in _PROMOTE_PATHS},
+            "validation_passed": str(passed).lower(), "benchmark_report": pp.benchmark_report,
+        })
         version_tags = {
             **lineage,
-            **{k: repr(v) for k, v in metrics.items() if k.startswith(("heldout/", "heldin/", "mme/"))},
             "mrt.validation_passed": str(passed).lower(),
-            "mrt.benchmark_report": pp.benchmark_report,
+            "mrt.promote_run_id": run_id,
             PROMOTION_ID_TAG: pid,
         }
         with promotion_lock(track):
@@ -854,6 +915,7 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
                 decision.reasons.append(
                     f"lost a concurrent promotion: champion is v{decision.champion_version_after}, not v{version}"
                 )
+            record_model_figures(track, model_run, model_uri, decision_figures(decision), {})
             call(track, "tag the gate result", client(track).set_model_version_tag, track.registered_model,
                  str(version), DECISION_TAG, "promoted" if decision.promote else "rejected")
         decision.model_name, decision.model_uri, decision.run_id = track.registered_model, model_uri, run_id
@@ -871,6 +933,23 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
         raise
 
 
+_PROMOTE_PATHS = ("candidate_dir", "benchmark_report", "validation_report", "report", "comparison_report")
+
+
+def decision_figures(d: Decision) -> dict[str, float]:
+    """The gate's outcome as numbers for the version's logged model: `gate/promote`, one
+    `gate/<condition>` (1 held, 0 not) per rule, the margins and deltas it compared."""
+    figures: dict[str, float] = {"gate/promote": 1.0 if d.promote else 0.0}
+    for name, value in (("gate/mean_delta", d.mean_delta), ("gate/required_margin", d.required_margin)):
+        if value is not None:
+            figures[name] = float(value)
+    for c in d.conditions:
+        figures[f"gate/{c.name}"] = 1.0 if c.held else 0.0
+        if c.value is not None:
+            figures[f"gate/{c.name}/value"] = float(c.value)
+    return figures
+
+
 def _record(track: "TrackParams", run_id: str, d: Decision) -> None:
     import tempfile
 
@@ -881,7 +960,10 @@ def _record(track: "TrackParams", run_id: str, d: Decision) -> None:
     }, track=track)
     tracking.log_metrics(run_id, {
         "promotion/promoted": 1.0 if d.promote else 0.0,
+        "promotion/candidate_heldout_mean": d.candidate_heldout_mean,
+        "promotion/champion_heldout_mean": d.champion_heldout_mean,
         **({"promotion/mean_delta": d.mean_delta} if d.mean_delta is not None else {}),
+        **{f"promotion/task_delta/{t}": x for t, x in d.task_deltas.items()},
         **({"promotion/required_margin": d.required_margin} if d.required_margin is not None else {}),
         **{f"promotion/{c.name}": 1.0 if c.held else 0.0 for c in d.conditions},
         **{f"promotion/{c.name}/value": c.value for c in d.conditions
@@ -915,11 +997,20 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def resolve_model(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> tuple[str, str | None]:
-    """Download a registered version's base and adapter folders (once per version) and return
-    (base_dir, adapter_dir) for `components.inference`. The alias is resolved to a version first,
-    so the cache never serves a stale champion."""
+    """(base_dir, adapter_dir) of a registered version for `components.inference` (see resolve_version)."""
+    found = resolve_version(uri, cache_dir, track)
+    return found["base_dir"], found["adapter_dir"]
+
+
+def resolve_version(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> dict[str, Any]:
+    """Download a registered version (editors/adapter + base reference; once per version) and find
+    its base: {version, base_dir, adapter_dir, fingerprint}. The alias is resolved to a version
+    first, so the cache never serves a stale champion. The base is looked up as the pyfunc model
+    does ($MRT_BASE_DIR, then the recorded path); pass `fingerprint` on to `load_model` to check it."""
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
+
+    from components.pyfunc_model import ARTIFACT_ADAPTER, ARTIFACT_BASE_REF, read_base_ref, resolve_base
 
     track = tracking._track(track)
     tracking.configure(track)
@@ -965,7 +1056,10 @@ def resolve_model(uri: str, cache_dir: str = "models/registry-cache", track: "Tr
         rel = entry.get("path") if isinstance(entry, dict) else entry
         return str(root / rel)
 
-    base = _path("base")
-    if base is None:
-        raise ValueError(f"{uri}: version {mv.version} is not an MRT editor model (no 'base' artifact)")
-    return base, _path("adapter")
+    ref_file = _path(ARTIFACT_BASE_REF)
+    if ref_file is None:
+        raise ValueError(f"{uri}: version {mv.version} is not an MRT editor model (no '{ARTIFACT_BASE_REF}' artifact)")
+    ref = read_base_ref(ref_file)
+    adapter = _path(ARTIFACT_ADAPTER)
+    return {"version": int(mv.version), "base_dir": resolve_base(ref, adapter), "adapter_dir": adapter,
+            "fingerprint": ref["fingerprint"]}

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 RESULTS_START = "<!-- results:start -->"
 RESULTS_END = "<!-- results:end -->"
+FILE_MODE = 0o644  # what the project writes (reports, models) is readable by all; nothing it writes is a secret
 METHOD_LABELS = {"frozen": "frozen base", "mrt": "MRT", "lora": "LoRA", "full": "full fine-tuning"}
 # Fixed leading columns of ablation.csv; per-task columns `heldout/<task>` and `heldin/<task>` follow,
 # then the tail. The baseline columns are the same on every row (one set of evaluated records).
@@ -54,6 +55,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; reports and models are for everyone to read
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
@@ -65,6 +67,23 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
+
+
+def make_readable(path: str | Path) -> Path:
+    """Files 0644 and folders 0755 under `path` (itself included). Writers that create private files
+    (safetensors' `save_file`, `save_pretrained` through it, mkstemp) leave 0600 behind; what the
+    project writes holds no secret."""
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o755)
+            for name in files:
+                p = os.path.join(root, name)
+                if not os.path.islink(p):
+                    os.chmod(p, FILE_MODE)
+    elif path.is_file():
+        os.chmod(path, FILE_MODE)
+    return path
 
 
 def mean_std(values: Iterable[float | None]) -> dict[str, Any]:

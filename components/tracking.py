@@ -198,18 +198,15 @@ def base_fingerprint(
 
 
 def lineage_tags(params: "Params", params_file: str = "params.yaml") -> dict[str, str]:
-    """What a run was made from: code (git commit, dirty flag), data (content hash of train.data_dir),
-    params (hash of the whole resolved Params), the frozen base (fingerprint) and this package's
-    version. Keys are prefixed `mrt.`; values are strings (MLflow tags)."""
+    """What a run was made from: data (content hash of train.data_dir), params (hash of the whole
+    resolved Params), the frozen base (fingerprint) and this package's version. Keys are prefixed
+    `mrt.`; values are strings (MLflow tags). The code is recorded by MLflow's own source tags
+    (`mlflow.source.git.commit`, …: :func:`source_tags`), set on every run :func:`start_run` makes."""
     from components import __version__
     from components.hashing import dir_hash, params_hash
 
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     data_dir = Path(params.train.data_dir)
     tags = {
-        "git_commit": commit or "unknown",
-        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
         "data_hash": dir_hash(data_dir) if data_dir.exists() else "missing",
         "params_hash": params_hash(params),
         "params_file": str(params_file),
@@ -217,6 +214,72 @@ def lineage_tags(params: "Params", params_file: str = "params.yaml") -> dict[str
         "mrt_version": __version__,
     }
     return {TAG_PREFIX + k: v for k, v in tags.items()}
+
+
+def source_tags(name: str | None = None) -> dict[str, str]:
+    """MLflow's own source tags for a run: user, source name/type and — when the working directory
+    is a git checkout — `mlflow.source.git.commit`, `.branch` and `.repoURL`. MLflow derives the
+    commit from the entry script's folder, which for the installed `mrt` script is not the project,
+    so the commit is taken from the working directory (where every stage runs) instead."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_BRANCH,
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_GIT_REPO_URL,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+    )
+
+    tags = {k: str(v) for k, v in resolve_tags({}).items()}
+    tags[MLFLOW_SOURCE_TYPE] = "LOCAL"
+    if name:
+        tags[MLFLOW_SOURCE_NAME] = name
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[MLFLOW_GIT_BRANCH] = branch
+        url = _git("config", "--get", "remote.origin.url")
+        if url:
+            tags[MLFLOW_GIT_REPO_URL] = url
+    else:
+        tags.pop(MLFLOW_GIT_COMMIT, None)  # MLflow's guess from the script's folder is not this project
+    return tags
+
+
+PARENT_RUN_ENV = "MRT_PARENT_RUN_ID"
+
+
+def parent_run_id() -> str | None:
+    """The run a stage's runs nest under: $MRT_PARENT_RUN_ID (a pipeline sets it to its own run for
+    the stage commands it starts, e.g. through `dvc repro`), else None (a top-level run)."""
+    return os.environ.get(PARENT_RUN_ENV) or None
+
+
+MODEL_HASH_TAG = TAG_PREFIX + "model_hash"
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """Content hash of a training output (editors / adapter / full model), resumable checkpoints
+    excluded: the key that ties `mrt benchmark` and `mrt promote` to the run that trained it."""
+    from components.hashing import dir_hash
+
+    return dir_hash(model_dir, ignore=("__pycache__", ".DS_Store", "checkpoints"))
+
+
+def find_model_run(track: "TrackParams", model_dir: str | os.PathLike | None) -> str | None:
+    """The newest run in track.experiment that trained exactly the weights in `model_dir` (its
+    `mrt.model_hash` tag), or None when there is no such run or no folder (callers then log into a
+    run of their own). An unreachable server raises TrackingError, like every call."""
+    if model_dir is None or not Path(model_dir).is_dir():
+        return None
+    digest = model_hash(model_dir)
+    c = client(track)
+    runs = call(track, "find the run that trained " + str(model_dir), c.search_runs, [experiment_id(track)],
+                filter_string=f"tags.`{MODEL_HASH_TAG}` = '{digest}'", order_by=["attributes.start_time DESC"],
+                max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,15 +291,17 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     params: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    start_time_ms: int | None = None,
 ) -> str:
     """Create a run in track.experiment (a child of `parent_run_id` when given); returns its id.
-    `params` are logged flat (nested dicts → dotted keys)."""
+    `params` are logged flat (nested dicts → dotted keys). `start_time_ms`: when the work began, for
+    a run created once there is something to record (default: now)."""
     exp = experiment_id(track)
-    all_tags = {str(k): _clip(str(v), MAX_TAG_CHARS) for k, v in (tags or {}).items()}
+    all_tags = {**source_tags(), **{str(k): _clip(str(v), MAX_TAG_CHARS) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     c = client(track)
-    run = call(track, f"create run {name!r}", c.create_run, exp, tags=all_tags, run_name=name)
+    run = call(track, f"create run {name!r}", c.create_run, exp, start_time=start_time_ms, tags=all_tags, run_name=name)
     run_id = run.info.run_id
     if params:
         log_params_flat(run_id, dict(params), prefix="", track=track)
@@ -366,17 +431,11 @@ def _read_json(path: str | os.PathLike, what: str) -> dict:
 
 
 def training_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """The train report's numbers under DESIGN.md's metric names."""
-    out: dict[str, float] = {}
-    for key in ("trainable_params", "trainable_pct", "loss_final", "loss_first", "train_wall_s", "total_params"):
-        if isinstance(report.get(key), (int, float)) and not isinstance(report.get(key), bool):
-            out[key] = float(report[key])
-    for task, score in (report.get("heldout") or {}).items():
-        if isinstance(score, (int, float)):
-            out[f"heldout/{task}"] = float(score)
-    if isinstance(report.get("heldout_mean"), (int, float)):
-        out["heldout/mean"] = float(report["heldout_mean"])
-    return out
+    """The train report's numbers; its quick held-out evaluation as `quick_heldout/*` (held-out
+    scores under `heldout/*` come from the benchmark only)."""
+    from components.stage_runs import quick_metrics
+
+    return quick_metrics(report)
 
 
 def log_training(
@@ -386,30 +445,14 @@ def log_training(
     out_dir: str | os.PathLike | None = None,
     track: "TrackParams | None" = None,
 ) -> dict[str, float]:
-    """Log a training run: the report's metrics, the loss curve as `train/loss` (and `train/lr`) per
-    step, the report file and the editors/adapter folder (without checkpoints) as artifacts.
-    Returns the scalar metrics logged."""
-    import csv
-
-    from mlflow.entities import Metric
-
+    """Record a training that already ran (a cached stage): the report's metrics, the report and
+    loss-curve files and the editors/adapter folder (without checkpoints) as artifacts. The curve is
+    not replayed as metrics: step metrics are logged live, while training runs
+    (`components.stage_runs.tracked_train`), with the time each step ended. Returns the metrics."""
     track = _track(track)
     report = _read_json(report_path, "training report")
     metrics = training_metrics(report)
     log_metrics(run_id, metrics, track=track)
-    if curve_path is not None and Path(curve_path).is_file():
-        now = int(time.time() * 1000)
-        items = []
-        with open(curve_path, newline="", encoding="utf-8") as fh:
-            for line_no, row in enumerate(csv.DictReader(fh), start=2):
-                try:
-                    step = int(row["step"])
-                    items.append(Metric("train/loss", float(row["loss"]), now, step))
-                    if row.get("lr") not in (None, ""):
-                        items.append(Metric("train/lr", float(row["lr"]), now, step))
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise ValueError(f"{curve_path}: line {line_no}: bad step/loss/lr value ({exc})") from None
-        _log_metric_items(track, run_id, items)
     log_artifact(run_id, report_path, "reports", track=track)
     if curve_path is not None and Path(curve_path).is_file():
         log_artifact(run_id, curve_path, "reports", track=track)

@@ -118,6 +118,7 @@ class LoopSpec:
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite: training stops at that step and saves nothing of it."""
+    on_step: Callable[[int, float, float], None] | None = None  # (step, loss, lr) after each step, main process
 
 
 @dataclass
@@ -313,6 +314,8 @@ def run_loop(
         if acc.is_main_process:
             curve_rows.append((step + 1, step_loss, lr))
             bar.update(step + 1, step_loss, lr)
+            if spec.on_step is not None:
+                spec.on_step(step + 1, step_loss, lr)
         done = step + 1
         if done == spec.steps or (ckpt_dir is not None and done % spec.save_every == 0):
             _check_finite(params, done, spec)
@@ -712,6 +715,9 @@ def save_trained(model, extra, processor, p: TrainParams, base_fingerprint: str)
     elif p.method == "full":
         model.save_pretrained(out)
         processor.save_pretrained(out)
+    from components.report import make_readable
+
+    make_readable(out)
 
 
 def graph_vision_layers(model, extra=None):
@@ -741,8 +747,9 @@ def _release_graphs(graphs, extra) -> dict | None:
     return stats
 
 
-def train(p: TrainParams) -> dict:
-    """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks."""
+def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = None) -> dict:
+    """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks.
+    `on_step(step, loss, lr)` is called after every optimiser step (live tracking)."""
     from components.backbone import load_base
     from components.inference import FROZEN_MARKER, evaluate_exact_match, pick_per_task
 
@@ -791,6 +798,7 @@ def train(p: TrainParams) -> dict:
             ckpt_dir=str(out / CHECKPOINTS),
             curve=p.curve,
             desc=f"train {p.method}",
+            on_step=on_step,
             fingerprint={
                 "stage": "train",
                 "base": base_fp,

@@ -249,6 +249,7 @@ def write_report(report: ValidationReport, path: Path) -> None:
     text = json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the report is for everyone to read
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

@@ -1,16 +1,21 @@
 """Scheduled retraining: the mrt-pipeline flow as a cron deployment (params section `deploy`).
 
+Both ways need a Prefect server that outlives this process (`prefect server start --host 127.0.0.1`
+and PREFECT_API_URL=http://127.0.0.1:4200/api): without PREFECT_API_URL, Prefect would start a
+temporary server that dies with the process, taking the schedule and its run history with it, so
+`mrt deploy` refuses (`api_url`).
+
 Two ways to run the schedule:
 - `deploy.work_pool: null` — `serve`: this process registers the deployment and runs every
-  scheduled run itself. It blocks; stop it with Ctrl-C (SIGINT) or SIGTERM to its PID. Needs a
-  Prefect server (`prefect server start --host 127.0.0.1` and PREFECT_API_URL=http://127.0.0.1:4200/api).
+  scheduled run itself. It blocks; stop it with Ctrl-C (SIGINT) or SIGTERM to its PID.
 - `deploy.work_pool: <pool>` — the deployment is registered on that work pool and returns at once;
   a worker (`prefect worker start --pool <pool>`) picks the runs up. The flow is loaded from this
   repository (`from_source(<repo root>, "flows/pipeline.py:mrt_pipeline")`), and runs with the repo
   root as working directory, so relative paths in params files mean the same as for `mrt run`.
 
-Each scheduled run calls mrt_pipeline(params_file=deploy.params_file); when the data and params
-have not changed since the champion was trained it ends "up to date" within seconds.
+Each scheduled run calls mrt_pipeline(params_file=deploy.params_file) in the repository root;
+when `dvc status` reports no change in any stage's code, data or params it ends "up to date"
+within seconds, otherwise DVC reruns exactly the stale stages.
 """
 
 from __future__ import annotations
@@ -21,6 +26,25 @@ from typing import Any
 from components.config import DeployParams
 
 ENTRYPOINT = "flows/pipeline.py:mrt_pipeline"
+
+
+class DeployError(RuntimeError):
+    """The deployment cannot be registered as asked; the message says what to do."""
+
+
+def api_url() -> str:
+    """The Prefect server the deployment goes to (PREFECT_API_URL). Raises DeployError when unset: a
+    temporary server would vanish with this process, and the schedule with it."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeployError(
+            "mrt deploy needs a Prefect server that outlives it, and PREFECT_API_URL is not set (Prefect would "
+            "serve the schedule on a temporary server that stops with this command). Start one and point at it:\n"
+            "  prefect server start --host 127.0.0.1 &\n"
+            "  export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return str(url)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,13 +60,14 @@ def build_deployment(dp: DeployParams, source: str | Path | None = None):
     Without a work pool: `mrt_pipeline.to_deployment(...)` for `serve`. With one: the flow loaded
     `from_source` (default: this repository) so that a process worker finds the code by entrypoint."""
     from flows.pipeline import mrt_pipeline
+    from flows.repro import profile_name
 
     kw: dict[str, Any] = dict(
         name=dp.name,
         schedule=_schedule(dp),
         parameters={"params_file": dp.params_file},
         description=f"Retrain, benchmark and gate the MRT editors on cron '{dp.cron}' ({dp.timezone}).",
-        tags=["mrt", "retrain"],
+        tags=["mrt", "retrain", f"profile:{profile_name(dp.params_file)}"],
     )
     if dp.work_pool is None:
         return mrt_pipeline.to_deployment(**kw)

@@ -1,16 +1,23 @@
-"""The whole MRT pipeline as one Prefect flow, with one MLflow parent run per pipeline run.
+"""The whole MRT pipeline as one Prefect flow whose tasks run the dvc.yaml stages.
 
-Order: data → validate → base → candidate → benchmark → ablation → baselines → promote → summary.
+Order: data → validate → align → train → benchmark → ablate → compare → promote → report.
 
 Why it is built this way:
-- Every stage is a task in `flows.tasks` that calls the same components function as `mrt <stage>`
-  and is cached by the same inputs as its dvc.yaml stage, so `mrt run` and `dvc repro` agree on
-  what is stale and produce the same files.
-- A scheduled run first asks the registry: when the champion was trained on this very data
-  (content hash) with these very params (hash of the resolved params), there is nothing new to
-  learn and the run returns "up to date" after the data stage (a few seconds), unless `force`.
-- A failed validation publishes a `validation-report` artifact and stops before anything trains:
-  the flow run ends Failed with the failing checks in its message.
+- dvc.yaml is the one description of the stages and of what is stale. Each task runs its stage
+  through DVC (`flows.repro.reproduce`, i.e. `dvc repro --single-item <stage>`), so `mrt run` and
+  `dvc repro` are the same pipeline: same commands, same `dvc.lock`, and `dvc status` is clean
+  after either. A stage whose command, params and deps did not change is skipped by DVC; one
+  whose inputs DVC has seen before is restored from DVC's run cache.
+- The profile (`-p profiles/smoke.yaml`) and overrides (`-S key=value`) are written into
+  `params.yaml` first (`flows.repro.write_params`, like `dvc exp run -S`): DVC reads params.yaml.
+- A scheduled run (the `flows.deploy` deployment) is the same flow: when `dvc status` reports no
+  stage changed — no code, data or params edit since the last run — it ends "up to date" in
+  seconds without creating an MLflow run; otherwise it runs exactly the stale stages.
+- A failed validation publishes the validation artifact and stops before anything trains.
+- Each stage command logs its own MLflow runs; the flow opens a parent run and passes its id to
+  the stage commands (`MRT_PARENT_RUN_ID`), and logs the reports and summary onto it.
+- Flow runs are named `<profile>-<commit>-<time>` and tagged `profile:<p>` / `commit:<c>`;
+  artifact keys start with the profile, so smoke and default runs never overwrite each other's.
 - Run it with `mrt run` or `python -m flows.pipeline` (same flags), or as the deployment that
   `flows.deploy` schedules (entrypoint `flows/pipeline.py:mrt_pipeline`, from the repository root).
 """
@@ -18,59 +25,25 @@ Why it is built this way:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components import lifeline
 from components.offline import set_offline_env
-from flows.tasks import (
-    base_task,
-    benchmark_task,
-    compare_task,
-    data_task,
-    load,
-    log_artifacts_task,
-    log_benchmark_task,
-    log_child_task,
-    outputs_current,
-    promote_task,
-    train_task,
-    validate_task,
-)
+from flows import repro
+from flows.tasks import load, stage_task
 
 UP_TO_DATE = "up to date"
-LINEAGE_KEYS = ("mrt.data_hash", "mrt.params_hash")
 ARTIFACT_KEYS = ("validation-report", "benchmark-table", "ablation-table", "promotion-decision")
 
 
 class PipelineStopped(RuntimeError):
     """The pipeline stopped on purpose before training (validation failed); the message says why."""
-
-
-def _run(task_obj, refresh: bool, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
-    """Call a task; return (its result, whether Prefect served it from the cache). `refresh` runs
-    it even when a cached result exists (and stores the new one under the same key)."""
-    state = task_obj.with_options(refresh_cache=True if refresh else None)(*args, return_state=True, **kwargs)
-    return state.result(), state.name == "Cached"
-
-
-def _stale(force: bool, params, name: str, known: dict[str, str] | None) -> bool:
-    """Run stage `name` for real: forced, or its outputs are not what its inputs produced."""
-    return force or not outputs_current(params, name, known)
-
-
-def up_to_date(current: dict[str, str], champion: dict[str, Any] | None) -> bool:
-    """Whether the champion was made from the same data and params (its lineage tags)."""
-    if not champion:
-        return False
-    tags = champion.get("tags") or {}
-    return all(current.get(k) and tags.get(k) == current.get(k) for k in LINEAGE_KEYS)
 
 
 # Paths one stage writes and the next reads: the flow chains stages through them (as dvc.yaml does),
@@ -188,141 +161,167 @@ def _benchmark_table(candidate: dict[str, Any], comparison: dict[str, Any] | Non
 # ---------------------------------------------------------------------------------------------
 # the flow
 # ---------------------------------------------------------------------------------------------
-@flow(name="mrt-pipeline")
+def pipeline_stages(params) -> tuple[str, ...]:
+    """The dvc.yaml stages `mrt run` brings up to date, in order (run.ablation / baselines / promote
+    leave theirs out; the report and promote stages need the comparison)."""
+    skip = set()
+    if not params.run.ablation:
+        skip.add("ablate")
+    if not params.run.baselines:  # promote reads the comparison (the gate's frozen base and seed spread)
+        skip |= {"compare", "report", "promote"}
+    if not params.run.promote:
+        skip.add("promote")
+    return tuple(s for s in repro.PIPELINE if s not in skip)
+
+
+def _flow_run_name() -> str:
+    """`<profile>-<commit>-<UTC time>`: what ran, from which code, when."""
+    from prefect.runtime import flow_run
+
+    params_file = (flow_run.parameters or {}).get("params_file") or "params.yaml"
+    return f"{repro.profile_name(params_file)}-{repro.git_commit()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def _tag_flow_run(tags: list[str]) -> None:
+    """Add `tags` to this flow run (works for `mrt run` and for deployment runs alike)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id).tags or []
+        client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
+
+
+def _read(path: str) -> dict[str, Any] | None:
+    import json
+
+    p = Path(path)
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+@flow(name="mrt-pipeline", flow_run_name=_flow_run_name, persist_result=False)
 def mrt_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None,
                  force: bool = False) -> dict[str, Any]:
-    """data → validate → base → candidate → benchmark → ablation → baselines → promote → summary.
+    """data → validate → align → train → benchmark → ablate → compare → promote → report, each a
+    dvc.yaml stage run by DVC in the current directory (the repository root).
 
-    `force`: train even when the champion was made from the same data and params, and recompute
-    every cached stage (the base is still reused when its folder records the same inputs key).
-    Returns the status ("trained" / "up to date"), run ids, report paths and per-stage times."""
-    from components import registry, tracking
+    `force`: every stage runs (`dvc repro --force`), stale or not. Returns the status ("trained" /
+    "up to date"), what DVC did per stage, run ids, report paths and per-stage times."""
+    from components import tracking
     from components.report import read_comparison
 
     set_offline_env()
+    logger = get_run_logger()
     t_flow = time.perf_counter()
-    params = load(params_file, overrides)
+    repro.check_workspace(".")
+    profile, commit = repro.profile_name(params_file), repro.git_commit(".")
+    _tag_flow_run(["mrt", f"profile:{profile}", f"commit:{commit}"])
+    changed = repro.write_params(params_file, overrides, ".")
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        logger.info("params.yaml now holds %s%s (DVC reads params.yaml): %d key(s) changed: %s", params_file,
+                    f" with {' '.join(overrides or [])}" if overrides else "", len(changed), shown)
+    params = load(repro.PARAMS_FILE, None)
     check_wiring(params)
-    overrides = list(overrides or [])
-    timings: dict[str, float] = {}
-    cached: dict[str, bool] = {}
-
-    known: dict[str, str] = {}  # content hashes computed this run (path → hash), reused by later cache keys
-
-    def record(name: str, result: dict[str, Any], was_cached: bool) -> dict[str, Any]:
-        cached[name] = was_cached
-        timings[name] = 0.0 if was_cached else float(result.get("stage_s") or 0.0)
-        return result
-
-    def run_stage(name: str, task_obj, *args: Any) -> dict[str, Any]:
-        """A cached stage task: recomputed when forced or when its outputs are not what its inputs made."""
-        return record(name, *_run(task_obj, _stale(force, params, name, known), params_file, overrides, *args))
-
-    data = run_stage("data", data_task)
-    known[os.path.normpath(data["data_dir"])] = data["data_hash"]
+    stages = pipeline_stages(params)
+    stale = {} if force else repro.stale(stages, ".")
+    if not force and not stale:
+        msg = (f"{UP_TO_DATE}: DVC reports no change in any stage's code, data or params since its last run "
+               f"({', '.join(stages)}); nothing to do (`--force` reruns every stage)")
+        logger.info(msg)
+        return {"status": UP_TO_DATE, "message": msg, "profile": profile, "commit": commit,
+                "flow_s": time.perf_counter() - t_flow}
+    logger.info("profile %s at %s: %s", profile, commit,
+                "forced: every stage runs" if force else f"stale per DVC: {', '.join(stale)}")
 
     tracking.configure(params.track)
-    lineage = tracking.lineage_tags(params, params_file)
-    if not force and up_to_date(lineage, registry.champion(params.track)):
-        msg = (f"{UP_TO_DATE}: the champion of {params.track.registered_model!r} was trained on this data "
-               f"({lineage['mrt.data_hash'][:12]}) with these params ({lineage['mrt.params_hash'][:12]}); "
-               "nothing to retrain (use --force to retrain anyway)")
-        print(msg)
-        return {"status": UP_TO_DATE, "message": msg, "lineage": lineage, "timings": timings,
-                "flow_s": time.perf_counter() - t_flow}
-
-    parent = tracking.start_run(params.track, "mrt-pipeline",
-                                tags={**lineage, "mrt.role": "pipeline", **lifeline.owner_tag()})
-    tracking.log_params_flat(parent, params.to_dict(), prefix="", track=params.track)
+    lineage = tracking.lineage_tags(params, repro.PARAMS_FILE)
+    parent = tracking.start_run(params.track, f"mrt-pipeline-{profile}",
+                                tags={**lineage, "mrt.role": "pipeline", "mrt.profile": profile,
+                                      **lifeline.owner_tag()})
     status = "FAILED"
+    stage_runs: dict[str, dict[str, Any]] = {}
     try:
-        val = run_stage("validate", validate_task, known)
-        verdict = "PASSED" if val["success"] else "FAILED"
-        create_markdown_artifact(
-            f"# Data validation {verdict}\n\nReport: `{val['report']}`\n\n```\n{val['summary']}\n```\n",
-            key="validation-report", description=f"great-expectations + file checks: {verdict}")
-        if not val["success"]:
-            raise PipelineStopped(f"validation failed, nothing was trained — see {val['report']}:\n{val['summary']}")
+        for stage in stages:
+            if stage == "ablate":
+                from flows.ablation import ablation_flow
 
-        base, _ = _run(base_task, False, params_file, overrides, known, force)
-        record("base", base, base["reused"])
-        known[os.path.normpath(base["base_dir"])] = base["base_hash"]
+                stage_runs[stage] = ablation_flow(profile, force, parent)
+                continue
+            try:
+                stage_runs[stage] = stage_task(stage, repro.PARAMS_FILE, ".", force, parent)
+            except repro.ReproError:
+                verdict = _read(params.validate_.report) if stage == "validate" else None
+                if verdict is not None and verdict.get("success") is False:  # bad data, not a crash
+                    _validation_artifact(profile, params)
+                    raise PipelineStopped(f"validation failed, nothing was trained — see {params.validate_.report}")
+                raise
+            if stage == "validate":
+                _validation_artifact(profile, params)
 
-        train = run_stage("train", train_task, known, parent)
-        train_cached = cached["train"]
-        candidate_run = train["run_id"]
-        if train_cached:  # the cached run belongs to an earlier pipeline run: give this one its child too
-            candidate_run = log_child_task(
-                params_file, overrides, parent, f"candidate-{params.train.method}",
-                tags={"mrt.role": "candidate", "mrt.method": params.train.method, "mrt.seed": str(params.train.seed),
-                      "mrt.cached_from": train["run_id"]},
-                run_params={"train": params.train.model_dump(mode="json")}, folder=train["out_dir"],
-                train_report=train["report"], curve=train["curve"], log_model=True)
-
-        bench = run_stage("benchmark", benchmark_task, known)
-        log_benchmark_task(params_file, overrides, [candidate_run, parent], bench["report"])
-
-        ablation = None
-        if params.run.ablation:
-            from flows.ablation import ablation_flow
-
-            ablation = ablation_flow(params_file, overrides, parent, known, force)
-            record("ablate", ablation, ablation["cached"])
-
-        comparison = None
-        if params.run.baselines:
-            cmp_result = run_stage("compare", compare_task, known)
-            comparison = read_comparison(cmp_result["report"])
-            for r in cmp_result["runs"]:
-                folder = Path(r["dir"])
-                log_child_task(
-                    params_file, overrides, parent, f"baseline-{r['method']}-seed{r['seed']}",
-                    tags={"mrt.role": "baseline", "mrt.method": r["method"], "mrt.seed": str(r["seed"]),
-                          "mrt.status": r["status"]},
-                    run_params={"method": r["method"], "seed": r["seed"], "steps": params.compare.steps},
-                    folder=str(folder), train_report=str(folder / "train.json"),
-                    curve=str(folder / "train_curve.csv"), bench_report=str(folder / "benchmark.json"))
-
+        train = _read(params.train.report) or {}
+        bench = _read(params.benchmark.report) or {}
         candidate = {"method": params.train.method, "seed": params.train.seed,
                      "trainable_params": train.get("trainable_params"),
-                     "heldout_mean": bench["heldout_mean"], "mme_total": bench["mme_total"],
-                     **candidate_scores(bench["report"])}
-        create_table_artifact(_benchmark_table(candidate, comparison), key="benchmark-table",
-                              description="Candidate and baselines: held-out mean and MME total")
+                     "heldout_mean": bench.get("heldout_mean"), "mme_total": bench.get("mme_total"),
+                     **(candidate_scores(params.benchmark.report) if bench else {})}
+        comparison = read_comparison(params.compare.report) if "compare" in stages else None
+        create_table_artifact(_benchmark_table(candidate, comparison), key=f"{profile}-benchmark-table",
+                              description=f"{profile}: candidate and baselines, held-out mean and MME total")
+        decision = _read(params.promote.report) if "promote" in stages else None
+        if decision is not None:
+            md = _decision_markdown(decision)
+            create_markdown_artifact(md, key=f"{profile}-promotion-decision",
+                                     description=f"{profile}: promotion gate, candidate vs champion")
 
-        decision = None
-        if params.run.promote:
-            t0 = time.perf_counter()
-            promoted = promote_task(params_file, overrides, candidate_run)
-            timings["promote"] = promoted.get("stage_s", time.perf_counter() - t0)
-            decision = promoted["decision"]
-            create_markdown_artifact(promoted["markdown"], key="promotion-decision",
-                                     description="Promotion gate: candidate vs champion")
-
-        note = (f"Parent MLflow run `{parent}`; params `{params_file}`"
-                + (f" with {' '.join(overrides)}" if overrides else "") + ".")
+        did = ", ".join(f"{s} {r.get('status')}" for s, r in stage_runs.items())
+        note = f"Profile `{profile}` at `{commit}`; parent MLflow run `{parent}`; DVC: {did}."
         rows = summary_rows(candidate, comparison, decision)
         write_summary(params.run.summary, rows, note)
-
-        reports = [params.validate_.report, params.align.report, params.train.report, params.train.curve,
-                   params.benchmark.report, params.run.summary]
-        if ablation:
-            reports += [params.ablate.report_csv, params.ablate.report_md, params.ablate.plot]
-        if comparison:
-            reports += [params.compare.report, params.compare.table, params.compare.plot]
-        if decision is not None:
-            reports.append(params.promote.report)
-        log_artifacts_task(params_file, overrides, parent, reports)
-        tracking.set_tags(parent, {"mrt.base_fingerprint": tracking.base_fingerprint(
-            params.train.base_dir, params.train.out_dir), "mrt.candidate_run_id": candidate_run},
-            track=params.track)
+        for path in [params.validate_.report, params.align.report, params.train.report, params.train.curve,
+                     params.benchmark.report, params.run.summary, params.ablate.report_csv, params.ablate.report_md,
+                     params.compare.report, params.compare.table, params.promote.report]:
+            if Path(path).is_file():
+                tracking.log_artifact(parent, path, "reports", track=params.track)
         status = "FINISHED"
-        return {"status": "trained", "parent_run_id": parent, "candidate_run_id": candidate_run,
-                "promoted": None if decision is None else bool(decision.get("promote")),
-                "summary": params.run.summary, "rows": rows, "timings": timings, "cached": cached,
+        logger.info("done in %.1f s: %s", time.perf_counter() - t_flow, did)
+        return {"status": "trained", "profile": profile, "commit": commit, "parent_run_id": parent,
+                "stages": stage_runs, "promoted": None if decision is None else bool(decision.get("promote")),
+                "summary": params.run.summary, "rows": rows,
+                "timings": {s: r.get("wall_s") for s, r in stage_runs.items()},
                 "flow_s": time.perf_counter() - t_flow}
     finally:
         tracking.end_run(parent, status, track=params.track)
+
+
+def _decision_markdown(decision: dict[str, Any]) -> str:
+    """promotion.json as Markdown: the verdict, the versions, the gate's numbers and its reasons."""
+    def v(key: str) -> str:
+        return "none" if decision.get(key) is None else f"v{decision[key]}"
+
+    verdict = "PROMOTED" if decision.get("promote") else "REJECTED"
+    lines = [f"# Promotion gate: {verdict}", "",
+             f"Model `{decision.get('model_name')}`: candidate {v('candidate_version')}; champion "
+             f"before {v('champion_version_before')}, after {v('champion_version_after')}.",
+             "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in decision.items()
+              if isinstance(v, (int, float, str, bool)) or v is None if k not in ("reasons", "model_uri")]
+    lines += ["", "Reasons:"] + [f"- {r}" for r in decision.get("reasons") or []]
+    return "\n".join(lines) + "\n"
+
+
+def _validation_artifact(profile: str, params) -> None:
+    report = _read(params.validate_.report)
+    if report is None:
+        return
+    verdict = "PASSED" if report.get("success") else "FAILED"
+    failed = [c for c in report.get("checks") or [] if not c.get("success", True)]
+    lines = "\n".join(f"- {c.get('name')}: {c.get('description', '')}" for c in failed[:20]) or "- none"
+    create_markdown_artifact(
+        f"# Data validation {verdict}\n\nReport: `{params.validate_.report}`\n\nFailed checks:\n{lines}\n",
+        key=f"{profile}-validation-report", description=f"{profile}: great-expectations + file checks: {verdict}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +333,7 @@ def run(params_file: str = "params.yaml", overrides: list[str] | None = None, fo
     set_offline_env()
     params = load(params_file, overrides)
     check_wiring(params)
+    repro.check_workspace(".")
     lifeline.end_orphaned_runs(params.track)  # runs a killed pipeline left RUNNING end KILLED
     return mrt_pipeline(params_file=params_file, overrides=list(overrides or []), force=force)
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--params", default="params.yaml", help="params file (a profile)")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                     help="override: section.key=value (DVC syntax); repeatable")
-    ap.add_argument("--force", action="store_true", help="retrain even when the champion is up to date")
+    ap.add_argument("--force", action="store_true", help="run every stage, stale or not (dvc repro --force)")
     args = ap.parse_args(argv)
     try:
         result = run(args.params, args.overrides, args.force)
@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PipelineStopped as exc:
         print(f"pipeline stopped: {exc}", file=sys.stderr)
+        return 1
+    except repro.ReproError as exc:
+        print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
     if result.get("status") == UP_TO_DATE:
         return 0

@@ -22,6 +22,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from components.config import ParamsError
 
@@ -57,7 +58,7 @@ def resolve_gpus(gpus_per_arm: float | None, cluster_gpus: float) -> float:
     return float(gpus_per_arm)
 
 
-@task(name="mrt-ablation-arm", retries=0)
+@task(name="mrt-ablation-arm", retries=0, cache_policy=NO_CACHE, persist_result=False)  # rows travel in memory
 def arm_task(job: dict[str, Any], threads: int) -> dict[str, Any]:
     """One arm in a Ray worker: the offline env and the thread count first, then `run_job`."""
     from components.ablation import run_job
@@ -80,7 +81,7 @@ def _failed(job: dict[str, Any], error: str) -> dict[str, Any]:
             "benchmark": None, "wall_s": None, "job_wall_s": None, "executor": "ray"}
 
 
-@flow(name="mrt-ablation-ray")
+@flow(name="mrt-ablation-ray", persist_result=False)
 def ray_arms_flow(jobs: list[dict[str, Any]], gpus: float, threads: int) -> list[dict[str, Any]]:
     """Submit every arm as a Ray task asking for `gpus` GPUs and `threads` CPUs; results in job order."""
     from prefect_ray.context import remote_options

@@ -1,283 +1,159 @@
-"""Prefect tasks: each one calls the same `components` function as its `mrt <stage>` command.
+"""Prefect tasks: each one runs one dvc.yaml stage through DVC and tells what it did.
 
 Why they look like this:
-- Tasks take the params file + overrides (and run ids, paths, hashes) and load params themselves;
-  they return small dicts of paths, ids and numbers. Models and tensors never cross a task boundary.
-- Compute tasks (data, validate, train, benchmark, ablate, compare) are cached by their inputs key
-  (`flows.stages`: the dvc.yaml stage's params sections + deps' content hashes), with persisted
-  results; a stamp makes sure the outputs on disk are still the ones that key produced.
-- Tracking tasks (child runs, artifacts) are cheap, never cached and retried: every pipeline run
-  gets a complete MLflow parent with its children even when the computation came from the cache.
-- Retries only where a retry can help (file and tracking-server I/O); training is deterministic,
-  so retrying a failed training run would fail the same way after minutes.
+- A task takes the stage name, the workspace root and plain strings; it returns a small dict of
+  paths and numbers (JSON types only). Models and tensors never cross a task boundary.
+- Staleness is DVC's answer (`flows.repro`): tasks have no Prefect cache (`NO_CACHE`) and never
+  persist their results (`persist_result=False`), so Prefect's result storage holds nothing that a
+  later run could load — let alone unpickle.
+- After the stage, the task reads the stage's report (JSON written by `mrt <stage>`) and logs one
+  line with the numbers that matter: steps and loss, held-out accuracy beside chance, the gate's
+  decision. A skipped stage still logs its numbers: they are what the outputs on disk hold.
+- MLflow is the stage commands' business (each `mrt <stage>` logs its own runs); the flow only
+  passes its parent run id to them (`flows.repro.PARENT_RUN_ENV`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
 
 from components.config import Params, load_params
-from flows import stages
-
-IO_RETRIES = 2
-IO_RETRY_DELAY_S = 2
+from flows import repro
 
 
 def load(params_file: str, overrides: list[str] | None) -> Params:
     return load_params(params_file, list(overrides or []))
 
 
-def _stage_key(name: str):
-    """A Prefect cache_key_fn for the dvc.yaml stage `name`."""
-
-    def key_fn(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
-        params = load(parameters["params_file"], parameters.get("overrides"))
-        st = stages.stage(params, name)
-        return stages.cache_key(st, stages.inputs_key(params, st, parameters.get("known_hashes")))
-
-    key_fn.__name__ = f"cache_key_{name}"
-    return key_fn
+def _json(path: str | None) -> dict[str, Any] | None:
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
-def outputs_current(params: Params, name: str, known: dict[str, str] | None) -> bool:
-    """Whether the outputs on disk are what the stage's current inputs produced (its stamp says so):
-    only then may a cached result stand in for running the stage."""
-    st = stages.stage(params, name)
-    return stages.stamp_valid(params.run.state_dir, st, stages.inputs_key(params, st, known))
+def _f(value: Any, digits: int = 3) -> str:
+    return "—" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.{digits}f}"
 
 
-def _stamp(params: Params, name: str, known: dict[str, str] | None) -> None:
-    """After a successful run: record (inputs key → outputs hash) so the next run may reuse it."""
-    st = stages.stage(params, name)
-    stages.write_stamp(params.run.state_dir, st, stages.inputs_key(params, st, known))
+def _beside_chance(report: dict[str, Any]) -> str:
+    """' (chance 0.xxx, majority 0.yyy, chance-corrected 0.zzz)' from the benchmark report's baselines."""
+    from components.headline import benchmark_headline
+
+    h = benchmark_headline(report)
+    parts = [f"{label} {_f(h[key])}" for key, label in (("heldout_chance_mean", "chance"),
+                                                         ("heldout_majority_mean", "majority answer"),
+                                                         ("heldout_chance_corrected_mean", "chance-corrected"))
+             if key in h]
+    return (" (" + ", ".join(parts) + ")") if parts else ""
 
 
-def _cached_task(name: str, **kw):
-    return task(name=f"mrt-{name}", cache_key_fn=_stage_key(name), persist_result=True, **kw)
+def stage_story(stage: str, params: Params) -> tuple[str, dict[str, Any]]:
+    """One log line with the numbers that matter for `stage`, and those numbers, read from the reports
+    the stage wrote. ("", {}) when the stage wrote nothing readable."""
+    if stage == "data":
+        manifest = _json(str(Path(params.data.out_dir) / "manifest.json")) or {}
+        counts = manifest.get("counts") or manifest.get("splits") or {}
+        nums = {k: v for k, v in counts.items() if isinstance(v, int)} if isinstance(counts, dict) else {}
+        detail = ", ".join(f"{k} {v}" for k, v in nums.items())
+        return f"data: {params.data.out_dir}" + (f" ({detail})" if detail else ""), nums
+    if stage == "validate":
+        r = _json(params.validate_.report)
+        if r is None:
+            return "", {}
+        nums = {"success": bool(r.get("success")), "checks_failed": r.get("checks_failed"),
+                "rows": (r.get("stats") or {}).get("rows")}
+        verdict = "PASSED" if nums["success"] else "FAILED"
+        return f"validate: {verdict}, {nums['checks_failed']} check(s) failed over {nums['rows']} rows", nums
+    if stage == "align":
+        r = _json(params.align.report)
+        if r is None:
+            return "", {}
+        nums = {k: r.get(k) for k in ("backbone", "steps", "loss_first", "loss_final", "caption_token_accuracy",
+                                      "text_exact_match")}
+        return (f"align: {nums['backbone']} base, {nums['steps']} steps, loss {_f(nums['loss_first'])} → "
+                f"{_f(nums['loss_final'])}, caption token accuracy {_f(nums['caption_token_accuracy'])}"), nums
+    if stage == "train":
+        r = _json(params.train.report)
+        if r is None:
+            return "", {}
+        nums = {k: r.get(k) for k in ("method", "steps", "resumed_from", "loss_first", "loss_final",
+                                      "trainable_params", "heldout_mean", "heldout_n")}
+        return (f"train: {nums['method']}, {nums['steps']} steps, loss {_f(nums['loss_first'])} → "
+                f"{_f(nums['loss_final'])}, {nums['trainable_params']} trainable params, quick held-out check "
+                f"{_f(nums['heldout_mean'])} on {nums['heldout_n']} records"), nums
+    if stage == "benchmark":
+        r = _json(params.benchmark.report)
+        if r is None:
+            return "", {}
+        nums = {k: r.get(k) for k in ("heldout_mean", "heldout_n", "mme_total", "mme_n")}
+        return (f"benchmark: held-out mean {_f(nums['heldout_mean'])} on {nums['heldout_n']} records"
+                f"{_beside_chance(r)}, MME total {_f(nums['mme_total'], 1)} on {nums['mme_n']} questions"), nums
+    if stage == "ablate":
+        from components.report import aggregate_arms, read_ablation_csv
+
+        if not Path(params.ablate.report_csv).is_file():
+            return "", {}
+        arms = aggregate_arms(read_ablation_csv(params.ablate.report_csv))
+        ok = [a for a in arms if isinstance((a.get("heldout_mean") or {}).get("mean"), (int, float))]
+        best = max(ok, key=lambda a: a["heldout_mean"]["mean"], default=None)
+        nums = {"arms": len(arms), "arms_ok": len(ok),
+                "best_arm": best["arm"] if best else None,
+                "best_heldout_mean": best["heldout_mean"]["mean"] if best else None}
+        return (f"ablate: {len(ok)}/{len(arms)} arms ok, best {nums['best_arm']} "
+                f"(held-out mean {_f(nums['best_heldout_mean'])})"), nums
+    if stage == "compare":
+        r = _json(params.compare.report)
+        if r is None:
+            return "", {}
+        nums = {m: (v.get("heldout_mean") or {}).get("mean") for m, v in (r.get("methods") or {}).items()}
+        return "compare: held-out mean " + ", ".join(f"{m} {_f(v)}" for m, v in nums.items()), nums
+    if stage == "promote":
+        r = _json(params.promote.report)
+        if r is None:
+            return "", {}
+        nums = {k: r.get(k) for k in ("promote", "candidate_version", "champion_version_before",
+                                      "champion_version_after", "candidate_heldout_mean", "champion_heldout_mean")}
+        verdict = "PROMOTED" if nums["promote"] else "REJECTED"
+        reasons = "; ".join(str(x) for x in (r.get("reasons") or [])[-2:])
+        return (f"promote: {verdict} v{nums['candidate_version']} (held-out {_f(nums['candidate_heldout_mean'])} vs "
+                f"champion {_f(nums['champion_heldout_mean'])}); champion is v{nums['champion_version_after']} — "
+                f"{reasons}"), nums
+    if stage == "report":
+        return f"report: results block in {params.report.results}" + (
+            f" and {params.report.readme}" if params.report.readme else ""), {}
+    return "", {}
 
 
-# ---------------------------------------------------------------------------------------------
-# compute
-# ---------------------------------------------------------------------------------------------
-@_cached_task("data", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def data_task(params_file: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """`mrt data`: write the data set; return its folder and content hash."""
-    from components.data.generate import write_dataset
-    from components.hashing import dir_hash
-
-    params = load(params_file, overrides)
-    t0 = time.perf_counter()
-    write_dataset(params.data, progress=False)
-    stage_s = time.perf_counter() - t0
-    _stamp(params, "data", None)
-    return {"data_dir": params.data.out_dir, "data_hash": dir_hash(params.data.out_dir), "stage_s": stage_s}
-
-
-@_cached_task("validate")
-def validate_task(params_file: str, overrides: list[str] | None = None,
-                  known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
-    """`mrt validate`: the great-expectations suite, file checks and leakage; never raises for bad data."""
-    from components.validation import validate_dataset
-
-    params = load(params_file, overrides)
-    t0 = time.perf_counter()
-    report = validate_dataset(params.validate_, progress=False)
-    stage_s = time.perf_counter() - t0
-    _stamp(params, "validate", known_hashes)
-    failed = [c.to_dict(cap=20) for c in report.failed_checks]
-    return {"success": report.success, "report": params.validate_.report, "summary": report.summary(),
-            "failed_checks": failed, "stage_s": stage_s}
-
-
-BASE_KEY_FILE = "pipeline_inputs.json"
-
-
-def base_key(params: Params, known: dict[str, str] | None = None) -> str:
-    """The base's inputs key: the align stage's params + data + code (dvc.yaml's align deps)."""
-    return stages.inputs_key(params, stages.stage(params, "align"), known)
-
-
-@task(name="mrt-base", cache_policy=NO_CACHE)
-def base_task(params_file: str, overrides: list[str] | None = None, known_hashes: dict[str, str] | None = None,
-              force: bool = False) -> dict[str, Any]:
-    """`mrt align`: build the frozen base — or reuse it when its folder records the same inputs key.
-
-    The key lives in the base folder itself (BASE_KEY_FILE), so a base survives a new Prefect
-    server or a copied checkout. `force` does not rebuild it: alignment is deterministic, the same
-    key gives the same weights; delete the folder to rebuild."""
-    from components.backbone import align
-    from components.hashing import dir_hash
-
-    params = load(params_file, overrides)
-    key = base_key(params, known_hashes)
-    out = Path(params.align.out_dir)
-    record = out / BASE_KEY_FILE
-    reused = False
-    stage_s = 0.0
-    if record.is_file() and Path(params.align.report).is_file():
-        try:
-            reused = json.loads(record.read_text(encoding="utf-8")).get("inputs_key") == key
-        except ValueError:
-            reused = False
-    if not reused:
-        record.unlink(missing_ok=True)  # a half-built base must never look valid
-        t0 = time.perf_counter()
-        align(params.align)
-        stage_s = time.perf_counter() - t0
-        record.write_text(json.dumps({"inputs_key": key, "data_dir": params.align.data_dir}, indent=2) + "\n",
-                          encoding="utf-8")
-    return {"base_dir": str(out), "base_hash": dir_hash(out), "inputs_key": key, "reused": reused,
-            "report": params.align.report, "stage_s": stage_s}
-
-
-@_cached_task("train")
-def train_task(params_file: str, overrides: list[str] | None = None, known_hashes: dict[str, str] | None = None,
+@task(name="mrt-stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
+def stage_task(stage: str, params_file: str, root: str = ".", force: bool = False,
                parent_run_id: str | None = None) -> dict[str, Any]:
-    """`mrt train`: the candidate, inside an MLflow child run of the pipeline's parent run with system
-    metrics sampled while it trains. Returns the run id and report paths."""
-    from components import tracking
-    from components.training import train
+    """`dvc repro --single-item <stage>` (DVC decides whether it runs), then one line with its numbers.
 
-    params = load(params_file, overrides)
-    tp = params.train
-    run_id = tracking.start_run(params.track, f"candidate-{tp.method}", parent_run_id=parent_run_id,
-                                tags={"mrt.role": "candidate", "mrt.method": tp.method, "mrt.seed": str(tp.seed)},
-                                params={"train": tp.model_dump(mode="json")})
-    status = "FAILED"
+    `params_file` (relative to `root`) is only read for the report paths: the stage itself reads
+    params.yaml, which `flows.repro.write_params` made equal to the profile."""
+    logger = get_run_logger()
+    result = repro.reproduce(stage, root, force=force, env=repro.stage_env(parent_run_id, root))
+    what = {"ran": f"ran `mrt {stage}` ({result.wall_s:.1f} s)",
+            "restored": f"restored from DVC's run cache ({result.wall_s:.1f} s)",
+            "skipped": "up to date (DVC: no dep, param or command changed)"}[result.status]
+    logger.info("%s: %s", stage, what)
+    line, nums = "", {}
+    params_path = Path(params_file) if Path(params_file).is_absolute() else Path(root) / params_file
     try:
-        with tracking.system_metrics(run_id, params.track):
-            t0 = time.perf_counter()
-            report = train(tp)
-            stage_s = time.perf_counter() - t0
-        tracking.log_training(run_id, tp.report, tp.curve, tp.out_dir, track=params.track)
-        status = "FINISHED"
-    finally:
-        tracking.end_run(run_id, status, track=params.track)
-    _stamp(params, "train", known_hashes)
-    return {"run_id": run_id, "out_dir": tp.out_dir, "report": tp.report, "curve": tp.curve,
-            "trainable_params": report.get("trainable_params"), "trainable_pct": report.get("trainable_pct"),
-            "stage_s": stage_s}
-
-
-@_cached_task("benchmark")
-def benchmark_task(params_file: str, overrides: list[str] | None = None,
-                   known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
-    """`mrt benchmark`: the candidate on the held-out tasks and the MME-format set (+ robustness)."""
-    from components.benchmark import run_benchmark
-
-    params = load(params_file, overrides)
-    t0 = time.perf_counter()
-    report = run_benchmark(params.benchmark)
-    stage_s = time.perf_counter() - t0
-    _stamp(params, "benchmark", known_hashes)
-    return {"report": params.benchmark.report, "heldout_mean": report["heldout_mean"],
-            "mme_total": report["mme_total"], "trainable_params": report["model"].get("trainable_params"),
-            "stage_s": stage_s}
-
-
-@_cached_task("ablate")
-def ablate_task(params_file: str, overrides: list[str] | None = None,
-                known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
-    """`mrt ablate`: every arm of the placement grid, trained and benchmarked (process pool)."""
-    from components.ablation import run_ablation
-
-    params = load(params_file, overrides)
-    t0 = time.perf_counter()
-    from flows.ray_runner import jobs_runner
-
-    rows = run_ablation(params.ablate, params.train, params.benchmark, runner=jobs_runner(params.ablate))
-    stage_s = time.perf_counter() - t0
-    _stamp(params, "ablate", known_hashes)
-    return {"rows": rows, "csv": params.ablate.report_csv, "markdown": params.ablate.report_md,
-            "plot": params.ablate.plot, "stage_s": stage_s}
-
-
-@_cached_task("compare")
-def compare_task(params_file: str, overrides: list[str] | None = None,
-                 known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
-    """`mrt compare`: the baselines (and MRT) on identical data, steps and seeds."""
-    from components.compare import run_compare, run_dir
-
-    params = load(params_file, overrides)
-    t0 = time.perf_counter()
-    summary = run_compare(params.compare, params.train, params.benchmark)
-    stage_s = time.perf_counter() - t0
-    _stamp(params, "compare", known_hashes)
-    runs = [
-        {"method": m, "seed": r["seed"], "status": r["status"],
-         "dir": str(run_dir(params.compare.out_dir, m, r["seed"]))}
-        for m, entry in summary["methods"].items()
-        for r in entry["runs"]
-    ]
-    return {"report": params.compare.report, "table": params.compare.table, "plot": params.compare.plot,
-            "runs": runs, "stage_s": stage_s}
-
-
-# ---------------------------------------------------------------------------------------------
-# tracking (never cached, retried)
-# ---------------------------------------------------------------------------------------------
-@task(name="mrt-log-run", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def log_child_task(params_file: str, overrides: list[str] | None, parent_run_id: str, name: str,
-                   tags: dict[str, str], run_params: dict[str, Any], folder: str | None = None,
-                   train_report: str | None = None, curve: str | None = None,
-                   bench_report: str | None = None, log_model: bool = False) -> str:
-    """One finished child run (an ablation arm, a baseline, a cached candidate) from its report files."""
-    from components import tracking
-
-    params = load(params_file, overrides)
-    track = params.track
-    run_id = tracking.start_run(track, name, tags=tags, params=run_params, parent_run_id=parent_run_id)
-    status = "FAILED"
-    try:
-        if train_report and Path(train_report).is_file():
-            tracking.log_training(run_id, train_report, curve, folder if log_model else None, track=track)
-        if bench_report and Path(bench_report).is_file():
-            tracking.log_benchmark(run_id, bench_report, track=track)
-        status = "FINISHED"
-    finally:
-        tracking.end_run(run_id, status, track=track)
-    return run_id
-
-
-@task(name="mrt-log-benchmark", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def log_benchmark_task(params_file: str, overrides: list[str] | None, run_ids: list[str], report: str) -> None:
-    """The candidate's benchmark metrics onto its run (and the parent): the registry gate reads them."""
-    from components import tracking
-
-    params = load(params_file, overrides)
-    for run_id in run_ids:
-        tracking.log_benchmark(run_id, report, track=params.track)
-
-
-@task(name="mrt-log-artifacts", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def log_artifacts_task(params_file: str, overrides: list[str] | None, run_id: str, paths: list[str]) -> list[str]:
-    """Reports onto the parent run (those that exist)."""
-    from components import tracking
-
-    params = load(params_file, overrides)
-    logged = []
-    for p in paths:
-        if p and Path(p).exists():
-            tracking.log_artifact(run_id, p, "reports", track=params.track)
-            logged.append(p)
-    return logged
-
-
-@task(name="mrt-promote", cache_policy=NO_CACHE)
-def promote_task(params_file: str, overrides: list[str] | None, run_id: str) -> dict[str, Any]:
-    """`mrt promote`: register the candidate (alias candidate) and move champion only through the gate."""
-    from components import registry
-
-    params = load(params_file, overrides)
-    t0 = time.perf_counter()
-    decision = registry.promote(params, run_id, params_file)
-    stage_s = time.perf_counter() - t0
-    return {"decision": decision.to_dict(), "markdown": decision.markdown(), "promote": bool(decision.promote),
-            "stage_s": stage_s}
+        with contextlib.chdir(root):  # report paths in params are relative to the workspace
+            line, nums = stage_story(stage, load(str(params_path), None))
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # the stage ran; only its summary line is lost
+        logger.warning("%s: could not read its report for the summary line: %s", stage, exc)
+    if line:
+        logger.info("%s", line)
+    return {**result.to_dict(), "numbers": nums, "story": line}

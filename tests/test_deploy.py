@@ -66,3 +66,87 @@ def test_pool_deployment_loads_the_flow_from_the_repo_root(prefect_harness):
     # the worker runs it with the repository root as working directory (relative params paths work)
     steps = [next(iter(s.values())) for s in dep.pull_steps or []]
     assert any(str(v.get("directory")) == str(REPO_ROOT) for v in steps), dep.pull_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# `mrt deploy`: no temporary server, a clean stop
+# ---------------------------------------------------------------------------------------------
+def test_mrt_deploy_refuses_without_a_prefect_server(monkeypatch):
+    from typer.testing import CliRunner
+
+    import flows.deploy
+    from components.cli import app
+
+    called = []
+    monkeypatch.setattr(flows.deploy, "deploy", lambda dp: called.append(dp))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        res = CliRunner().invoke(app, ["deploy", "-p", str(ROOT / "params.yaml")])
+    assert res.exit_code == 1, res.output
+    assert "PREFECT_API_URL is not set" in res.output and "prefect server start" in res.output
+    assert called == []  # nothing was served on a temporary server
+
+
+def test_mrt_deploy_says_where_it_serves_and_stops_cleanly_on_ctrl_c(monkeypatch):
+    from typer.testing import CliRunner
+
+    import flows.deploy
+    from components.cli import app
+
+    def interrupted(dp):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.deploy, "deploy", interrupted)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        res = CliRunner().invoke(app, ["deploy", "-p", str(ROOT / "params.yaml")])
+    assert res.exit_code == 0
+    assert "on the Prefect server http://127.0.0.1:4200/api" in res.output
+    assert "stopped serving mrt-pipeline/mrt-retrain" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output
+
+
+def test_deployment_is_tagged_with_its_profile():
+    dp = DeployParams(name="x", params_file="profiles/smoke.yaml")
+    assert "profile:smoke" in build_deployment(dp).tags
+
+
+@pytest.mark.slow
+def test_mrt_deploy_serves_until_sigint_and_exits_without_a_traceback(prefect_harness, tmp_path):
+    """The real thing: `mrt deploy` serving on a Prefect server, then Ctrl-C (SIGINT)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "components.cli", "deploy", "-p", str(ROOT / "params.yaml"),
+                             "-S", "deploy.name=mrt-sigint-test"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        dep = None
+        while time.monotonic() < deadline and dep is None and proc.poll() is None:
+            time.sleep(1)
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                found = [d for d in client.read_deployments() if d.name == "mrt-sigint-test"]
+            dep = found[0] if found else None
+        assert dep is not None, "the deployment was never registered"
+        time.sleep(3)  # let the runner start polling
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "stopped serving mrt-pipeline/mrt-sigint-test" in out

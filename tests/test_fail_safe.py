@@ -226,11 +226,16 @@ def test_image_limits_hold_in_every_command(ws):
 @pytest.fixture()
 def served(ws):
     """The pyfunc model as `mlflow models serve` runs it: load_context on the logged artifacts, then predict."""
-    from components.pyfunc_model import ARTIFACT_ADAPTER, ARTIFACT_BASE, MRTEditorModel
+    from components.editors.io import CONFIG_NAME
+    from components.pyfunc_model import ARTIFACT_ADAPTER, ARTIFACT_BASE_REF, MRTEditorModel, base_reference
+
+    fingerprint = json.loads((ws.editors / CONFIG_NAME).read_text())["base_fingerprint"]
+    ref = ws.root / "base_ref.json"
+    ref.write_text(json.dumps(base_reference(ws.base, fingerprint)))
 
     def load(**config):
         model = MRTEditorModel()
-        model.load_context(SimpleNamespace(artifacts={ARTIFACT_BASE: str(ws.base), ARTIFACT_ADAPTER: str(ws.editors)},
+        model.load_context(SimpleNamespace(artifacts={ARTIFACT_BASE_REF: str(ref), ARTIFACT_ADAPTER: str(ws.editors)},
                                            model_config=config))
         return model
     return load

@@ -1,111 +1,95 @@
-"""The Prefect pipeline: stage specs from dvc.yaml, cache keys and stamps, the skip logic, and the whole
-flow on profiles/smoke.yaml under a temporary Prefect server (artifacts, MLflow runs, registry)."""
+"""The Prefect pipeline runs the dvc.yaml stages through DVC: profiles become params.yaml, DVC decides what
+runs (ran / restored from its run cache / skipped), task results are never persisted, stages log their
+numbers, and — end to end on profiles/smoke.yaml — `dvc status` is clean right after `mrt run`."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from components.config import ParamsError, load_params
-from flows import stages
-from flows.pipeline import LINEAGE_KEYS, UP_TO_DATE, PipelineStopped, check_wiring, summary_rows, up_to_date
+from flows import repro
+from flows.pipeline import check_wiring, pipeline_stages, summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "profiles/smoke.yaml"
-FLOW_STAGES = ("data", "validate", "align", "train", "benchmark", "ablate", "compare")
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **GIT_ENV, "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _git(ws: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=ws, check=True, env=_env(), capture_output=True)
 
 
 def _workspace(path: Path) -> Path:
-    """A directory that looks like the repo root to the flow: dvc.yaml, the smoke profile and the code
-    (the stages hash their code deps), outputs written under build/smoke/ inside it."""
+    """A fresh checkout of the pipeline: code, dvc.yaml, params, profiles, the DVC project; a git commit."""
     path.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ROOT / "dvc.yaml", path / "dvc.yaml")
-    (path / "profiles").mkdir(exist_ok=True)
-    shutil.copy2(ROOT / SMOKE, path / SMOKE)
-    (path / "components").symlink_to(ROOT / "components", target_is_directory=True)
+    ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache")
+    for name in ("components", "flows", "profiles", ".dvc"):
+        shutil.copytree(ROOT / name, path / name, ignore=ignore)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "README.md"):
+        shutil.copy2(ROOT / name, path / name)
+    _git(path, "init", "-q")
+    _git(path, "add", "-A")
+    _git(path, "commit", "-qm", "workspace")
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# stages: dvc.yaml is the one description of every stage
-# ---------------------------------------------------------------------------------------------
-def test_flow_stages_are_the_dvc_stages_resolved_against_params():
-    params = load_params(ROOT / "params.yaml")
-    found = stages.load_stages(params, ROOT / "dvc.yaml")
-    assert set(FLOW_STAGES) <= set(found)
-    train = found["train"]
-    assert train.params == ("train", "predict")
-    assert params.train.base_dir in train.deps and params.train.data_dir in train.deps
-    assert {params.train.out_dir, params.train.report, params.train.curve} <= set(train.outs)
-    assert found["ablate"].params == ("ablate", "train", "benchmark")
-    assert params.compare.report in found["compare"].outs
-    # a profile moves every path: the same stages resolve to the profile's folders
-    smoke = load_params(ROOT / SMOKE)
-    assert stages.stage(smoke, "align", ROOT / "dvc.yaml").outs[0] == "build/smoke/models/base"
-
-
-def test_unknown_stage_and_bad_interpolation_are_named(tmp_path):
-    params = load_params(ROOT / "params.yaml")
-    with pytest.raises(stages.StageError, match="no stage 'nope'"):
-        stages.stage(params, "nope", ROOT / "dvc.yaml")
-    bad = tmp_path / "dvc.yaml"
-    bad.write_text("stages:\n  x:\n    cmd: mrt x\n    deps: ['${train.no_such_key}']\n")
-    with pytest.raises(stages.StageError, match=r"stage 'x' uses \$\{train.no_such_key\}"):
-        stages.load_stages(params, bad)
-    with pytest.raises(stages.StageError, match="not found"):
-        stages.load_stages(params, tmp_path / "missing.yaml")
-
-
-def test_inputs_key_follows_params_sections_and_dep_content(tmp_path, monkeypatch):
-    monkeypatch.chdir(_workspace(tmp_path / "ws"))
-    data = Path("build/smoke/data")
-    data.mkdir(parents=True)
-    (data / "a.json").write_text("[1]")
-    p = load_params(SMOKE)
-    st = stages.stage(p, "validate")
-    key = stages.inputs_key(p, st)
-    assert stages.inputs_key(p, st) == key  # deterministic
-    assert stages.inputs_key(load_params(SMOKE, ["train.steps=99"]), st) == key  # not its section
-    assert stages.inputs_key(load_params(SMOKE, ["validate.max_answer_chars=9"]), st) != key
-    (data / "a.json").write_text("[2]")
-    assert stages.inputs_key(p, st) != key  # dep content
-    assert stages.inputs_key(p, st, {os.path.normpath(str(data)): "x"}) != stages.inputs_key(p, st)  # known hash used
-
-
-def test_stamp_vouches_only_for_unchanged_outputs(tmp_path, monkeypatch):
-    monkeypatch.chdir(_workspace(tmp_path / "ws"))
-    p = load_params(SMOKE)
-    st = stages.stage(p, "validate")
-    report = Path(p.validate_.report)
-    report.parent.mkdir(parents=True)
-    report.write_text('{"success": true}')
-    key = stages.inputs_key(p, st)
-    assert not stages.stamp_valid(p.run.state_dir, st, key)  # never ran
-    stages.write_stamp(p.run.state_dir, st, key)
-    assert stages.stamp_valid(p.run.state_dir, st, key)
-    assert not stages.stamp_valid(p.run.state_dir, st, "other-key")
-    report.write_text('{"success": false}')  # overwritten by hand
-    assert not stages.stamp_valid(p.run.state_dir, st, key)
-    report.unlink()  # deleted
-    assert not stages.stamp_valid(p.run.state_dir, st, key)
-    assert stages.cache_key(st, key) == f"mrt-validate-{key}"
+def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, env=_env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------
-# scheduled-run skip and summary (pure)
+# profiles → params.yaml
 # ---------------------------------------------------------------------------------------------
-def test_up_to_date_needs_same_data_and_params_hash():
-    cur = {"mrt.data_hash": "d1", "mrt.params_hash": "p1", "mrt.git_commit": "c"}
-    assert up_to_date(cur, {"tags": {"mrt.data_hash": "d1", "mrt.params_hash": "p1", "mrt.git_commit": "other"}})
-    assert not up_to_date(cur, {"tags": {"mrt.data_hash": "d2", "mrt.params_hash": "p1"}})  # data changed
-    assert not up_to_date(cur, {"tags": {"mrt.data_hash": "d1", "mrt.params_hash": "p2"}})  # params changed
-    assert not up_to_date(cur, {"tags": {}})
-    assert not up_to_date(cur, None)  # no champion yet
-    assert not up_to_date({"mrt.data_hash": "", "mrt.params_hash": ""}, {"tags": {k: "" for k in LINEAGE_KEYS}})
+def test_a_profile_is_written_into_params_yaml_keeping_comments(tmp_path):
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    before = (tmp_path / "params.yaml").read_text()
+
+    changed = repro.write_params(SMOKE, [], tmp_path)
+    assert "data.out_dir" in changed and "train.steps" in changed and "compare.methods" in changed
+    text = (tmp_path / "params.yaml").read_text()
+    assert load_params(tmp_path / "params.yaml") == load_params(tmp_path / SMOKE)  # DVC now reads the profile
+    assert "# mrt data: write the embedded" in text  # comments survive
+    assert [ln.split(":")[0] for ln in text.splitlines() if ln and not ln[0].isspace() and ln[0] != "#"] == \
+        [ln.split(":")[0] for ln in before.splitlines() if ln and not ln[0].isspace() and ln[0] != "#"]
+    assert oct((tmp_path / "params.yaml").stat().st_mode & 0o777) == "0o644"
+
+    assert repro.write_params(SMOKE, [], tmp_path) == []  # already there: not rewritten
+    assert repro.write_params(SMOKE, ["train.steps=3"], tmp_path) == ["train.steps"]  # like `dvc exp run -S`
+    assert load_params(tmp_path / "params.yaml").train.steps == 3
+
+    text = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match="train.stepz"):
+        repro.write_params(SMOKE, ["train.stepz=3"], tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == text  # refused before anything is written
+
+    assert repro.write_params("params.yaml", [], tmp_path) == []  # params.yaml resolves to itself
+
+
+def test_profile_names_and_stage_switches():
+    assert repro.profile_name("params.yaml") == "default"
+    assert repro.profile_name("profiles/smoke.yaml") == "smoke"
+    assert repro.profile_name("/x/My_Profile.yaml") == "my-profile"
+    p = load_params(ROOT / "params.yaml")
+    assert pipeline_stages(p) == repro.PIPELINE
+    off = load_params(ROOT / "params.yaml", ["run.ablation=false", "run.baselines=false", "run.promote=false"])
+    assert pipeline_stages(off) == ("data", "validate", "align", "train", "benchmark")
+    assert set(repro.PIPELINE) == set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 
 
 def test_stage_paths_must_chain():
@@ -134,157 +118,68 @@ def test_summary_rows_candidate_then_baselines():
     assert summary_rows({"method": "mrt"}, None, None)[0][-1] == "—"
 
 
+def test_promotion_artifact_renders_any_promotion_report():
+    from flows.pipeline import _decision_markdown
+
+    md = _decision_markdown({"promote": False, "model_name": "m", "candidate_version": 3, "champion_version_before": 2,
+                             "champion_version_after": 2, "candidate_heldout_mean": 0.4,
+                             "conditions": [{"name": "beats frozen", "ok": False}], "reasons": ["too close to chance"]})
+    assert md.startswith("# Promotion gate: REJECTED")
+    assert "candidate v3; champion before v2, after v2" in md and "| candidate_heldout_mean | 0.4 |" in md
+    assert "- too close to chance" in md
+
+
 # ---------------------------------------------------------------------------------------------
-# the whole flow on the smoke profile (one temporary Prefect server for the session)
+# DVC decides: ran / skipped / restored, on a one-stage project
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smoke_ws(tmp_path_factory, prefect_harness):
-    ws = _workspace(tmp_path_factory.mktemp("flow") / "ws")
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(ws)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws}/build/smoke/mlflow.db"
-    (ws / "build" / "smoke").mkdir(parents=True)
-    try:
-        yield ws
-    finally:
-        os.chdir(old_cwd)
-        if old_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+def _tiny_project(ws: Path) -> Path:
+    ws.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=ws, check=True, env=_env())
+    (ws / "params.yaml").write_text("greet: {word: hello}\n")
+    (ws / "dvc.yaml").write_text(
+        "stages:\n  greet:\n    cmd: python -c \"import os, yaml; w = yaml.safe_load(open('params.yaml'))['greet']['word'];"
+        " open('out.txt', 'w').write(w + ' ' + os.environ.get('MRT_PARENT_RUN_ID', '-'))\"\n"
+        "    params: [greet]\n    outs: [out.txt]\n"
+        "  fail:\n    cmd: python -c \"raise SystemExit(3)\"\n")
+    return ws
 
 
-def _mlflow(ws: Path):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{ws}/build/smoke/mlflow.db"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _runs(ws: Path, filter_string: str = ""):
-    c = _mlflow(ws)
-    exp = c.get_experiment_by_name("mrt")
-    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=500) if exp else []
-
-
-def _artifact_keys(flow_run_ids: list[str]) -> set[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids))
-        arts = client.read_artifacts(artifact_filter=flt)
-    return {a.key for a in arts if a.key}
+def test_reproduce_runs_skips_and_restores_as_dvc_decides(tmp_path):
+    ws = _tiny_project(tmp_path / "p")
+    first = repro.reproduce("greet", ws, env={repro.PARENT_RUN_ENV: "run123"})
+    assert first.status == "ran" and (ws / "out.txt").read_text() == "hello run123"  # the env reaches the command
+    assert (ws / "dvc.lock").is_file() and repro.stale(["greet"], ws) == {}
+    assert repro.reproduce("greet", ws).status == "skipped"
+    (ws / "params.yaml").write_text("greet: {word: bye}\n")
+    assert list(repro.stale(["greet"], ws)) == ["greet"]
+    assert repro.reproduce("greet", ws).status == "ran"
+    (ws / "params.yaml").write_text("greet: {word: hello}\n")
+    back = repro.reproduce("greet", ws)
+    assert back.status == "restored" and (ws / "out.txt").read_text() == "hello run123"  # DVC's run cache
+    assert repro.reproduce("greet", ws, force=True).status == "ran"
+    with pytest.raises(repro.ReproError, match="stage 'fail' failed.*dvc repro --single-item fail"):
+        repro.reproduce("fail", ws)
 
 
-def _flow_run_and_subflows(flow_run_id) -> list[str]:
-    """The flow run's id and those of its subflow runs (linked through a task run of the parent)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        task_ids = {t.id for t in tasks}
-        subflows = [r for r in client.read_flow_runs() if r.parent_task_run_id in task_ids]
-    return [str(flow_run_id)] + [str(r.id) for r in subflows]
+def test_a_workspace_without_dvc_is_named(tmp_path):
+    with pytest.raises(repro.ReproError, match="no dvc.yaml"):
+        repro.check_workspace(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(repro.ReproError, match=r"not a DVC project \(no .dvc/\)"):
+        repro.check_workspace(tmp_path)
 
 
-@pytest.mark.slow
-def test_failed_validation_stops_before_training_with_an_artifact(smoke_ws):
-    from flows.pipeline import mrt_pipeline
-
-    state = mrt_pipeline(params_file=SMOKE, overrides=["validate.max_answer_chars=2"], return_state=True)
-    assert state.is_failed()
-    with pytest.raises(PipelineStopped, match="validation failed"):
-        state.result()
-    assert not Path("build/smoke/models/base").exists() and not Path("build/smoke/models/editors").exists()
-    assert "validation-report" in _artifact_keys([str(state.state_details.flow_run_id)])
-    failed = [r for r in _runs(smoke_ws, "tags.`mrt.role` = 'pipeline'") if r.info.status == "FAILED"]
-    assert len(failed) == 1
-
-
-@pytest.mark.slow
-def test_smoke_flow_end_to_end_then_skip_then_retrain(smoke_ws):
-    from flows.pipeline import mrt_pipeline
-
-    # 1. first run: everything trains, artifacts, MLflow parent + children, registry aliases
-    state = mrt_pipeline(params_file=SMOKE, overrides=[], return_state=True)
-    assert state.is_completed(), state.message
-    out = state.result()
-    assert out["status"] == "trained" and out["promoted"] is True
-    assert not any(out["cached"][k] for k in ("train", "benchmark", "ablate", "compare"))
-    assert set(out["timings"]) >= {"data", "validate", "base", "train", "benchmark", "ablate", "compare", "promote"}
-    summary = Path(out["summary"]).read_text()
-    assert "mrt (candidate)" in summary and "lora" in summary and "frozen" in summary
-
-    runs = _flow_run_and_subflows(state.state_details.flow_run_id)
-    assert len(runs) == 2  # the pipeline and its ablation subflow
-    keys = _artifact_keys(runs)
-    assert {"validation-report", "benchmark-table", "ablation-table", "promotion-decision"} <= keys
-
-    parent = out["parent_run_id"]
-    c = _mlflow(smoke_ws)
-    prun = c.get_run(parent)
-    assert prun.info.status == "FINISHED"
-    assert all(prun.data.tags.get(k) for k in LINEAGE_KEYS) and prun.data.tags["mrt.role"] == "pipeline"
-    assert prun.data.params["train.method"] == "mrt" and "heldout/mean" in prun.data.metrics
-    children = {r.info.run_name: r for r in _runs(smoke_ws, f"tags.mlflow.parentRunId = '{parent}'")}
-    assert {"candidate-mrt", "ablation-all-seed0", "ablation-only-projector-seed0", "baseline-frozen-seed0",
-            "baseline-mrt-seed0", "baseline-lora-seed0"} <= set(children)
-    cand = children["candidate-mrt"].data
-    for name in ("heldout/mean", "mme/total", "mme/perception", "trainable_params", "trainable_pct"):
-        assert name in cand.metrics, name
-    assert any(k.startswith("heldout/hx_") for k in cand.metrics)
-    assert any(k.startswith("system/") for k in cand.metrics)  # sampled while training
-    assert children["ablation-only-projector-seed0"].data.params["arm"] == "only-projector"
-    assert children["baseline-lora-seed0"].data.tags["mrt.method"] == "lora"
-    artifacts = {a.path for a in c.list_artifacts(parent, "reports")}
-    assert "reports/benchmark.json" in artifacts and "reports/run_summary.md" in artifacts
-
-    model = "mrt-editors"
-    cand_v = c.get_model_version_by_alias(model, "candidate")
-    champ_v = c.get_model_version_by_alias(model, "champion")
-    assert cand_v.version == champ_v.version and cand_v.run_id == out["candidate_run_id"]
-
-    # 2. same data, same params: the scheduled run is a no-op
-    n_parents = len(_runs(smoke_ws, "tags.`mrt.role` = 'pipeline'"))
-    again = mrt_pipeline(params_file=SMOKE, overrides=[])
-    assert again["status"] == UP_TO_DATE
-    assert len(_runs(smoke_ws, "tags.`mrt.role` = 'pipeline'")) == n_parents  # no new pipeline run
-
-    # 3. the data the champion was trained on differs from today's: retrain (stages whose own inputs did
-    #    not change come from the cache, the new candidate still gets its runs and a registry version)
-    c.set_model_version_tag(model, champ_v.version, "mrt.data_hash", "0" * 64)
-    third = mrt_pipeline(params_file=SMOKE, overrides=[])
-    assert third["status"] == "trained" and third["parent_run_id"] != parent
-    assert third["cached"]["train"] and third["cached"]["ablate"] and third["cached"]["compare"]
-    assert int(c.get_model_version_by_alias(model, "candidate").version) > int(cand_v.version)
-    kids = {r.info.run_name for r in _runs(smoke_ws, f"tags.mlflow.parentRunId = '{third['parent_run_id']}'")}
-    assert "candidate-mrt" in kids and "baseline-lora-seed0" in kids
-
-    # 4. an output overwritten behind the flow's back is not trusted: that stage runs again, the others
-    #    come from the cache (run.summary changes the params hash, so the run is not "up to date")
-    bench = Path(load_params(SMOKE).benchmark.report)
-    original = json.loads(bench.read_text())["heldout_mean"]
-    report = json.loads(bench.read_text())
-    report["heldout_mean"] = 1.0
-    bench.write_text(json.dumps(report))
-    fourth = mrt_pipeline(params_file=SMOKE, overrides=["run.summary=build/smoke/reports/other.md"])
-    assert fourth["status"] == "trained"
-    assert not fourth["cached"]["benchmark"] and fourth["cached"]["train"]
-    assert json.loads(bench.read_text())["heldout_mean"] == original
-
-
-def test_mrt_run_rejects_bad_params_before_starting_prefect(tmp_path, monkeypatch):
+def test_mrt_run_outside_a_dvc_project_says_so_before_prefect_starts(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from components.cli import app
 
     monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "-p", str(ROOT / SMOKE)])
+    assert res.exit_code == 1 and "no dvc.yaml" in res.output
     res = CliRunner().invoke(app, ["run", "-p", str(ROOT / SMOKE), "-S", "ablate.stepz=3"])
-    assert res.exit_code == 2
-    assert "ablate.stepz" in res.output
-    assert not (tmp_path / "build").exists()  # nothing ran
+    assert res.exit_code == 2 and "ablate.stepz" in res.output
+    assert not (tmp_path / "build").exists() and not (tmp_path / "params.yaml").exists()  # nothing ran
 
 
 def test_python_m_flows_pipeline_has_the_same_flags():
@@ -294,3 +189,213 @@ def test_python_m_flows_pipeline_has_the_same_flags():
         main(["--help"])
     assert exc.value.code == 0
     assert main(["-p", str(ROOT / SMOKE), "-S", "train.steps=-1"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect: nothing persisted, nothing unpickled
+# ---------------------------------------------------------------------------------------------
+def test_no_prefect_task_or_flow_persists_results_or_caches():
+    from prefect import Flow, Task
+    from prefect.cache_policies import NO_CACHE
+
+    import flows.ablation
+    import flows.pipeline
+    import flows.tasks
+
+    objs = {f"{m.__name__}.{n}": o for m in (flows.pipeline, flows.tasks, flows.ablation)
+            for n, o in vars(m).items() if isinstance(o, (Task, Flow))}
+    assert {"flows.tasks.stage_task", "flows.pipeline.mrt_pipeline", "flows.ablation.ablation_flow"} <= set(objs)
+    for name, obj in objs.items():
+        assert obj.persist_result is False, name
+        if isinstance(obj, Task):
+            assert obj.cache_policy is NO_CACHE, name
+
+
+def test_offline_settings_include_prefects_do_not_track():
+    from components.offline import OFFLINE_ENV
+
+    assert OFFLINE_ENV["DO_NOT_TRACK"] == "1"
+    assert "DO_NOT_TRACK=1" in (ROOT / ".ci" / "run").read_text()
+    assert os.environ.get("DO_NOT_TRACK") == "1"  # tests/conftest.py sets the offline variables
+
+
+def test_stage_story_reads_the_numbers_from_the_reports(monkeypatch):
+    from flows.tasks import stage_story
+
+    monkeypatch.chdir(ROOT)
+    p = load_params("params.yaml")
+    if not Path(p.benchmark.report).is_file():
+        pytest.skip("reports/ not present")
+    bench = json.loads(Path(p.benchmark.report).read_text())
+    line, nums = stage_story("benchmark", p)
+    assert f"held-out mean {bench['heldout_mean']:.3f} on {bench['heldout_n']} records" in line
+    assert nums["mme_total"] == bench["mme_total"]
+    train = json.loads(Path(p.train.report).read_text())
+    line, _ = stage_story("train", p)
+    assert f"{train['steps']} steps" in line and f"→ {train['loss_final']:.3f}" in line
+    line, nums = stage_story("promote", p)
+    assert ("PROMOTED" in line) == bool(json.loads(Path(p.promote.report).read_text())["promote"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole flow on the smoke profile
+# ---------------------------------------------------------------------------------------------
+class _Planted:
+    """A pickle that, when loaded, writes a marker file: proof that something unpickled it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "executed"))
+
+
+def test_stage_tasks_write_and_read_nothing_in_prefects_result_storage(tmp_path, prefect_harness):
+    """Pickles planted in the result storage (where a cached task result would be looked up) are never
+    loaded by stage tasks, and the tasks leave no result file of their own."""
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from flows.tasks import stage_task
+
+    ws = _tiny_project(tmp_path / "p")
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    storage.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "executed.txt"
+    for p in [p for p in storage.rglob("*") if p.is_file()] + [storage / "planted", storage / "mrt-stage-greet"]:
+        p.write_bytes(pickle.dumps(_Planted(str(marker))))
+    before = sorted(p.name for p in storage.rglob("*"))
+
+    @flow(persist_result=False)
+    def two_runs() -> list[str]:
+        return [stage_task("greet", "params.yaml", str(ws))["status"] for _ in range(2)]
+
+    assert two_runs() == ["ran", "skipped"]
+    assert not marker.exists()
+    assert sorted(p.name for p in storage.rglob("*")) == before
+
+
+def _artifact_keys(flow_run_ids: list[str]) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids)))
+    return {a.key for a in arts if a.key}
+
+
+def _flow_run_and_logs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+        subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks])))
+        ids = [flow_run_id] + [s.id for s in subs]
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+    return run, [str(i) for i in ids], [lg.message for lg in logs], subs
+
+
+@pytest.mark.slow
+def test_mrt_run_smoke_then_dvc_status_is_clean(tmp_path, prefect_harness, monkeypatch):
+    """`mrt run -p profiles/smoke.yaml` on a fresh checkout → dvc.lock written, `dvc status` clean; a second
+    run is "up to date" and loads nothing planted in Prefect's result storage; an edit to a code file
+    makes DVC name exactly the stages whose commands import it."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from flows.pipeline import UP_TO_DATE, mrt_pipeline
+    from test_dvc_deps import command_imports
+
+    ws = _workspace(tmp_path / "ws")
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/build/smoke/mlflow.db")
+    (ws / "build" / "smoke").mkdir(parents=True)
+
+    state = mrt_pipeline(params_file=SMOKE, overrides=[], return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["status"] == "trained" and out["promoted"] is True
+    assert {s: r["status"] for s, r in out["stages"].items()} == {s: "ran" for s in repro.PIPELINE}
+
+    status = _dvc(ws, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout + status.stderr
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(repro.PIPELINE)
+
+    # DVC's views: every plot has data (the CSVs render through vega), metrics hold no timing
+    plots = json.loads(_dvc(ws, "plots", "show", "--json").stdout)["data"]
+    assert {"build/smoke/reports/train_curve.csv", "build/smoke/reports/ablation.csv",
+            "build/smoke/reports/ablation.png", "build/smoke/reports/comparison.png"} <= set(plots)
+    for path, entries in plots.items():
+        for e in entries:
+            assert e["type"] == "image" or e["content"]["data"]["values"], path
+    metrics = _dvc(ws, "metrics", "show", "--json")
+    assert metrics.returncode == 0 and "heldout_mean" in metrics.stdout and "wall" not in metrics.stdout
+
+    # Prefect tells the story: named and tagged by profile and commit, per-profile artifacts, numbers in logs
+    run, ids, logs, subs = _flow_run_and_logs(state.state_details.flow_run_id)
+    assert run.name.startswith("smoke-") and "profile:smoke" in run.tags
+    assert any(t.startswith("commit:") and t != "commit:nogit" for t in run.tags)
+    assert [s.name for s in subs] == ["smoke-ablation"]
+    assert {"smoke-validation-report", "smoke-benchmark-table", "smoke-ablation-table",
+            "smoke-promotion-decision"} <= _artifact_keys(ids)
+    train = json.loads(Path("build/smoke/reports/train.json").read_text())
+    bench = json.loads(Path("build/smoke/reports/benchmark.json").read_text())
+    joined = "\n".join(logs)
+    assert f"train: mrt, {train['steps']} steps, loss" in joined
+    assert f"benchmark: held-out mean {bench['heldout_mean']:.3f}" in joined
+    assert "promote: PROMOTED v1" in joined
+
+    # headline metric files: small, no wall times
+    for name in ("validate", "align", "train", "benchmark", "ablate", "compare", "promote"):
+        text = Path(f"build/smoke/reports/metrics/{name}.json").read_text()
+        assert "wall" not in text and len(text) < 1500, name
+    assert json.loads(Path("build/smoke/reports/metrics/benchmark.json").read_text())["heldout_mean"] == \
+        bench["heldout_mean"]
+
+    # files the pipeline writes are readable by all (safetensors' writer makes 0600 files)
+    written = [p for d in ("build/smoke", "mlruns") if Path(d).is_dir() for p in Path(d).rglob("*")]
+    private = [str(p) for p in written if p.is_file() and p.stat().st_mode & 0o044 != 0o044]
+    assert private == []
+    assert Path("build/smoke/models/base/model.safetensors").stat().st_mode & 0o777 == 0o644
+
+    # nothing in Prefect's result storage is ever loaded: plant pickles there, run again
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    storage.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "executed.txt"
+    existing = [p for p in storage.rglob("*") if p.is_file()]
+    for target in existing + [storage / "planted", storage / "mrt-train-planted"]:
+        target.write_bytes(pickle.dumps(_Planted(str(marker))))
+    before = {p.name for p in storage.rglob("*")}
+    again = mrt_pipeline(params_file=SMOKE, overrides=[])
+    assert again["status"] == UP_TO_DATE
+    assert not marker.exists()
+    assert {p.name for p in storage.rglob("*")} == before  # the run wrote no result either
+
+    # an edit to a code file: DVC names exactly the stages whose commands import it
+    perturb = Path("components/perturb.py")
+    perturb.write_text(perturb.read_text() + "\n# an edit\n")
+    stale = set(json.loads(_dvc(ws, "status", "--json").stdout))
+    importers = {s for s, files in command_imports(ws).items() if "components/perturb.py" in files}
+    assert stale == importers & set(repro.PIPELINE) == {"benchmark", "ablate", "compare", "promote"}
+
+
+@pytest.mark.slow
+def test_failed_validation_stops_before_training_with_an_artifact(tmp_path, prefect_harness, monkeypatch):
+    from flows.pipeline import PipelineStopped, mrt_pipeline
+
+    ws = _workspace(tmp_path / "ws")
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/build/smoke/mlflow.db")
+    (ws / "build" / "smoke").mkdir(parents=True)
+    state = mrt_pipeline(params_file=SMOKE, overrides=["validate.max_answer_chars=2"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PipelineStopped, match="validation failed"):
+        state.result()
+    assert not Path("build/smoke/models/base").exists() and not Path("build/smoke/models/editors").exists()
+    assert "smoke-validation-report" in _artifact_keys([str(state.state_details.flow_run_id)])
+    lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").is_file() else {"stages": {}}
+    assert "validate" not in lock["stages"]  # DVC records only stages that succeeded
+    assert "validate" in json.loads(_dvc(ws, "status", "--json").stdout)

@@ -46,12 +46,12 @@ else:
     pytestmark = [pytest.mark.integration]
 
 
-def _isolated_profile(tmp: Path) -> Path:
-    """profiles/smoke.yaml with every output under `tmp` (absolute), so the run shares no files,
-    caches or stamps with other tests or a developer's build/smoke."""
-    text = (ROOT / "profiles" / "smoke.yaml").read_text(encoding="utf-8")
-    out = tmp / "smoke.yaml"
-    out.write_text(text.replace("build/smoke", str(tmp / "build")), encoding="utf-8")
+def _isolated_checkout(tmp: Path) -> Path:
+    """A fresh git + DVC checkout of the pipeline under `tmp` (the flow writes the profile into its
+    params.yaml and DVC its dvc.lock there), so the run shares no files with this repository."""
+    from test_flows import _workspace
+
+    return _workspace(tmp / "checkout")
     return out
 
 
@@ -106,18 +106,18 @@ def test_smoke_pipeline_as_a_deployment_on_real_services(tmp_path, monkeypatch):
         env_file = (state / "env").read_text()
         assert f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']}" in env_file
 
-        profile = _isolated_profile(tmp_path)
-        params = load_params(profile)
+        checkout = _isolated_checkout(tmp_path)
+        params = load_params(checkout / "profiles" / "smoke.yaml")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
         monkeypatch.setenv("PREFECT_API_URL", env["PREFECT_API_URL"])
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             from flows.deploy import register
 
-            # `mrt deploy -S deploy.work_pool=mrt-pool`'s path: the flow from this repository by
-            # entrypoint (a process pool needs no image; the pull step sets the working directory).
+            # `mrt deploy -S deploy.work_pool=mrt-pool`'s path: the flow from a checkout by entrypoint
+            # (a process pool needs no image; the pull step sets the working directory to the checkout).
             dp = params.deploy.model_copy(update={"name": DEPLOYMENT, "work_pool": services.POOL,
-                                                  "params_file": str(profile)})
-            deployment_id = register(dp)
+                                                  "params_file": "profiles/smoke.yaml"})
+            deployment_id = register(dp, source=checkout)
             fr = run_deployment(UUID(deployment_id), timeout=0)
             t_run = time.monotonic()
             with get_client(sync_client=True) as client:

@@ -199,7 +199,7 @@ def test_promote_first_then_worse_then_better(store, tiny_artifacts, tmp_path):
 
     champ = registry.champion(store)
     assert champ["metrics"]["heldout/a"] == pytest.approx(0.6)
-    for key in ("mrt.data_hash", "mrt.params_hash", "mrt.git_commit", "mrt.base_fingerprint", "mrt.mrt_version"):
+    for key in ("mrt.data_hash", "mrt.params_hash", "mrt.base_fingerprint", "mrt.mrt_version"):
         assert champ["lineage"][key], key
     assert champ["lineage"]["mrt.base_fingerprint"].startswith("sha256:")
     run = MlflowClient().get_run(better.run_id)

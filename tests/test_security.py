@@ -143,6 +143,90 @@ def test_scanner_passes_safe_code(snippet):
     assert unsafe_calls(snippet) == []
 
 
+# ---------------------------------------------------------------------------------------------
+# Prefect result storage: task and flow results are never persisted as (cloud)pickle files
+# ---------------------------------------------------------------------------------------------
+PREFECT_DECORATORS = ("prefect.task", "prefect.flow")
+JSON_SERIALIZERS = ("json",)
+
+
+def _prefect_call(node: ast.Call, aliases: dict[str, str]) -> str | None:
+    name = _dotted(node.func, aliases) or ""
+    if name in PREFECT_DECORATORS:
+        return name
+    if isinstance(node.func, ast.Attribute) and node.func.attr == "with_options":
+        return "with_options"
+    return None
+
+
+def pickled_results(source: str, filename: str = "<snippet>") -> list[str]:
+    """Prefect tasks/flows whose results could be written to result storage with a pickle serializer
+    (and loaded — executed — by a later run): every `@task`/`@flow` must say `persist_result=False`
+    or use the JSON serializer; `.with_options(...)` may not turn persistence back on."""
+    tree = ast.parse(source, filename)
+    aliases = _aliases(tree)
+    found = []
+
+    def check(call: ast.Call, what: str, required: bool) -> None:
+        persist = _kw(call, "persist_result")
+        serializer = _kw(call, "result_serializer")
+        json_results = isinstance(serializer, ast.Constant) and serializer.value in JSON_SERIALIZERS
+        off = isinstance(persist, ast.Constant) and persist.value is False
+        if serializer is not None and not json_results:
+            found.append(f"{filename}:{call.lineno}: {what} with a non-JSON result_serializer")
+        elif required and not (off or json_results):
+            found.append(f"{filename}:{call.lineno}: {what} without persist_result=False (results may be pickled)")
+        elif not required and persist is not None and not off and not json_results:
+            found.append(f"{filename}:{call.lineno}: {what} turns result persistence on")
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call) and _prefect_call(dec, aliases) in PREFECT_DECORATORS:
+                    check(dec, f"@{_dotted(dec.func, aliases)} {node.name}", True)
+                elif not isinstance(dec, ast.Call) and (_dotted(dec, aliases) or "") in PREFECT_DECORATORS:
+                    found.append(f"{filename}:{dec.lineno}: bare @{_dotted(dec, aliases)} {node.name} persists by default "
+                                 "settings; pass persist_result=False")
+        elif isinstance(node, ast.Call) and _prefect_call(node, aliases) == "with_options":
+            check(node, ".with_options()", False)
+    return found
+
+
+@pytest.mark.parametrize("snippet", [
+    "from prefect import task\n@task\ndef f(): pass",
+    "from prefect import task\n@task(name='x')\ndef f(): pass",
+    "from prefect import task\n@task(persist_result=True)\ndef f(): pass",
+    "from prefect import flow\n@flow(name='x', result_serializer='pickle')\ndef f(): pass",
+    "import prefect\n@prefect.task(cache_key_fn=k)\ndef f(): pass",
+    "t.with_options(persist_result=True)",
+    "t.with_options(result_serializer='compressed/pickle')",
+])
+def test_result_scanner_flags_pickled_results(snippet):
+    assert pickled_results(snippet), snippet
+
+
+@pytest.mark.parametrize("snippet", [
+    "from prefect import task\n@task(persist_result=False)\ndef f(): pass",
+    "from prefect import flow\n@flow(name='x', persist_result=False)\ndef f(): pass",
+    "from prefect import task\n@task(result_serializer='json')\ndef f(): pass",
+    "t.with_options(refresh_cache=True)",
+    "t.with_options(persist_result=False)",
+])
+def test_result_scanner_passes_unpersisted_or_json_results(snippet):
+    assert pickled_results(snippet) == []
+
+
+@pytest.mark.reliability(area="security", case="Prefect result storage: AST scan of every @task/@flow",
+                         outcome="no task or flow result is persisted with a pickle serializer (persist_result=False "
+                                 "everywhere; DVC decides staleness), so nothing in result storage is ever loaded")
+def test_prefect_results_are_never_pickled():
+    files = [p for d in SCANNED if (REPO / d).is_dir() for p in sorted((REPO / d).rglob("*.py"))]
+    decorated = [p for p in files if "@task(" in p.read_text(encoding="utf-8") or "@flow(" in p.read_text(encoding="utf-8")]
+    assert any(p.name == "tasks.py" for p in decorated)  # the scan sees the flows
+    found = [hit for p in files for hit in pickled_results(p.read_text(encoding="utf-8"), str(p.relative_to(REPO)))]
+    assert found == [], "Prefect results that may be pickled:\n" + "\n".join(found)
+
+
 @pytest.mark.reliability(area="security", case="AST scan of components/, flows/, infra/, benchmarks/ for code-executing loads",
                          outcome="no torch.load without weights_only=True, no pickle/dill/joblib loads, no unsafe "
                                  "yaml.load, no eval/exec")

@@ -114,11 +114,11 @@ class LoopSpec:
     curve: str | None = None
     desc: str = "train"
     fingerprint: dict = field(default_factory=dict)  # named inputs a resumed checkpoint must share
+    on_step: Callable[[int, float, float], None] | None = None  # (step, loss, lr) after each step, main process
 
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite: training stops at that step and saves nothing of it."""
-    on_step: Callable[[int, float, float], None] | None = None  # (step, loss, lr) after each step, main process
 
 
 @dataclass

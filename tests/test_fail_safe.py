@@ -454,8 +454,9 @@ def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
     from components.config import TrackParams
     from components.lifeline import _start_time, end_orphaned_runs
 
-    for name in ("dvc.yaml", "params.yaml"):  # the flow reads its stages from dvc.yaml in its folder
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):  # a DVC project: the flow's tasks run its stages
         shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copy(REPO / "profiles" / "smoke.yaml", tmp_path / "smoke.yaml")
     db = tmp_path / "build" / "smoke" / "mlflow.db"
     env = {**os.environ, "MRT_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),

@@ -803,7 +803,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
                 "stage": "train",
                 "base": base_fp,
                 # folders are not inputs, their contents are (data and base hashed above/below)
-                "params": p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task",
+                "params": p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "metrics", "eval_per_task",
                                                              "cuda_graphs", "seed", "base_dir", "data_dir"}),
                 "seed": p.seed,
                 "data": rows_hash(train_rows, data.image_root),

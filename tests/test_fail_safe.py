@@ -539,7 +539,9 @@ def test_a_failed_checkpoint_write_is_clear_and_leaves_nothing(ws):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
 
-    env = {**os.environ, "MRT_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ws.tracking_uri}
+    # no tracking store to write to under the limit: a closed local port (the stage then runs untracked)
+    write_params(ws, {"track": {"retries": 0, "system_metrics": False}})
+    env = {**os.environ, "MRT_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     env.pop("MRT_DEBUG", None)
     proc = subprocess.run([sys.executable, "-m", "components.cli", "train", "-p", str(ws.params)], cwd=REPO, env=env,
                           preexec_fn=limit, capture_output=True, text=True, timeout=240)

@@ -458,9 +458,14 @@ def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copy(REPO / "profiles" / "smoke.yaml", tmp_path / "smoke.yaml")
+    git_env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@localhost"}
+    for args in (("init", "-q"), ("add", "-A"), ("commit", "-qm", "workspace")):  # DVC's status needs a repository
+        subprocess.run(["git", *args], cwd=tmp_path, env=git_env, check=True, capture_output=True, timeout=60)
     db = tmp_path / "build" / "smoke" / "mlflow.db"
     env = {**os.environ, "MRT_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # `mrt`, `dvc`
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     log = open(tmp_path / "run.log", "w")

@@ -457,6 +457,8 @@ def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):  # a DVC project: the flow's tasks run its stages
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    for name in ("components", "flows"):  # the stages' code dependencies
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "profiles" / "smoke.yaml", tmp_path / "smoke.yaml")
     git_env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
                "GIT_COMMITTER_EMAIL": "t@localhost"}

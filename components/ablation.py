@@ -290,7 +290,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 trk = job.get("tracking")
                 if trk:  # a live MLflow run for this job (components.stage_runs)
                     from components.config import TrackParams
-                    from components.stage_runs import tracked_benchmark, tracked_train
+                    from components.benchmark_runs import tracked_benchmark
+                    from components.stage_runs import tracked_train
 
                     track = TrackParams.model_validate(trk["track"])
                     out["train"], out["run_id"] = tracked_train(

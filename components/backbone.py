@@ -198,6 +198,10 @@ def align(p: AlignParams) -> dict:
         report = {"backbone": "llava", "source": p.model, "trained": False, "wall_s": round(time.time() - t0, 2)}
         _write_json(p.report, report)
         return report
+    if p.backbone == "tiny" and p.recipe == "staged":
+        from components.staged_base import align_staged
+
+        return align_staged(p)
     return run_align(p)
 
 

@@ -167,7 +167,7 @@ def benchmark_cmd(
 ) -> None:
     """Score a model on the held-out tasks and the MME-format set (plus robustness passes); the
     scores go into the MLflow run that trained the model."""
-    from components.stage_runs import tracked_benchmark
+    from components.benchmark_runs import tracked_benchmark
 
     cfg = _load(params, set_)
     bench = cfg.benchmark

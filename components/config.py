@@ -110,8 +110,41 @@ class TinyModelParams(_Section):
         return self
 
 
+class StagedParams(_Section):
+    """`align.recipe: staged` — the tiny base built in LLaVA's stages (components/staged_base.py).
+    The defaults are the recipe of the shipped base; the shape comes from `align.tiny`."""
+
+    clip_text_hidden: int = Field(96, ge=8)  # the CLIP text encoder (used only in the vision stage)
+    clip_text_layers: int = Field(2, ge=1)
+    clip_steps: int = Field(4000, ge=0)
+    clip_batch: int = Field(256, ge=2)
+    clip_lr: float = Field(1e-3, gt=0)
+    clip_budget_s: float = Field(0.0, ge=0)  # wall-clock cap per stage (0 = none)
+    lm_steps: int = Field(12000, ge=0)
+    lm_batch: int = Field(256, ge=1)
+    lm_lr: float = Field(2e-3, gt=0)
+    lm_budget_s: float = Field(0.0, ge=0)
+    proj_steps: int = Field(4000, ge=0)
+    proj_batch: int = Field(128, ge=1)
+    proj_lr: float = Field(2e-3, gt=0)
+    proj_budget_s: float = Field(0.0, ge=0)
+    workers: int = Field(7, ge=0)  # data-drawing processes per stage (part of the recipe: one stream each)
+    tokenizer_rows: int = Field(20000, ge=10)
+    eval_retrieval: int = Field(100, ge=2)
+    eval_probe_train: int = Field(3000, ge=10)
+    eval_probe_test: int = Field(1000, ge=10)
+    eval_text_per_type: int = Field(40, ge=1)
+    eval_captions: int = Field(200, ge=1)
+    eval_image_per_type: int = Field(20, ge=1)
+
+
 class AlignParams(_Section):
     backbone: Literal["tiny", "llava", "composed"] = "tiny"
+    # tiny: staged = LLaVA's stages (CLIP, text-only LM, projector; shipped prebuilt) | joint = one loop from scratch
+    recipe: Literal["staged", "joint"] = "staged"
+    shipped: str | None = "builtin"  # staged: the prebuilt base (builtin = the one in the package, or a folder); null = build
+    rebuild: bool = False  # staged: build the base here instead of using the shipped one
+    staged: StagedParams = Field(default_factory=StagedParams)
     model: str | None = None  # llava: HF id or local folder of a LlavaForConditionalGeneration
     vision_model: str | None = None  # composed: a CLIP vision checkpoint (id or folder)
     language_model: str | None = None  # composed: a causal LM (id or folder)

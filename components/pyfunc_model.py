@@ -39,7 +39,8 @@ BASE_REF_FILE = "base_ref.json"
 BASE_DIR_ENV = "MRT_BASE_DIR"  # where the base lives on the machine that loads a version (overrides the record)
 # resumable training state (large, not part of the model) and interrupted writes' temporary files
 _SKIP_IN_ADAPTER = ("checkpoints", "*.tmp", "*.tmp-*", "*.tmp.*")
-_SKIP_IN_CODE = ("__pycache__", "*.pyc", ".*")
+# assets: the shipped staged base (6 MB) — a version carries its own base as an artifact, not as code.
+_SKIP_IN_CODE = ("__pycache__", "*.pyc", ".*", "assets")
 # What `components.inference.load_model` and this module import when a version loads and answers
 # (distribution names as on the package index).
 REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "peft", "accelerate", "pillow", "pandas",

@@ -470,21 +470,6 @@ def _log_model_folder(run_id: str, folder: Path, track: "TrackParams") -> None:
         log_artifact(run_id, child, dest, track=track)
 
 
-def log_benchmark(run_id: str, report_path: str | os.PathLike, track: "TrackParams | None" = None) -> dict[str, float]:
-    """Log a benchmark report: `components.benchmark.flat_metrics` names plus the report artifact."""
-    from components.benchmark import flat_metrics
-
-    track = _track(track)
-    report = _read_json(report_path, "benchmark report")
-    try:
-        metrics = flat_metrics(report)
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{report_path}: benchmark report lacks field {exc}") from None
-    log_metrics(run_id, metrics, track=track)
-    log_artifact(run_id, report_path, "reports", track=track)
-    return metrics
-
-
 # ---------------------------------------------------------------------------------------------
 # system metrics
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 import pytest
 from promotion_helpers import bench_report, fast_track, migrated_db, store  # noqa: F401  (fixtures)
 
-from components import tracking
+from components import benchmark_runs, tracking
 from components.config import Params
 from components.hashing import dir_hash, params_hash
 
@@ -136,13 +136,13 @@ def test_log_benchmark_uses_flat_metric_names(store, tmp_path):
     run_id = tracking.start_run(store, "benchmark")
     report = tmp_path / "benchmark.json"
     report.write_text(json.dumps(bench_report({"hx_a": 0.25, "hx_b": 0.75})))
-    tracking.log_benchmark(run_id, report)
+    benchmark_runs.log_benchmark(run_id, report)
     metrics = _client().get_run(run_id).data.metrics
     assert metrics["heldout/mean"] == 0.5 and metrics["mme/total"] == 50.0 and metrics["heldout/hx_a"] == 0.25
     assert "real_image/mean" not in metrics  # None values are left out
     report.write_text(json.dumps({"heldout": {}}))
     with pytest.raises(ValueError, match="benchmark report lacks field"):
-        tracking.log_benchmark(run_id, report)
+        benchmark_runs.log_benchmark(run_id, report)
 
 
 def test_call_retries_transient_errors_then_names_uri_and_operation(store):

@@ -12,9 +12,9 @@ Why it is built this way:
   outright (out of memory, a segfault) breaks a whole ProcessPoolExecutor without saying which job
   killed it, so the jobs caught in a broken pool are re-run one process each: the culprit fails
   alone and the innocent ones finish.
-- Arms write into `<ablate.out_dir>/<arm>/seed-<n>/` (editors, train/benchmark reports, a log), and
-  training resumes from its checkpoints, so re-running an interrupted sweep redoes only what is
-  missing from training.
+- Arms write into `<ablate.out_dir>/<arm>/seed-<n>/` (editors, train/benchmark reports, a log); an
+  arm killed mid-training resumes from its checkpoints when the sweep is re-run (same inputs only),
+  while an arm that finished removed them and trains again.
 """
 
 from __future__ import annotations

@@ -173,24 +173,17 @@ def to_rgb(im):
 
 
 def load_image(image: Any):
-    """Path or PIL image → RGB PIL image (by `to_rgb`); a clear error names the file."""
+    """Path or PIL image → RGB PIL image (by `to_rgb`); a clear error names the file. Files pass the
+    one input guard (components.images: byte, side and mode limits read from the header first)."""
     from PIL import Image
 
     if image is None:
         return None
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    path = Path(image)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: image file not found") from None
-    except Image.DecompressionBombError as exc:  # not an OSError: would otherwise escape as a traceback
-        raise ValueError(f"{path}: image is too large to decode safely ({exc})") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
-        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    from components.images import decode_file
+
+    return decode_file(image)
 
 
 def pixel_values(processor, images: Sequence[Any]) -> torch.Tensor | None:

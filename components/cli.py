@@ -69,8 +69,11 @@ def _headline(kind: str, report: str, out: str) -> None:
 
 def _load(params: str, overrides: Optional[List[str]]):
     from components.config import load_params
+    from components.images import ImageLimits, configure
 
-    return load_params(params, overrides or [])
+    cfg = load_params(params, overrides or [])
+    configure(ImageLimits.from_validate(cfg.validate_))  # one input guard for every command
+    return cfg
 
 
 @app.command("params")
@@ -230,6 +233,9 @@ def report_cmd(
     reliability: Optional[str] = typer.Option(
         None, "--reliability", help="also write the Reliability table from this pytest --reliability-report JSON"
     ),
+    reliability_doc: str = typer.Option(
+        "docs/reliability.md", "--reliability-doc", help="file with the reliability markers"
+    ),
 ) -> None:
     """Write README's results table from the comparison (and ablation) reports — never by hand."""
     from components import report as rep
@@ -255,8 +261,8 @@ def report_cmd(
         readme = target or "README.md"
         from components.reliability import write_readme_reliability
 
-        write_readme_reliability(readme, reliability)
-        typer.echo(f"updated {readme}'s reliability table from {reliability}")
+        write_readme_reliability(reliability_doc, reliability)
+        typer.echo(f"updated {reliability_doc}'s reliability table from {reliability}")
 
 
 @app.command("promote")
@@ -291,9 +297,12 @@ def run_cmd(
     """The whole pipeline as one Prefect flow whose tasks run the dvc.yaml stages (data → validate →
     align → train → benchmark → ablate → compare → promote → report); DVC decides what is stale.
     A profile or -S override is written into params.yaml first (DVC reads params.yaml)."""
+    from components.lifeline import install_signal_handlers, start_watchdog
     from flows.pipeline import UP_TO_DATE, PipelineStopped, run
     from flows.repro import ReproError
 
+    install_signal_handlers()  # SIGTERM/SIGHUP: runs end FAILED, Prefect's temporary server stops
+    start_watchdog()  # SIGKILL: the watchdog stops what this process started
     try:
         result = run(params, set_ or [], force)
     except PipelineStopped as exc:

@@ -28,7 +28,7 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ class TrainParams(_Section):
             self.metrics = _beside(self.report, "train")
         return self
     seed: int = 0
-    steps: int = Field(300, ge=0)
+    steps: int = Field(300, ge=1)  # 0 would save untrained editors as if trained
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(6e-4, gt=0)
@@ -381,6 +381,7 @@ class TrackParams(_Section):
     system_metrics_interval_s: float = Field(2.0, gt=0)
     retries: int = Field(3, ge=0)  # tracking-server calls retried this many times before the run fails
     retry_delay_s: float = Field(2.0, ge=0)
+    request_timeout_s: int = Field(30, ge=1)  # one HTTP call to a tracking server that does not answer
 
 
 class PromoteParams(_Section):
@@ -481,9 +482,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ParamsError(f"override {text!r}: empty key")
+    from components.safe_yaml import load as load_yaml
+
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+        value = load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError) as exc:
         raise ParamsError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
     return path, value
 
@@ -545,9 +548,13 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     raw: dict[str, Any] = {}
     if path.exists():
+        from components.safe_yaml import YamlError, load as load_yaml
+
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
+            loaded = load_yaml(path.read_text(encoding="utf-8"))
+        except YamlError as exc:
+            raise ParamsError(f"{path}: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ParamsError(f"{path}: not valid YAML: {exc}") from None
         if loaded is None:
             loaded = {}

@@ -14,8 +14,10 @@ answers; a missing or different base is an error that says what was expected and
 Everything loads through `components.inference.load_model`, so the registry answers exactly what
 `mrt predict` answers.
 
-Input: a pandas DataFrame with a `prompt` column and an optional `image` column holding a file path,
-base64-encoded PNG/JPEG bytes, raw bytes, or nothing (text-only question). Output: one answer per row.
+Input: a pandas DataFrame with a `prompt` column and an optional `image` column holding base64-encoded
+PNG/JPEG bytes, raw bytes, or nothing (text-only question); a server-side file path only when the
+model_config sets `allow_image_paths: true` and an `image_root` (the path must lie inside it).
+Images pass the same guard as `mrt predict` (components.images). Output: one answer per row.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ ARTIFACT_BASE_REF = "base_ref"
 ARTIFACT_ADAPTER = "adapter"
 BASE_REF_FILE = "base_ref.json"
 BASE_DIR_ENV = "MRT_BASE_DIR"  # where the base lives on the machine that loads a version (overrides the record)
-_SKIP_IN_ADAPTER = ("checkpoints",)  # resumable training state: large and not part of the model
+# resumable training state (large, not part of the model) and interrupted writes' temporary files
+_SKIP_IN_ADAPTER = ("checkpoints", "*.tmp", "*.tmp-*", "*.tmp.*")
 # assets: the shipped staged base (6 MB) — a version carries its own base as an artifact, not as code.
 _SKIP_IN_CODE = ("__pycache__", "*.pyc", ".*", "assets")
 # What `components.inference.load_model` and this module import when a version loads and answers
@@ -63,40 +66,43 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def decode_image(value: Any, row: int):
-    """A PIL image (RGB) from a path, base64 text or raw bytes; None when the cell is empty."""
+def decode_image(value: Any, row: int, limits=None, image_root: str | None = None, allow_paths: bool = False):
+    """A PIL image (RGB) from base64 text or raw bytes — or, only when the model allows it, a path
+    inside its image root; None when the cell is empty. Decoding, 16-bit scaling, mode and size
+    limits are those of `mrt predict` (components.images, the one input guard)."""
     from PIL import Image
+
+    from components.batching import to_rgb
+    from components.images import ImageRefused, decode_bytes, decode_file, request_path
 
     if _is_missing(value) or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    data: bytes | None = None
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-    elif isinstance(value, str):
+    where = f"row {row}, column 'image'"
+    try:
+        if isinstance(value, Image.Image):
+            return to_rgb(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return decode_bytes(bytes(value), limits)
+        if not isinstance(value, str):
+            raise ModelInputError(f"{where}: expected base64 text or bytes, got {type(value).__name__}")
         text = value.strip()
-        if len(text) < 1024 and Path(text).is_file():
-            try:
-                with Image.open(text) as im:
-                    return im.convert("RGB")
-            except OSError as exc:
-                raise ModelInputError(f"row {row}, column 'image': {text}: cannot read image ({exc})") from None
         if text.startswith("data:") and "," in text:  # data URL: data:image/png;base64,....
             text = text.split(",", 1)[1]
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise ModelInputError(
-                f"row {row}, column 'image': neither an existing file nor base64-encoded image bytes"
-            ) from None
-    else:
-        raise ModelInputError(f"row {row}, column 'image': expected a path, base64 text or bytes, got {type(value).__name__}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except OSError as exc:
-        raise ModelInputError(f"row {row}, column 'image': bytes are not a readable image ({exc})") from None
+            data = None
+        if data is not None:
+            return decode_bytes(data, limits)
+        if allow_paths and image_root:
+            return decode_file(request_path(value.strip(), image_root, allow_paths), limits)
+        raise ModelInputError(f"{where}: not base64-encoded image bytes (file paths are not accepted by this model)")
+    except ImageRefused as exc:
+        raise ModelInputError(f"{where}: {exc}") from None
+    except ValueError as exc:  # a file under the allowed root that does not decode
+        if isinstance(exc, ModelInputError):
+            raise
+        raise ModelInputError(f"{where}: no readable image at that path under the model's image root") from None
 
 
 class MRTEditorModel(mlflow.pyfunc.PythonModel):
@@ -117,6 +123,11 @@ class MRTEditorModel(mlflow.pyfunc.PythonModel):
         self._loaded = load_model(base, adapter, expect_fingerprint=ref.get("fingerprint"))
         self._max_new_tokens = int(cfg.get("max_new_tokens", 8))
         self._batch_size = int(cfg.get("batch_size", 16))
+        from components.images import ImageLimits
+
+        self._limits = ImageLimits.from_config(cfg)  # the params' validate limits, or their defaults
+        self._image_root = cfg.get("image_root")  # paths in requests: only under it, only when allowed
+        self._allow_paths = bool(cfg.get("allow_image_paths", False))
 
     def predict(self, context, model_input, params=None) -> list[str]:
         import pandas as pd
@@ -135,7 +146,8 @@ class MRTEditorModel(mlflow.pyfunc.PythonModel):
                 raise ModelInputError(f"row {i}, column 'prompt': empty")
             prompts.append(str(p))
         raw_images = model_input["image"].tolist() if "image" in model_input.columns else [None] * len(prompts)
-        images = [decode_image(v, i) for i, v in enumerate(raw_images)]
+        images = [decode_image(v, i, getattr(self, "_limits", None), getattr(self, "_image_root", None),
+                               getattr(self, "_allow_paths", False)) for i, v in enumerate(raw_images)]
         params = dict(params or {})
         max_new = int(params.get("max_new_tokens", self._max_new_tokens))
         batch = int(params.get("batch_size", self._batch_size))

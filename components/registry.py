@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -735,7 +736,23 @@ def _stale(held: dict | None, token: str) -> bool:
     if held is None or held.get("expires", 0) < time.time() or held.get("token") == token:
         return True
     other = str(held.get("token", ""))
-    return other.endswith(_owner()) and other not in _held_tokens
+    if other.endswith(_owner()):
+        return other not in _held_tokens
+    return _owner_gone(other)
+
+
+def _owner_gone(token: str) -> bool:
+    """A lease whose holder was a process on this host that no longer exists (killed mid-promotion)."""
+    host, _, pid = token.rpartition("@")[2].partition(":")
+    if host != os.uname().nodename or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _owner() -> str:
@@ -747,9 +764,14 @@ def _acquire_lease(track: "TrackParams", token: str, timeout_s: float) -> None:
     _ensure_registered_model(track)
     c = client(track)
     deadline = time.monotonic() + timeout_s
+    announced = False
     while True:
         held = _read_lease(track)
         if _stale(held, token):
+            if held is not None and held.get("token") != token:
+                why = "expired" if held.get("expires", 0) < time.time() else "its process is gone"
+                print(f"breaking a stale promotion lease of {track.registered_model} held by "
+                      f"{held.get('token')} ({why})", file=sys.stderr)
             lease = json.dumps({"token": token, "expires": time.time() + _LEASE_TTL_S})
             _held_tokens.add(token)  # before writing: our other threads must not take it as a leftover
             try:
@@ -763,6 +785,11 @@ def _acquire_lease(track: "TrackParams", token: str, timeout_s: float) -> None:
             if held is not None and held.get("token") == token:
                 return
             _held_tokens.discard(token)
+        if not announced and held is not None:
+            left = max(0.0, float(held.get("expires", 0)) - time.time())
+            print(f"waiting for the promotion lease of {track.registered_model} held by {held.get('token')} "
+                  f"(expires in {left:.0f} s at the latest)", file=sys.stderr)
+            announced = True
         if time.monotonic() > deadline:
             raise PromotionError(
                 f"{track.registered_model}: promotion lease held by {held.get('token') if held else '?'} "
@@ -838,6 +865,9 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
     passed, why = validation_status(pp.validation_report)
     method = (bench.get("model") or {}).get("method")
     reference = reference_from_comparison(pp.comparison_report, method)  # a bad report fails before anything
+    from components.store_init import ensure_local_store
+
+    ensure_local_store(tracking.tracking_uri(track))  # a brand-new store is created under the lock
     tracking.configure(track)
     lineage = tracking.lineage_tags(params, params_file)
     own_run = run_id is None

@@ -1,9 +1,9 @@
-"""README's Reliability table, rendered from what the test suite recorded — never typed by hand.
+"""The Reliability table (docs/reliability.md), rendered from what the test suite recorded — never typed by hand.
 
 `python -m pytest -m reliability --reliability-report=reports/reliability.json` (the plugin in
 tests/reliability_plugin.py) runs and records every `@pytest.mark.reliability(area, case, outcome)`
 test of the suite with its result; `mrt report --no-results --reliability reports/reliability.json` puts the table between
-README's reliability markers through the same marker-replacement helper as the results block
+the reliability markers of docs/reliability.md (`--reliability-doc`) through the same marker-replacement helper as the results block
 (components.report.replace_marked_block). A case that failed or was skipped shows as such: the
 table states what the last run showed, not what the tests intend.
 """
@@ -90,8 +90,8 @@ def reliability_block(data: dict[str, Any], source: str = "reports/reliability.j
 
 
 def write_readme_reliability(readme_path: str | Path, report_json: str | Path) -> str:
-    """Replace README's reliability block with the table from `report_json`; returns the block.
-    The README is untouched when its markers or the report are wrong."""
+    """Replace the reliability block of `readme_path` (docs/reliability.md or any file with the markers) with the table from `report_json`; returns the block.
+    The file is untouched when its markers or the report are wrong."""
     from components.report import check_markers
 
     check_markers(readme_path, RELIABILITY_START, RELIABILITY_END)

@@ -131,6 +131,7 @@ def configure(track: "TrackParams") -> str:
 
     global _configured
     _quiet_http_retries()
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(track.request_timeout_s)  # bounded by params
     _configured = track
     uri = tracking_uri(track)
     mlflow.set_tracking_uri(uri)
@@ -475,7 +476,7 @@ def log_training(
 def _log_model_folder(run_id: str, folder: Path, track: "TrackParams") -> None:
     """The trained output without its resumable checkpoints (large, and not part of the model)."""
     for child in sorted(folder.iterdir()):
-        if child.name == "checkpoints" or child.name.startswith("."):
+        if child.name == "checkpoints" or child.name.startswith(".") or ".tmp" in child.name:  # + interrupted writes
             continue
         dest = f"{folder.name}/{child.name}" if child.is_dir() else folder.name
         log_artifact(run_id, child, dest, track=track)

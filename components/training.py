@@ -9,10 +9,12 @@ rows of it (the rest, if it does not divide, are dropped — say so in params). 
 `batch_size * grad_accum` rows. Which rows form step s is a pure function of (seed, s), so a resumed
 run sees exactly the batches an uninterrupted run sees.
 
-Checkpoints: every `save_every` steps under out_dir/checkpoints/step-N: `trainable.safetensors` (the
-trainable tensors only) + `state.pt` (optimizer, scheduler, RNG, step, a fingerprint of the run's
-settings; loaded with weights_only=True). The last two are kept. A run resumes from the newest one
-whose fingerprint matches; a checkpoint from different settings is never resumed from.
+Checkpoints (components/checkpoints.py): every `save_every` steps under out_dir/checkpoints/step-N,
+written atomically and fsynced; the last two are kept. A run resumes from the newest valid one whose
+fingerprint matches — params, data content, the code of the training stage, the base and the seed —
+and says which input changed when it starts fresh instead; a corrupt newest checkpoint is named and
+the previous one is used. A finished run removes its checkpoints once its output is saved. A
+non-finite loss stops training at that step (exit non-zero, nothing saved for it).
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from components import checkpoints as ckpts
 from components.batching import ChatFormatter, Encoded, collate, pad_token_id
 from components.config import AlignParams, TrainParams
 
 CHECKPOINTS = "checkpoints"
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = ckpts.KEEP
+# The code whose change changes what training produces (a checkpoint of other code is not resumed).
+TRAINING_CODE = ("training.py", "batching.py", "backbone.py", "tokenizer.py", "editors")
 DEFAULT_NUM_THREADS = 2  # torch CPU threads when MRT_NUM_THREADS is unset (the CI machine has 2 cores)
 TEXT_EVAL_MAX_NEW_TOKENS = 8  # text-only answers are a word, a number, yes/no or a letter
 TINY_IMAGE_SIZE_FALLBACK = 64  # tiny base on data without a fixed image size and no align.image_size
@@ -108,9 +113,13 @@ class LoopSpec:
     ckpt_dir: str | None = None  # None: no checkpoints
     curve: str | None = None
     desc: str = "train"
-    fingerprint: dict = field(default_factory=dict)  # settings a resumed checkpoint must share
+    fingerprint: dict = field(default_factory=dict)  # named inputs a resumed checkpoint must share
     prefetch: int = 0  # steps' batches built ahead in a background thread (0: inside the loop)
     on_step: Callable[[int, float, float], None] | None = None  # (step, loss, lr) after each step, main process
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: training stops at that step and saves nothing of it."""
 
 
 @dataclass
@@ -162,89 +171,74 @@ def set_threads() -> None:
 
 
 def _fingerprint_hash(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ckpts.fingerprint_hash(fp)
 
 
 def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    if not ckpt_dir.is_dir():
-        return []
-    found = []
-    for d in ckpt_dir.glob("step-*"):
-        if (d / "state.pt").is_file() and (d / "trainable.safetensors").is_file():
-            try:
-                found.append((int(d.name.split("-", 1)[1]), d))
-            except ValueError:
-                continue
-    return sorted(found)
+    return ckpts.listed(ckpt_dir)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler, fp_hash: str, losses) -> Path:
-    """Write step-N atomically (tmp dir, then rename) and prune to the last KEEP_CHECKPOINTS."""
-    import torch
-    from safetensors.torch import save_file
-
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / "trainable.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng,
-        "fingerprint": fp_hash,
-        "losses": torch.tensor(losses, dtype=torch.float64),
-    }
-    torch.save(state, tmp / "state.pt")
-    from components.report import make_readable
-
-    make_readable(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for _, old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def save_checkpoint(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler, fp_hash: str, losses,
+                    parts: dict | None = None) -> Path:
+    """Write step-N atomically and durably and prune to the last KEEP_CHECKPOINTS (checkpoints.save)."""
+    return ckpts.save(ckpt_dir, step, named, optimizer, scheduler, fp_hash, losses, parts)
 
 
-def load_checkpoint(path: Path, named: dict, optimizer, scheduler) -> tuple[int, list[float]]:
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "trainable.safetensors"))
-    missing = sorted(set(named) - set(tensors))
-    extra = sorted(set(tensors) - set(named))
-    if missing or extra:
-        raise ValueError(
-            f"{path}: checkpoint tensors do not match the trainable ones (missing {missing[:3]}, unexpected {extra[:3]})"
-        )
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(tensors[k].to(p.device, p.dtype))
-    state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"]), [float(x) for x in state["losses"].tolist()]
+def code_hash(names: Sequence[str] = TRAINING_CODE) -> str:
+    """sha256 over the source of the named modules/packages of `components` (relative path + bytes)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in names:
+        path = root / name
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
-def _resume_point(ckpt_dir: Path | None, fp_hash: str, accelerator) -> Path | None:
-    import torch
+def rows_hash(rows: Sequence[Any], image_root) -> str:
+    """Content hash of the rows a stage trains on: each record's text and its image file's bytes, so an
+    answer edited in place or an image replaced under the same name is a different input."""
+    from components.hashing import file_hash
+    from components.inference import resolve_row_image
 
-    if ckpt_dir is None:
-        return None
-    for step, d in reversed(_checkpoints(ckpt_dir)):
-        state = torch.load(d / "state.pt", weights_only=True)
-        if state.get("fingerprint") == fp_hash:
-            return d
-        accelerator.print(f"{d}: saved with different settings; not resuming from it")
-    return None
+    digest = hashlib.sha256()
+    seen: dict[str, str] = {}
+    for r in rows:
+        digest.update(json.dumps([r.id, r.task, r.instruction, r.answer, r.image]).encode() + b"\0")
+        image = resolve_row_image(image_root, r) if r.image is not None else None
+        if image is not None:
+            key = str(image)
+            if key not in seen:
+                try:
+                    seen[key] = file_hash(image)
+                except OSError:
+                    seen[key] = "unreadable"  # named by the image checks before any step runs
+            digest.update(seen[key].encode())
+    return digest.hexdigest()[:16]
+
+
+def check_writable(*paths: str | os.PathLike | None) -> None:
+    """Each output folder can be written — checked in its nearest existing ancestor, before training
+    starts and without creating anything, so a read-only target is not found only after all the steps."""
+    import tempfile
+
+    for target in paths:
+        if not target:
+            continue
+        folder = Path(target).absolute()
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            if not probe.is_dir():
+                raise NotADirectoryError(f"{probe} is not a folder")
+            with tempfile.NamedTemporaryFile(dir=probe, prefix=".mrt-write-check-"):
+                pass
+        except OSError as exc:
+            raise OSError(f"{folder}: output folder is not writable ({exc.strerror or exc}); "
+                          "nothing was trained") from None
 
 
 def run_loop(
@@ -280,14 +274,16 @@ def run_loop(
     warmup = math.ceil(spec.warmup_ratio * spec.steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max(spec.steps, 1))
 
-    fp_hash = _fingerprint_hash({**spec.fingerprint, "world": world, "names": sorted(named)})
+    fp_parts = {**spec.fingerprint, "world": world, "names": sorted(named)}
+    fp_hash = _fingerprint_hash(fp_parts)
+    parts = ckpts.part_hashes(fp_parts)
     ckpt_dir = Path(spec.ckpt_dir) if spec.ckpt_dir else None
     start, losses, resumed = 0, [], None
-    resume = _resume_point(ckpt_dir, fp_hash, acc)
-    if resume is not None:
-        start, losses = load_checkpoint(resume, named, optimizer, scheduler)
+    found = ckpts.resume(ckpt_dir, fp_hash, parts, named, optimizer, scheduler, acc.print)
+    if found is not None:
+        start, losses, where = found
         resumed = start
-        acc.print(f"resuming from {resume} (step {start})")
+        acc.print(f"resuming from {where} (step {start})")
     sampler.skip(start * spec.grad_accum)
 
     wrapped, optimizer = acc.prepare(wrapper, optimizer)
@@ -319,6 +315,11 @@ def run_loop(
                          else float(loss_total))
             step_s.append(time.perf_counter() - t_step)
             step_tokens.append(sum(int(b["input_ids"].numel()) for b in micro_batches))
+            if not math.isfinite(step_loss):
+                bar.close()
+                raise TrainingDiverged(
+                    f"{spec.desc}: loss is {step_loss} at step {step + 1} of {spec.steps} (lr {spec.lr}); training "
+                    f"stopped, nothing of this step was saved — lower the learning rate or check the data")
             losses.append(step_loss)
             lr = scheduler.get_last_lr()[0]
             if acc.is_main_process:
@@ -327,10 +328,12 @@ def run_loop(
                 if spec.on_step is not None:
                     spec.on_step(step + 1, step_loss, lr)
             done = step + 1
+            if done == spec.steps or (ckpt_dir is not None and done % spec.save_every == 0):
+                _check_finite(params, done, spec)
             if ckpt_dir is not None and (done % spec.save_every == 0 or done == spec.steps):
                 acc.wait_for_everyone()
                 if acc.is_main_process:
-                    save_checkpoint(ckpt_dir, done, named, optimizer, scheduler, fp_hash, losses)
+                    save_checkpoint(ckpt_dir, done, named, optimizer, scheduler, fp_hash, losses, parts)
                     if spec.curve:  # the curve survives a crash up to the checkpoint a resume starts from
                         _write_curve(spec.curve, curve_rows)
     finally:
@@ -422,6 +425,18 @@ class _Prefetcher:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
+
+
+def _check_finite(params, done: int, spec: LoopSpec) -> None:
+    """Weights that went NaN/inf (a huge lr can do that while the step's loss still looks finite) are
+    never checkpointed or saved."""
+    import torch
+
+    with torch.no_grad():
+        if all(bool(torch.isfinite(p).all()) for p in params):
+            return
+    raise TrainingDiverged(f"{spec.desc}: trainable weights are not finite after step {done} of {spec.steps} "
+                           f"(lr {spec.lr}); training stopped, nothing was saved — lower the learning rate")
 
 
 def _answer_tokens(micro_batches: list[dict], acc, device):
@@ -517,9 +532,11 @@ def encode_rows(fmt: ChatFormatter, rows: Sequence[Any], image_root) -> list[Enc
 
 
 def _check_image_file(path: Path, row) -> None:
-    """A missing or empty image stops training before anything is written (a stat, no decode: images
-    are decoded lazily, batch by batch); a corrupt one is named by `PixelCache` when first read."""
+    """A missing, empty or oversized image, or one of a refused mode, stops training before anything
+    is written (a stat and a header read, no decode: images are decoded lazily, batch by batch); a
+    corrupt one is named by `PixelCache` when first read."""
     from components.data.records import DataError, RecordError
+    from components.images import check_file
 
     try:
         size = path.stat().st_size if path.is_file() else None
@@ -529,6 +546,10 @@ def _check_image_file(path: Path, row) -> None:
         raise DataError([RecordError(row.source, row.id, "image", f"image file not found: {path}")])
     if size == 0:
         raise DataError([RecordError(row.source, row.id, "image", f"image file is empty (0 bytes): {path}")])
+    try:  # the input guard's size, side and mode limits, from the header (the pixels decode per batch)
+        check_file(path)
+    except ValueError as exc:  # ImageRefused or an unreadable header
+        raise DataError([RecordError(row.source, row.id, "image", str(exc))]) from None
 
 
 class PixelCache:
@@ -704,7 +725,9 @@ def run_align(p: AlignParams) -> dict:
         save_every=p.save_every,
         ckpt_dir=str(ckpt),
         desc="align",
-        fingerprint={"stage": "align", **p.model_dump(mode="json", exclude={"out_dir", "report"})},
+        fingerprint={"stage": "align", "params": p.model_dump(mode="json", exclude={"out_dir", "report", "data_dir"}),
+                     "seed": p.seed, "code": code_hash(),
+                     "data": rows_hash(a_train, data.image_root) + rows_hash(t_train, None)},
     )
     model.train()
     result = run_loop(model, batch_maker(processor, sources), sampler, spec)
@@ -856,6 +879,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
 
     set_threads()
     t0 = time.time()
+    check_writable(p.out_dir, Path(p.report).parent, Path(p.curve).parent)
     data = _load_data(p.data_dir)
     model, processor = load_base(p.base_dir)
     base_fp = _base_fingerprint(model)
@@ -903,7 +927,13 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
             fingerprint={
                 "stage": "train",
                 "base": base_fp,
-                **p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "eval_per_task", "cuda_graphs", "loader_prefetch"}),
+                # folders are not inputs, their contents are (data and base hashed above/below)
+                "params": p.model_dump(mode="json", exclude={"out_dir", "report", "curve", "metrics", "eval_per_task",
+                                                             "cuda_graphs", "loader_prefetch", "seed", "base_dir",
+                                                             "data_dir"}),
+                "seed": p.seed,
+                "data": rows_hash(train_rows, data.image_root),
+                "code": code_hash(),
             },
         )
         graphs = graph_vision_layers(model, extra) if p.cuda_graphs else None
@@ -917,6 +947,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
             # saves, evaluates and writes the report (the others would redo the work and race on files).
             return {"method": p.method, "process_index": state.process_index, "steps": result.steps}
         save_trained(run_model, extra, processor, p, base_fp)
+        ckpts.discard(out / CHECKPOINTS)  # finished: a later run with other inputs must not resume from it
 
     if extra is not None:
         extra.eval()

@@ -33,6 +33,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from components import lifeline
 from components.offline import set_offline_env
 from flows import repro
 from flows.tasks import load, stage_task
@@ -238,7 +239,8 @@ def mrt_pipeline(params_file: str = "params.yaml", overrides: list[str] | None =
     tracking.configure(params.track)
     lineage = tracking.lineage_tags(params, repro.PARAMS_FILE)
     parent = tracking.start_run(params.track, f"mrt-pipeline-{profile}",
-                                tags={**lineage, "mrt.role": "pipeline", "mrt.profile": profile})
+                                tags={**lineage, "mrt.role": "pipeline", "mrt.profile": profile,
+                                      **lifeline.owner_tag()})
     status = "FAILED"
     stage_runs: dict[str, dict[str, Any]] = {}
     try:
@@ -329,8 +331,10 @@ def run(params_file: str = "params.yaml", overrides: list[str] | None = None, fo
     """Check the params before Prefect starts (a typo fails in a second, not after a server start),
     then run the flow."""
     set_offline_env()
-    check_wiring(load(params_file, overrides))
+    params = load(params_file, overrides)
+    check_wiring(params)
     repro.check_workspace(".")
+    lifeline.end_orphaned_runs(params.track)  # runs a killed pipeline left RUNNING end KILLED
     return mrt_pipeline(params_file=params_file, overrides=list(overrides or []), force=force)
 
 

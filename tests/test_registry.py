@@ -124,7 +124,7 @@ def test_registry_round_trip_answers_like_inference(store, tiny_artifacts, tmp_p
     model = mlflow.pyfunc.load_model("models:/mrt-editors@champion")
     prompts = ["What color is the image?", "What color is the image?", "Describe it."]
     b64 = base64.b64encode(image.read_bytes()).decode()
-    got = model.predict(pd.DataFrame({"prompt": prompts, "image": [str(image), b64, None]}))
+    got = model.predict(pd.DataFrame({"prompt": prompts, "image": [b64, f"data:image/png;base64,{b64}", None]}))
     want = predict(base, editors, [image, image, None], prompts)
     assert list(got) == want
     assert len(set(want)) > 1  # the check would be empty if every answer were the same

@@ -210,14 +210,15 @@ def test_mrt_report_reliability_cli(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("{}\n")
     result = CliRunner().invoke(app, ["report", "-p", str(params), "--readme", str(readme), "--no-results",
-                                      "--reliability", str(report)])
+                                      "--reliability", str(report), "--reliability-doc", str(readme)])
     assert result.exit_code == 0, result.output
     assert "| bad input | truncated JSON | refused | ✅ passed |" in readme.read_text()
     result = CliRunner().invoke(app, ["report", "-p", str(params), "--readme", str(readme), "--no-results"])
     assert result.exit_code == 1 and "nothing to write" in result.output
 
 
-def test_repo_readme_has_the_reliability_markers():
+def test_repo_reliability_doc_has_the_markers_and_readme_points_to_it():
     from components.report import check_markers
 
-    check_markers(TESTS_DIR.parent / "README.md", RELIABILITY_START, RELIABILITY_END)
+    check_markers(TESTS_DIR.parent / "docs" / "reliability.md", RELIABILITY_START, RELIABILITY_END)
+    assert "docs/reliability.md" in (TESTS_DIR.parent / "README.md").read_text(encoding="utf-8")

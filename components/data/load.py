@@ -92,6 +92,18 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def _confined(data_dir: Path, rel: str, field: str, follow_links: bool = True) -> None:
+    """`rel` names something inside `data_dir` (no absolute path, no `..` escape; with follow_links,
+    no symlink out either — a root folder may be a link, as mounted data sets often are)."""
+    from components.data.paths import normalize_image_path, resolve_image
+
+    try:
+        resolve_image(data_dir, rel) if follow_links else normalize_image_path(rel)
+    except ValueError as exc:
+        msg = str(exc).replace("image path", "path").replace("image root", "data folder")
+        raise _manifest_error(data_dir / MANIFEST, field, f"{msg}; nothing was read") from None
+
+
 def load_dataset_dir(data_dir: str | Path, *, splits: tuple[str, ...] | None = None) -> LoadedData:
     """Every split of a data directory (or only `splits`), with every record error collected.
 
@@ -100,7 +112,14 @@ def load_dataset_dir(data_dir: str | Path, *, splits: tuple[str, ...] | None = N
     """
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    image_root = data_dir / manifest["image_root"]  # an absolute image_root stays absolute
+    for split, name in manifest["files"].items():  # split files: inside the data folder, nowhere else
+        _confined(data_dir, name, f"files.{split}")
+    # A relative root must stay inside the data folder; an absolute one is where `mrt data` found a
+    # real data set (data.visionflan_images / data.mme_root) and stays absolute.
+    for key in ("image_root", "mme_root"):
+        if manifest.get(key) and not Path(manifest[key]).is_absolute():
+            _confined(data_dir, manifest[key], key, follow_links=False)
+    image_root = data_dir / manifest["image_root"]
     mme_root = data_dir / manifest["mme_root"] if manifest.get("mme_root") else None
     rows: list[Row] = []
     errors: list[RecordError] = []

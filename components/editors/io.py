@@ -225,7 +225,14 @@ def load_editors(model: nn.Module, path: str | os.PathLike, base_fingerprint: st
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise EditorFileError(f"{config_path}: field 'params.{where}': {first['msg']}") from None
-    weights_path = folder / str(config.get("weights_file", WEIGHTS_NAME))
+    weights_name = config.get("weights_file", WEIGHTS_NAME)
+    if not isinstance(weights_name, str) or weights_name != Path(weights_name).name or weights_name in ("", ".", ".."):
+        raise EditorFileError(f"{config_path}: field 'weights_file' is {weights_name!r}; it must be a file name "
+                              "inside the editors folder (no folders, no absolute path); nothing was read")
+    weights_path = folder / weights_name
+    if os.path.realpath(weights_path) != os.path.join(os.path.realpath(folder), weights_name):
+        raise EditorFileError(f"{config_path}: field 'weights_file': {weights_name!r} is a link out of the editors "
+                              "folder; nothing was read")
     tensors = _read_weights(weights_path)
 
     editors = attach(model, params)

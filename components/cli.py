@@ -69,10 +69,11 @@ def _headline(kind: str, report: str, out: str) -> None:
 
 def _load(params: str, overrides: Optional[List[str]]):
     from components.config import load_params
-    from components.images import ImageLimits, configure
+    from components.images import AnswerLimits, ImageLimits, configure, configure_answers
 
     cfg = load_params(params, overrides or [])
     configure(ImageLimits.from_validate(cfg.validate_))  # one input guard for every command
+    configure_answers(AnswerLimits.from_validate(cfg.validate_))
     return cfg
 
 

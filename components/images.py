@@ -51,6 +51,32 @@ class ImageLimits:
 _LIMITS = ImageLimits()
 
 
+@dataclass(frozen=True)
+class AnswerLimits:
+    """`validate`'s answer-length rule, applied by `mrt train` too: training must not learn from an
+    answer that `mrt validate` would refuse."""
+
+    min_chars: int = 1
+    max_chars: int = 64
+
+    @classmethod
+    def from_validate(cls, vp: Any) -> "AnswerLimits":
+        return cls(min_chars=int(vp.min_answer_chars), max_chars=int(vp.max_answer_chars))
+
+
+_ANSWER_LIMITS = AnswerLimits()
+
+
+def configure_answers(limits: AnswerLimits) -> None:
+    """The answer-length rule of this process (the CLI sets it from the params' validate section)."""
+    global _ANSWER_LIMITS
+    _ANSWER_LIMITS = limits
+
+
+def answer_limits() -> AnswerLimits:
+    return _ANSWER_LIMITS
+
+
 def configure(limits: ImageLimits) -> None:
     """The limits every door of this process applies (the CLI calls it with the params' validate section)."""
     global _LIMITS

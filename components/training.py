@@ -531,6 +531,21 @@ def encode_rows(fmt: ChatFormatter, rows: Sequence[Any], image_root) -> list[Enc
     return out
 
 
+def _check_answers(rows: Sequence[Any]) -> None:
+    """Answers outside `validate`'s length rule stop training before anything is written, each named
+    by file, record and field (the same rule `mrt validate` applies)."""
+    from components.data.records import DataError, RecordError
+    from components.images import answer_limits
+
+    lim = answer_limits()
+    bad = [RecordError(r.source, r.id or f"#{r.index}", "conversations[1].value",
+                       f"answer has {len(r.answer)} characters; expected {lim.min_chars}–{lim.max_chars} "
+                       "(validate.min_answer_chars / max_answer_chars)")
+           for r in rows if not lim.min_chars <= len(r.answer or "") <= lim.max_chars]
+    if bad:
+        raise DataError(bad[:20])
+
+
 def _check_image_file(path: Path, row) -> None:
     """A missing, empty or oversized image, or one of a refused mode, stops training before anything
     is written (a stat and a header read, no decode: images are decoded lazily, batch by batch); a
@@ -906,6 +921,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
         torch.manual_seed(p.seed)
         run_model, extra = prepare_method(model, p)
         trainable, total = _count(run_model, extra)
+        _check_answers(train_rows)
         fmt = ChatFormatter(processor, text_max_length(model, processor, p.max_length))
         sources = [encode_rows(fmt, train_rows, data.image_root)]
         sampler = StepSampler([len(sources[0])], [1.0], p.batch_size, p.seed)

@@ -587,9 +587,13 @@ def aliases(track: "TrackParams") -> dict[str, int]:
 
 
 def cleanup_pending(track: "TrackParams", keep: str | None = None) -> list[int]:
-    """Delete versions a crashed or cut-off promotion left `pending`. Call only under the lock."""
+    """Delete versions a crashed or cut-off promotion left `pending`. Call only under the lock.
+
+    A pending version that holds only `candidate` (its promotion died between setting that alias and
+    marking the version complete) goes too: it never finished, and this promotion moves `candidate`
+    anyway. One holding any other alias (`champion`) stays: deleting it would drop the champion."""
     deleted = []
-    aliased = set(aliases(track).values())
+    aliased = {v for a, v in aliases(track).items() if a != CANDIDATE}
     for mv in _versions(track):
         tags = mv.tags or {}
         if tags.get(STATE_TAG) == "pending" and tags.get(PROMOTION_ID_TAG) != keep and int(mv.version) not in aliased:

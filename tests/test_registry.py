@@ -179,6 +179,22 @@ def test_cleanup_deletes_only_pending_versions_without_aliases(store, tiny_artif
     assert [int(v.version) for v in registry._versions(store)] == [good]
 
 
+def test_cleanup_deletes_a_pending_version_holding_only_candidate(store, tiny_artifacts):
+    """A promotion cut off after setting `candidate` but before marking its version complete: the next
+    promotion's cleanup removes it (not one promotion later); a pending champion is kept."""
+    base, editors, _ = tiny_artifacts
+    tracking.configure(store)
+    run_id = tracking.start_run(store, "train")
+    uri = registry.log_editor_model(run_id, store, str(base), str(editors))
+    champ = registry._create_version(store, uri, run_id, {registry.STATE_TAG: "pending", registry.PROMOTION_ID_TAG: "a"})
+    registry.set_alias(store, registry.CHAMPION, champ)
+    cut = registry._create_version(store, uri, run_id, {registry.STATE_TAG: "pending", registry.PROMOTION_ID_TAG: "b"})
+    registry.set_alias(store, registry.CANDIDATE, cut)
+    assert registry.cleanup_pending(store) == [cut]
+    assert [int(v.version) for v in registry._versions(store)] == [champ]
+    assert registry.aliases(store) == {registry.CHAMPION: champ}
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole step and the CLI doors
 # ---------------------------------------------------------------------------------------------

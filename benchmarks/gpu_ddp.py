@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FULL = {
     "data": ["data.train_per_task=120", "data.heldout_per_task=40", "data.align_size=1500", "data.text_per_type=40"],
     "align": [
+        "align.recipe=joint",  # its own shape, built here (the shipped staged base has the default shape)
         "align.tiny.patch_size=8", "align.tiny.vision_hidden=256", "align.tiny.vision_layers=4",
         "align.tiny.vision_heads=4", "align.tiny.lm_hidden=1024", "align.tiny.lm_layers=8",
         "align.tiny.lm_heads=16", "align.tiny.lm_intermediate=2752", "align.steps=150", "align.batch_size=32",
@@ -62,7 +63,7 @@ FULL = {
 SMOKE = {
     "data": ["data.train_per_task=8", "data.heldout_per_task=4", "data.align_size=60", "data.text_per_type=4",
              "data.mme_images_per_subtask=1", "data.image_size=32"],
-    "align": ["align.tiny.patch_size=8", "align.tiny.vision_hidden=32", "align.tiny.vision_layers=3",
+    "align": ["align.recipe=joint", "align.tiny.patch_size=8", "align.tiny.vision_hidden=32", "align.tiny.vision_layers=3",
               "align.tiny.vision_heads=2", "align.tiny.lm_hidden=64", "align.tiny.lm_layers=2", "align.tiny.lm_heads=2",
               "align.tiny.lm_intermediate=128", "align.tiny.vocab_size=400", "align.steps=4", "align.batch_size=8",
               "align.eval_size=8", "align.save_every=10000"],

@@ -79,7 +79,7 @@ def _smoke_copy(dst: Path) -> dict:
 def _metrics(repo: Path) -> tuple[dict, dict]:
     bench = json.loads((repo / "build/smoke/reports/benchmark.json").read_text())
     train = json.loads((repo / "build/smoke/reports/train.json").read_text())
-    drop = {"wall_s", "train_wall_s"}
+    drop = {"wall_s", "train_wall_s", "throughput"}  # timings, not results
     return ({k: v for k, v in bench.items() if k not in drop and k != "model"},
             {k: v for k, v in train.items() if k not in drop})
 

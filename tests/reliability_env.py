@@ -73,7 +73,7 @@ class Workspace:
 def params_for(ws: Workspace) -> dict[str, Any]:
     """Every path inside the workspace; sizes small enough for a CLI call to take about a second."""
     r, d = ws.reports, str(ws.data)
-    return {
+    params = {
         "validate": {"data_dir": d, "report": str(r / "validation.json")},
         "train": {
             "base_dir": str(ws.base), "data_dir": d, "out_dir": str(ws.models / "editors-new"),
@@ -92,6 +92,10 @@ def params_for(ws: Workspace) -> dict[str, Any]:
         },
         "track": {"tracking_uri": ws.tracking_uri},
     }
+    for section in ("validate", "align", "train", "benchmark", "promote", "ablate", "compare"):
+        # headline metric files too: a test must never write into the checkout's reports/
+        params.setdefault(section, {})["metrics"] = str(r / "metrics" / f"{section}.json")
+    return params
 
 
 def write_params(ws: Workspace, extra: dict[str, Any] | None = None) -> Path:

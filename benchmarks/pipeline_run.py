@@ -1,11 +1,11 @@
 """How much of `mrt run` is orchestration? Runs the Prefect flow once and splits its wall time.
 
-    python benchmarks/pipeline_run.py                          # default profile (params.yaml), ~10 min
+    python benchmarks/pipeline_run.py                          # default profile (params.yaml), ~15 min
     python benchmarks/pipeline_run.py -p profiles/smoke.yaml   # about a minute
 
 By default it runs in a fresh workspace (a temporary git + DVC checkout holding dvc.yaml, params,
-profiles and a copy of the code, like a fresh clone: nothing cached, the base is aligned from scratch,
-its own MLflow database and Prefect home) so the number is what a first `mrt run` costs and the
+profiles and a copy of the code, like a fresh clone: nothing cached, the base comes from `mrt align`
+(the shipped staged base, checked and copied), its own MLflow database and Prefect home) so the number is what a first `mrt run` costs and the
 repository is not touched; `--in-place` runs in the current checkout instead (every stage is forced).
 
 Measured:

@@ -1,6 +1,6 @@
 """How much of `mrt run` is orchestration? Runs the Prefect flow once and splits its wall time.
 
-    python benchmarks/pipeline_run.py                          # default profile (params.yaml), ~15 min
+    python benchmarks/pipeline_run.py                          # default profile (params.yaml), 16 min on 2 busy cores
     python benchmarks/pipeline_run.py -p profiles/smoke.yaml   # about a minute
 
 By default it runs in a fresh workspace (a temporary git + DVC checkout holding dvc.yaml, params,

@@ -180,7 +180,8 @@ def main(argv=None) -> dict[str, Any]:
     shutil.copyfile(ROOT / "params.yaml", params)
     data, base = (args.data.resolve() if args.data else work / "data"), work / "base"
     common = [f"data.out_dir={data}", f"align.data_dir={data}", f"align.out_dir={base}",
-              f"align.report={work / 'align.json'}", f"train.data_dir={data}", f"train.base_dir={base}",
+              f"align.report={work / 'align.json'}", f"align.metrics={work / 'align.metrics.json'}",
+              f"train.data_dir={data}", f"train.base_dir={base}",
               "train.method=mrt", *args.extra]
     summary: dict[str, Any] = {"smoke": args.smoke, "nproc": args.nproc, "work": str(work), "overrides": sizes,
                                "loss_tol": args.loss_tol, "weight_tol": args.weight_tol}
@@ -198,7 +199,8 @@ def main(argv=None) -> dict[str, Any]:
     for n, port in ((1, 29511), (args.nproc, 29512)):
         out = work / f"run_np{n}"
         shutil.rmtree(out, ignore_errors=True)  # a checkpoint left there would be resumed from, not retrained
-        sets = common + sizes["train"] + [f"train.out_dir={out}", f"train.report={out}.json", f"train.curve={out}.csv"]
+        sets = common + sizes["train"] + [f"train.out_dir={out}", f"train.report={out}.json", f"train.curve={out}.csv",
+                                         f"train.metrics={out}.metrics.json"]
         cmd = launch(n, args.smoke, port) + mrt("train", params, sets)
         walls[f"train_np{n}"] = run(cmd, work / f"train_np{n}.log", env)
         reports[n] = json.loads(Path(f"{out}.json").read_text())

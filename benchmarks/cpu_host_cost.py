@@ -64,7 +64,7 @@ def _run(args) -> dict:
     from gpu_generate import make_prompts
     from gpu_train_step import build_model, load_editors_package, tiny_config
 
-    from components.config import EditorParams
+    from components.core.config import EditorParams
     from components.editors import attach, kernels
 
     kernels._triton.cache_clear()

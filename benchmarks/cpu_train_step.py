@@ -30,7 +30,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from components.offline import set_offline_env  # noqa: E402
+from components.core.offline import set_offline_env  # noqa: E402
 
 TARGET = 1.10
 
@@ -38,12 +38,12 @@ TARGET = 1.10
 def build(params_file: str, batch_size: int, data_dir: str | None):
     import torch
 
-    from components.backbone import build_tiny_model, build_tiny_processor, tiny_corpus
-    from components.batching import ChatFormatter
-    from components.config import load_params
+    from components.model.backbone import build_tiny_model, build_tiny_processor, tiny_corpus
+    from components.data.batching import ChatFormatter
+    from components.core.config import load_params
     from components.data.generate import write_dataset
     from components.data.load import load_dataset_dir
-    from components.training import batch_maker, encode_rows
+    from components.train.training import batch_maker, encode_rows
 
     cfg = load_params(params_file)
     if data_dir is None:
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     set_offline_env()
     import torch
 
-    from components.config import load_params
+    from components.core.config import load_params
     from components.editors import attach
 
     torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Two processes train the same editors as one (issue 6, item 4): DDP through `accelerate launch`.
 
-Why: the trainer (components/training.py) runs on accelerate so that `accelerate launch
---multi_gpu --num_processes N -m components.cli train` gives data-parallel training unchanged.
+Why: the trainer (components/train/training.py) runs on accelerate so that `accelerate launch
+--multi_gpu --num_processes N -m flows.cli train` gives data-parallel training unchanged.
 That claim is only worth something if N processes with the same GLOBAL batch train the same
 editors as one process, and faster. This script checks both, end to end through the real CLI:
 
@@ -24,7 +24,7 @@ held-out accuracy up to one record per task. A systematic difference — e.g. th
 process instead of per token of the global batch — is far above these.
 
 Run on a 2-GPU machine (each stage's log lands in --work; the summary JSON in --json):
-    python -m components.cli data -S data.out_dir=.ddp_data -S data.align_size=1500 -S data.text_per_type=40
+    python -m flows.cli data -S data.out_dir=.ddp_data -S data.align_size=1500 -S data.text_per_type=40
     python benchmarks/gpu_ddp.py --data .ddp_data --work /tmp/ddp --json out/ddp.json
 Check on CPU (gloo, 2 processes, tiny sizes; a logic check, not a benchmark):
     python benchmarks/gpu_ddp.py --smoke --work /tmp/ddp_smoke
@@ -73,7 +73,7 @@ SMOKE = {
 
 
 def _env() -> dict[str, str]:
-    from components.offline import set_offline_env
+    from components.core.offline import set_offline_env
 
     set_offline_env()
     env = dict(os.environ)
@@ -101,7 +101,7 @@ def run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
 
 
 def mrt(stage: str, params: Path, sets: list[str]) -> list[str]:
-    return ["-m", "components.cli", stage, "--params", str(params), *[x for s in sets for x in ("-S", s)]]
+    return ["-m", "flows.cli", stage, "--params", str(params), *[x for s in sets for x in ("-S", s)]]
 
 
 def launch(nproc: int, cpu: bool, main_port: int) -> list[str]:

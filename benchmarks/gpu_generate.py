@@ -387,7 +387,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict[str, Any]:
-    from components.offline import set_offline_env
+    from components.core.offline import set_offline_env
 
     set_offline_env()
     args = parse_args(argv)

@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    from components.offline import set_offline_env
+    from components.core.offline import set_offline_env
 
     set_offline_env()
     import torch

@@ -3,7 +3,7 @@
 What runs: a Vision-Flan-format data set (annotation JSON + a folder of JPEGs of mixed sizes, written by
 `mrt data`'s own `source: visionflan` path), llava-hf's processor layout at 336 px (576 image tokens,
 the llava-hf chat template, a Llama-style tokenizer; tests/llava_hf_layout.py), and
-`components.training.train` — the function behind `mrt train`: row encoding, the step sampler, the
+`components.train.training.train` — the function behind `mrt train`: row encoding, the step sampler, the
 batch loader (image decoding, CLIP preprocessing, collation), accelerate, editors at the paper's
 placement, AdamW, checkpoint at the end, the quick held-out check. The base is LLaVA-1.5-7B's config
 with random bf16 weights built on the GPU (benchmarks/gpu_train_step.py's `build_model`) and handed to
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     import torch
 
     import gpu_train_step as gts
-    from components.config import DataParams, TrainParams
+    from components.core.config import DataParams, TrainParams
     from components.data.generate import write_dataset
     from components.editors.count import llava_7b_config, paper_placement_7b
     from llava_hf_layout import llama_style_tokenizer, llava_hf_config, llava_hf_processor
@@ -117,8 +117,8 @@ def main(argv=None) -> dict:
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     build_s = time.time() - t1
 
-    import components.backbone as backbone
-    import components.training as training
+    import components.model.backbone as backbone
+    import components.train.training as training
 
     backbone.load_base = lambda *a, **k: (model, processor)  # the in-memory base stands for the folder
     made = {}
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
         })
 
     def model_only(tag: str) -> dict:
-        from components.batching import ChatFormatter
+        from components.data.batching import ChatFormatter
         from components.data.load import load_dataset_dir
 
         loaded = load_dataset_dir(work / "data", splits=("train",))

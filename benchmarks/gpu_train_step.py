@@ -76,7 +76,7 @@ def tiny_config():
 
 def tiny_placement():
     """The paper's placement scaled to `tiny_config()` (visual layers 1..n−2, all LM layers)."""
-    from components.config import EditorParams
+    from components.core.config import EditorParams
 
     return EditorParams.model_validate(
         {
@@ -802,7 +802,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict[str, Any]:
-    from components.offline import set_offline_env
+    from components.core.offline import set_offline_env
 
     set_offline_env()
     args = parse_args(argv)

@@ -44,7 +44,7 @@ def heldin_rows(per_task: int, seed: int, image_size: int):
 
     from components.data.records import Row
     from components.data.tasks import TRAIN_TYPES, TaskContext, balanced_targets, make_example
-    from components.staged_base import _stream, image_array
+    from components.align.staged import _stream, image_array
 
     out = []
     for t in TRAIN_TYPES:
@@ -58,7 +58,7 @@ def heldin_rows(per_task: int, seed: int, image_size: int):
 
 
 def summarise(rows, preds, kinds) -> dict:
-    from components.benchmark import is_correct
+    from components.evaluation.benchmark import is_correct
 
     hits, answers = defaultdict(list), defaultdict(list)
     for r, p in zip(rows, preds):
@@ -93,8 +93,8 @@ def main(argv=None) -> dict:
 
     from components.data.load import load_dataset_dir
     from components.data.tasks import ALL_TYPES
-    from components.inference import generate, load_model, pick_per_task, resolve_row_image
-    from components.training import set_threads
+    from components.evaluation.inference import generate, load_model, pick_per_task, resolve_row_image
+    from components.core.threads import set_threads
 
     set_threads()
     t0 = time.time()

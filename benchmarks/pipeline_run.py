@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.offline import set_offline_env  # noqa: E402
+from components.core.offline import set_offline_env  # noqa: E402
 
 REPORT_WALL = {  # stage → (params attribute path of its report, key holding its wall time)
     "align": ("align.report", "wall_s"),
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     from prefect.client.orchestration import get_client  # noqa: E402
 
-    from components.config import load_params
+    from components.core.config import load_params
     from flows.pipeline import mrt_pipeline
 
     params = load_params(args.params, args.overrides)

@@ -1,6 +1,6 @@
 """The placement ablation as a Prefect subflow: the dvc.yaml `ablate` stage, then its table as artifacts.
 
-The sweep itself is `mrt ablate` (components.ablation: a local process pool, or Ray), run by DVC
+The sweep itself is `mrt ablate` (components.experiments.ablation: a local process pool, or Ray), run by DVC
 like every other stage: its arms are independent training runs whose results only mean something
 together (one CSV, one table, one plot), so the unit DVC tracks is the whole sweep. The subflow
 publishes the arm table (key `<profile>-ablation-table`) and warns about failed arms.
@@ -36,7 +36,7 @@ def _run_name() -> str:
 @flow(name="mrt-ablation", flow_run_name=_run_name, persist_result=False)
 def ablation_flow(profile: str = "default", force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     """`dvc repro --single-item ablate`, then the arm table as artifacts; returns what DVC did."""
-    from components.report import read_ablation_csv
+    from components.experiments.report import read_ablation_csv
 
     result = stage_task("ablate", repro.PARAMS_FILE, ".", force, parent_run_id)
     params = load(repro.PARAMS_FILE, None)

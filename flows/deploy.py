@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from components.config import DeployParams
+from components.core.config import DeployParams
 
 ENTRYPOINT = "flows/pipeline.py:mrt_pipeline"
 

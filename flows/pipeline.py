@@ -33,8 +33,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from components import lifeline
-from components.offline import set_offline_env
+from components.track import lifeline
+from components.core.offline import set_offline_env
 from flows import repro
 from flows.tasks import load, stage_task
 
@@ -61,7 +61,7 @@ NULLABLE = {"promote.comparison_report"}  # null is allowed: the gate then recor
 
 def check_wiring(params) -> None:
     """Raise ParamsError naming every pair of keys that should hold the same path and does not."""
-    from components.config import ParamsError
+    from components.core.config import ParamsError
 
     raw = params.to_dict()
 
@@ -90,7 +90,7 @@ def _num(v: Any, digits: int) -> str:
 def summary_rows(candidate: dict[str, Any], comparison: dict[str, Any] | None,
                  decision: dict[str, Any] | None) -> list[list[str]]:
     """One row for the candidate, one per baseline method (mean ± std over seeds)."""
-    from components.report import fmt_int, fmt_pm
+    from components.core.markdown import fmt_int, fmt_pm
 
     promoted = "—" if decision is None else ("yes" if decision.get("promote") else "no")
     rows = [[f"{candidate['method']} (candidate)", fmt_int(candidate.get("trainable_params")),
@@ -112,7 +112,7 @@ def summary_rows(candidate: dict[str, Any], comparison: dict[str, Any] | None,
 
 def candidate_scores(report_path: str) -> dict[str, Any]:
     """The benchmark report's chance-corrected and held-in means and its baselines, for the summary."""
-    from components.tracking import _read_json
+    from components.track.tracking import _read_json
 
     r = _read_json(report_path, "benchmark report")
     out, inn = r.get("heldout_summary") or {}, r.get("heldin_summary") or {}
@@ -133,7 +133,8 @@ def write_summary(path: str, rows: list[list[str]], note: str) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    from components.report import md_table, write_text
+    from components.core.markdown import md_table
+    from components.core.files import write_text
 
     table = Table(title="mrt run", title_justify="left")
     for i, h in enumerate(SUMMARY_HEADER):
@@ -209,8 +210,8 @@ def mrt_pipeline(params_file: str = "params.yaml", overrides: list[str] | None =
 
     `force`: every stage runs (`dvc repro --force`), stale or not. Returns the status ("trained" /
     "up to date"), what DVC did per stage, run ids, report paths and per-stage times."""
-    from components import tracking
-    from components.report import read_comparison
+    from components.track import tracking
+    from components.experiments.report import read_comparison
 
     set_offline_env()
     logger = get_run_logger()
@@ -339,7 +340,7 @@ def run(params_file: str = "params.yaml", overrides: list[str] | None = None, fo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.config import ParamsError
+    from components.core.config import ParamsError
 
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("-p", "--params", default="params.yaml", help="params file (a profile)")

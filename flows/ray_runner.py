@@ -1,7 +1,7 @@
 """The ablation's arms as Ray tasks, through prefect-ray: one Prefect task run per arm, placed by Ray.
 
 Why it is built this way:
-- The unit of work is the same job dict the local process pool runs (`components.ablation.make_job`
+- The unit of work is the same job dict the local process pool runs (`components.experiments.ablation.make_job`
   → `run_job`), so both executors train and score the same thing and must agree on the results;
   only where the job runs changes. `run_jobs_on_ray` has `run_jobs`'s contract (results in the jobs'
   order, a failing arm is a result with status "failed", never an exception) so the sweep can take
@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from components.config import ParamsError
+from components.core.config import ParamsError
 
 Reporter = Callable[[int, int, dict[str, Any]], None]
 RAY_NAMESPACE = "mrt"
@@ -61,8 +61,8 @@ def resolve_gpus(gpus_per_arm: float | None, cluster_gpus: float) -> float:
 @task(name="mrt-ablation-arm", retries=0, cache_policy=NO_CACHE, persist_result=False)  # rows travel in memory
 def arm_task(job: dict[str, Any], threads: int) -> dict[str, Any]:
     """One arm in a Ray worker: the offline env and the thread count first, then `run_job`."""
-    from components.ablation import run_job
-    from components.offline import set_offline_env
+    from components.experiments.ablation import run_job
+    from components.core.offline import set_offline_env
 
     set_offline_env()
     for var in ("MRT_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -110,7 +110,7 @@ def run_jobs_on_ray(
     `address` None starts a local Ray instance (`num_cpus` CPUs, default all) and shuts it down
     afterwards; "auto" or "ray://host:10001" joins a running cluster. When Ray is already initialised
     in this process that instance is used and left running. `report(done, total, result)` is called
-    per arm once all have finished (`components.ablation.print_progress` fits).
+    per arm once all have finished (`components.experiments.ablation.print_progress` fits).
     """
     _require_ray()
     import ray
@@ -149,7 +149,7 @@ def run_jobs_on_ray(
 
 def jobs_runner(ablate) -> Callable[..., list[dict[str, Any]]] | None:
     """The job runner `ablate.executor` asks for: None for "local" (the sweep's own process pool), or
-    for "ray" a callable `(jobs, report=None) -> results` with `components.ablation.run_jobs`' contract,
+    for "ray" a callable `(jobs, report=None) -> results` with `components.experiments.ablation.run_jobs`' contract,
     bound to ablate's gpus_per_arm, threads_per_worker and ray_address. Fails at once, naming the
     extra, when Ray is not installed (not after the base was trained)."""
     if ablate.executor != "ray":

@@ -105,11 +105,11 @@ def _set_changed(node: Any, new: dict[str, Any]) -> int:
 
 def write_params(params_file: str, overrides: list[str] | None, root: str | Path = ".") -> list[str]:
     """Make `root/params.yaml` resolve to `params_file` + `overrides` (validated first, see
-    components.config). Only values that differ are replaced (comments and order kept); the file is
+    components.core.config). Only values that differ are replaced (comments and order kept); the file is
     written atomically with mode 0644. Returns the dotted keys that changed ([] = nothing written)."""
     from ruamel.yaml import YAML
 
-    from components.config import load_params
+    from components.core.config import load_params
 
     root = Path(root)
     target = root / PARAMS_FILE

@@ -23,7 +23,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components.config import Params, load_params
+from components.core.config import Params, load_params
 from flows import repro
 
 
@@ -47,7 +47,7 @@ def _f(value: Any, digits: int = 3) -> str:
 
 def _beside_chance(report: dict[str, Any]) -> str:
     """' (chance 0.xxx, majority 0.yyy, chance-corrected 0.zzz)' from the benchmark report's baselines."""
-    from components.headline import benchmark_headline
+    from components.experiments.headline import benchmark_headline
 
     h = benchmark_headline(report)
     parts = [f"{label} {_f(h[key])}" for key, label in (("heldout_chance_mean", "chance"),
@@ -99,7 +99,7 @@ def stage_story(stage: str, params: Params) -> tuple[str, dict[str, Any]]:
         return (f"benchmark: held-out mean {_f(nums['heldout_mean'])} on {nums['heldout_n']} records"
                 f"{_beside_chance(r)}, MME total {_f(nums['mme_total'], 1)} on {nums['mme_n']} questions"), nums
     if stage == "ablate":
-        from components.report import aggregate_arms, read_ablation_csv
+        from components.experiments.report import aggregate_arms, read_ablation_csv
 
         if not Path(params.ablate.report_csv).is_file():
             return "", {}

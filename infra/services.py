@@ -57,10 +57,10 @@ PG_DB = "mlflow"
 PG_SUPERUSER = "mrt"
 STATE_FILE = "services.json"
 ENV_FILE = "env"
-# The one list of what phones home (components/offline.py: a module with no dependencies), imported
+# The one list of what phones home (components/core/offline.py: a module with no dependencies), imported
 # by path so this script also runs from a checkout where the project is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.offline import OFFLINE_ENV  # noqa: E402
+from components.core.offline import OFFLINE_ENV  # noqa: E402
 
 
 class ServiceError(RuntimeError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from components.offline import set_offline_env
+from components.core.offline import set_offline_env
 
 set_offline_env()
 

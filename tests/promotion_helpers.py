@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import Params, TrackParams
+from components.core.config import Params, TrackParams
 
 TASKS = ("hx_a", "hx_b", "hx_c")
 
@@ -52,8 +52,8 @@ def build_model(root: Path, seed: int = 1) -> tuple[Path, Path, Path]:
     answers depend on image, prompt and editors."""
     import torch
 
-    from components.backbone import save_base
-    from components.config import EditorParams
+    from components.model.backbone import save_base
+    from components.core.config import EditorParams
     from components.editors import attach
     from components.editors.io import model_fingerprint, save_editors
     from tiny_llava import tiny_model
@@ -81,7 +81,7 @@ def tiny_artifacts(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def bench_report(heldout: dict[str, float], majority: float | None = None) -> dict:
-    """The smallest benchmark report `components.benchmark.flat_metrics` reads; `majority`: the
+    """The smallest benchmark report `components.track.benchmark_runs.flat_metrics` reads; `majority`: the
     best-constant held-out mean of its summary (None: no summary)."""
     mean = sum(heldout.values()) / len(heldout)
     summary = None if majority is None else {

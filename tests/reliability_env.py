@@ -4,7 +4,7 @@ One "golden" workspace is built once per test session — a generated data set (
 base, editors trained on it for two steps, a second base of the same shape (for "editors from another
 base"), and an MLflow store holding a finished run and a registered model version with the
 `champion` alias — and every test works on its own copy of it, so a test may break whatever it likes.
-The CLI is driven end to end (`components.cli.app`) with a params file whose every path points
+The CLI is driven end to end (`flows.cli.app`) with a params file whose every path points
 inside the copy, and `snapshot` hashes what a failing command must leave untouched: the data, the
 models and the MLflow store (tracking and registry).
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from components.hashing import dir_hash
+from components.core.hashing import dir_hash
 
 IMAGE_SIZE = 32
 REGISTERED_MODEL = "mrt-editors"
@@ -109,11 +109,11 @@ def write_params(ws: Workspace, extra: dict[str, Any] | None = None) -> Path:
 def _build_golden(root: Path) -> Path:
     import torch
 
-    from components.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
-    from components.config import DataParams, TrainParams
+    from components.model.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
+    from components.core.config import DataParams, TrainParams
     from components.data.generate import write_dataset
     from components.data.load import load_dataset_dir
-    from components.training import train
+    from components.train.training import train
     from tiny_llava import TINY
 
     ws = Workspace(root)
@@ -181,7 +181,7 @@ def run_cli(ws: Workspace, *args: str):
     """`mrt <args> -p <workspace params>` in this process; MLFLOW_TRACKING_URI points at the store."""
     from typer.testing import CliRunner
 
-    from components.cli import app
+    from flows.cli import app
 
     env = {"MLFLOW_TRACKING_URI": ws.tracking_uri, "MRT_NUM_THREADS": "1"}
     argv = [args[0], "-p", str(ws.params), *args[1:]]

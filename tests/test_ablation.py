@@ -10,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from components.ablation import GROUPS, expand_grid, placement_variants, run_ablation
-from components.config import AblateParams, EditorParams, ParamsError, TrainParams
-from components.report import (
-    ablation_markdown,
-    describe_placement,
-    read_ablation_csv,
-    write_ablation_csv,
-    write_ablation_plot,
-)
+from components.experiments.ablation import GROUPS, expand_grid, placement_variants, run_ablation
+from components.core.config import AblateParams, EditorParams, ParamsError, TrainParams
+from components.experiments.report import ablation_markdown, read_ablation_csv, write_ablation_csv, write_ablation_plot
+from components.editors.placement import describe_placement
 
 BASE = TrainParams().editors  # the params default: every group on
 DEFAULT_NAMES = [
@@ -117,7 +112,7 @@ def test_groups_off_in_the_base_are_not_swept():
 
 
 def test_grid_expansion_imports_no_torch():
-    code = ("import sys; from components.ablation import expand_grid; from components.config import AblateParams, "
+    code = ("import sys; from components.experiments.ablation import expand_grid; from components.core.config import AblateParams, "
             "TrainParams; expand_grid(AblateParams(grid='full'), TrainParams().editors); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from components.backbone import compose, load_base, save_base
-from components.batching import IGNORE_INDEX, ChatFormatter, collate, pad_token_id
-from components.tokenizer import IMAGE_TOKEN, VICUNA_TEMPLATE, train_bpe_tokenizer
+from components.model.backbone import compose, load_base, save_base
+from components.data.batching import IGNORE_INDEX, ChatFormatter, collate, pad_token_id
+from components.model.tokenizer import IMAGE_TOKEN, VICUNA_TEMPLATE, train_bpe_tokenizer
 from tiny_llava import IMAGE_SIZE, TINY, tiny_model, write_clip_and_llama
 
 

@@ -292,13 +292,13 @@ def test_there_are_at_least_fifteen_distinct_cases_over_every_command():
 
 
 # ---------------------------------------------------------------------------------------------
-# non-RGB and 16-bit images: one rule (components.batching.to_rgb) in every stage
+# non-RGB and 16-bit images: one rule (components.data.images.to_rgb) in every stage
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.reliability(area="bad input", case="16-bit greyscale and palette/greyscale (non-RGB) images",
                          outcome="accepted everywhere by one rule: 16-bit scaled to 8 (v // 257), then RGB; "
                                  "validate passes, predict and benchmark answer")
 def test_non_rgb_and_16bit_images_follow_one_rule_in_every_stage(ws):
-    from components.batching import load_image, to_rgb
+    from components.data.images import load_image, to_rgb
 
     wide = np.array([[0, 257, 30000, 65535]] * 16, dtype=np.uint16)
     sixteen = ws.root / "sixteen.png"
@@ -329,7 +329,7 @@ def test_non_rgb_and_16bit_images_follow_one_rule_in_every_stage(ws):
 
 def test_float_image_is_refused_by_predict_and_benchmark_too(ws):
     """The other half of the rule: what validate refuses (mode F) no later stage silently converts."""
-    from components.batching import load_image
+    from components.data.images import load_image
 
     path = ws.root / "float.tif"
     Image.fromarray(np.zeros((8, 8), dtype=np.float32), mode="F").save(path)

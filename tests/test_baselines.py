@@ -1,12 +1,12 @@
 """Chance levels, best-constant ("majority") baselines, chance correction and collapse flags
-(components.metrics.baselines), on hand-made predictions whose numbers are worked out by hand."""
+(components.evaluation.metrics.baselines), on hand-made predictions whose numbers are worked out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
 from components.data.records import Row
-from components.metrics import baselines as B
+from components.evaluation.metrics import baselines as B
 
 YESNO_REFS = ["yes", "yes", "yes", "no"]
 # A three-option counting task: the right count is "2" on three records, at a different letter each
@@ -86,7 +86,7 @@ def test_mme_baselines_random_guess_and_constant_answer():
 
 
 def test_benchmark_summaries_on_rows():
-    from components.benchmark import summarize_mme, summarize_split
+    from components.evaluation.benchmark import summarize_mme, summarize_split
 
     rows = [Row(f"c{i}", "count", "heldin", f"How many? {o}", r, f"c{i}.png", "annotation_heldin.json", i)
             for i, (o, r) in enumerate(zip(COUNT_OPTIONS, COUNT_REFS))]

@@ -1,4 +1,4 @@
-"""`mrt benchmark` (components.benchmark) and the robustness perturbations (components.perturb).
+"""`mrt benchmark` (components.evaluation.benchmark) and the robustness perturbations (components.evaluation.perturb).
 
 One tiny generated data set (held-out tasks of every answer kind, a real-image task, MME) and one
 tiny untrained base, built once per module; every run uses them with small batches.
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.config import BenchmarkParams
+from components.core.config import BenchmarkParams
 from components.data.records import DataError, Row
-from components.metrics.text import normalize_answer
-from components.perturb import PERTURBATIONS, gaussian_blur, perturb_image
+from components.evaluation.metrics.text import normalize_answer
+from components.evaluation.perturb import PERTURBATIONS, gaussian_blur, perturb_image
 
 PASSES = ["noise", "blur", "jitter"]
 
@@ -40,8 +40,8 @@ def setup(tmp_path_factory):
     """(root, data_dir, base_dir): a generated data set and a saved tiny base nudged off its init."""
     import torch
 
-    from components.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
-    from components.config import DataParams
+    from components.model.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
+    from components.core.config import DataParams
     from components.data.generate import write_dataset
     from components.data.load import load_dataset_dir
     from tiny_llava import TINY
@@ -75,7 +75,7 @@ def _lines(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_runs(setup):
-    from components.benchmark import run_benchmark
+    from components.evaluation.benchmark import run_benchmark
 
     root = setup[0]
     runs = []
@@ -164,7 +164,7 @@ def test_predictions_one_line_per_record_per_pass(two_runs):
 
 
 def test_mme_part_equals_the_official_results_folder(two_runs):
-    from components.metrics.mme import score_mme_results
+    from components.evaluation.metrics.mme import score_mme_results
 
     p, report = two_runs[0]
     official = score_mme_results(p.mme_results_dir)
@@ -175,7 +175,7 @@ def test_mme_part_equals_the_official_results_folder(two_runs):
 
 
 def test_flat_metrics_for_mlflow(two_runs):
-    from components.benchmark import flat_metrics
+    from components.track.benchmark_runs import flat_metrics
 
     _, report = two_runs[0]
     flat = flat_metrics(report)
@@ -201,7 +201,7 @@ def _row(task, instruction, answer, i=0):
 
 
 def test_letter_task_is_scored_by_option_letter_and_others_by_normalised_exact_match():
-    from components.benchmark import score_heldout
+    from components.evaluation.benchmark import score_heldout
 
     q = "How many objects are in the image? Options: (A) 4 (B) 3 (C) 1"
     rows = [_row("choice", q, "B", 0), _row("choice", q, "B", 1), _row("choice", q, "A", 2), _row("choice", q, "C", 3),
@@ -216,8 +216,8 @@ def test_letter_task_is_scored_by_option_letter_and_others_by_normalised_exact_m
 
 def test_run_benchmark_uses_the_kind_metric_end_to_end(setup, tmp_path, monkeypatch):
     """With answers a letter metric accepts but exact match does not, letter tasks still score 1."""
-    import components.inference as inf
-    from components.benchmark import run_benchmark
+    import components.evaluation.inference as inf
+    from components.evaluation.benchmark import run_benchmark
     from components.data.load import load_dataset_dir
 
     data = load_dataset_dir(setup[1])
@@ -234,7 +234,7 @@ def test_run_benchmark_uses_the_kind_metric_end_to_end(setup, tmp_path, monkeypa
 
 
 def test_unknown_answer_kind_names_the_manifest_field():
-    from components.benchmark import task_kinds
+    from components.evaluation.benchmark import task_kinds
 
     with pytest.raises(DataError, match=r"manifest.json, field 'tasks.t.answer_kind'.*'essay'"):
         task_kinds({"tasks": {"t": {"answer_kind": "essay"}}}, ["t"], "manifest.json")
@@ -243,7 +243,7 @@ def test_unknown_answer_kind_names_the_manifest_field():
 
 
 def test_letter_reference_naming_no_option_is_a_data_error():
-    from components.benchmark import check_references
+    from components.evaluation.benchmark import check_references
 
     bad = _row("choice", "Which? (A) 4 (B) 3", "maybe", 5)
     with pytest.raises(DataError, match=r"annotation_heldout.json: record choice_5, field 'answer'"):
@@ -251,7 +251,7 @@ def test_letter_reference_naming_no_option_is_a_data_error():
 
 
 def test_per_task_caps_heldout_and_keeps_mme_images_whole(setup, tmp_path):
-    from components.benchmark import cap_mme, run_benchmark
+    from components.evaluation.benchmark import cap_mme, run_benchmark
     from components.data.load import load_dataset_dir
 
     mme = load_dataset_dir(setup[1], splits=("mme",)).split("mme")
@@ -266,7 +266,7 @@ def test_per_task_caps_heldout_and_keeps_mme_images_whole(setup, tmp_path):
 # models
 # ---------------------------------------------------------------------------------------------
 def test_bad_model_dir_names_the_path(setup, tmp_path):
-    from components.benchmark import run_benchmark
+    from components.evaluation.benchmark import run_benchmark
 
     missing = tmp_path / "no_such_editors"
     with pytest.raises(FileNotFoundError, match=str(missing)):
@@ -280,11 +280,11 @@ def test_bad_model_dir_names_the_path(setup, tmp_path):
 
 def test_editors_from_disk_and_preloaded_model_give_one_report(setup, tmp_path):
     """An MRT folder is detected and counted; passing the loaded model skips reloading, same numbers."""
-    from components.backbone import load_base
-    from components.benchmark import run_benchmark
-    from components.config import EditorParams
+    from components.model.backbone import load_base
+    from components.evaluation.benchmark import run_benchmark
+    from components.core.config import EditorParams
     from components.editors import attach, model_fingerprint, save_editors
-    from components.inference import load_model
+    from components.evaluation.inference import load_model
 
     _, _, base = setup
     model, _ = load_base(base)
@@ -333,7 +333,7 @@ def test_random_perturbations_depend_on_seed_and_record(kind):
 
 
 def test_noise_is_moderate():
-    from components.perturb import NOISE_STD
+    from components.evaluation.perturb import NOISE_STD
 
     im = Image.new("RGB", (64, 64), (128, 128, 128))
     diff = np.asarray(perturb_image(im, "noise", 0, "x")).astype(float) - 128

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from components.compare import compare_runs, run_compare, summarize
-from components.config import CompareParams
-from components.report import RESULTS_END, RESULTS_START, ReportError, comparison_markdown, write_readme_results
+from components.experiments.compare import compare_runs, run_compare, summarize
+from components.core.config import CompareParams
+from components.experiments.report import RESULTS_END, RESULTS_START, comparison_markdown, write_readme_results
+from components.core.markdown import ReportError
 
 
 def _summary(mean: float, collapsed: tuple[str, ...], tasks: dict[str, float]) -> dict:
@@ -104,7 +105,7 @@ def _comparison_file(tmp_path: Path) -> Path:
 
 
 def test_readme_block_is_replaced_between_markers_only(tmp_path):
-    from components.report import write_ablation_csv
+    from components.experiments.report import write_ablation_csv
 
     readme = tmp_path / "README.md"
     before, after = "# Title\n\nintro\n\n", "\n\n## Next\n\ntext\n"

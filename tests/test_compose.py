@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from components import gguf_cache
-from components.backbone import load_base, save_base
-from components.batching import IGNORE_INDEX, ChatFormatter, collate, pad_token_id
-from components.compose import compose_llava, load_vision_encoder
-from components.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN
+from components.model import gguf_cache
+from components.model.backbone import load_base, save_base
+from components.data.batching import IGNORE_INDEX, ChatFormatter, collate, pad_token_id
+from components.model.compose import compose_llava, load_vision_encoder
+from components.model.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN
 from tiny_llava import IMAGE_SIZE, tiny_model, write_clip_and_llama
 
 CHATML_LM_TEMPLATE = (  # a ChatML instruct model's own template (SmolLM2-style), without an image slot

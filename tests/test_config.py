@@ -6,8 +6,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from components.cli import app
-from components.config import ParamsError, load_params, parse_override
+from flows.cli import app
+from components.core.config import ParamsError, load_params, parse_override
 
 runner = CliRunner()
 

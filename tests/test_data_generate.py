@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.config import DataParams
+from components.core.config import DataParams
 from components.data import generate
 from components.data.generate import MME_ROOT, SPLIT_FILES, write_dataset
 from components.data.load import load_dataset_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import DataParams
+from components.core.config import DataParams
 from components.data.generate import write_dataset
 from components.data.load import load_dataset_dir, resolve_image
 from components.data.mme import MMEItem, write_mme_subtask

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import DeployParams, ParamsError, load_params
+from components.core.config import DeployParams, ParamsError, load_params
 from flows.deploy import ENTRYPOINT, REPO_ROOT, build_deployment, register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_mrt_deploy_refuses_without_a_prefect_server(monkeypatch):
     from typer.testing import CliRunner
 
     import flows.deploy
-    from components.cli import app
+    from flows.cli import app
 
     called = []
     monkeypatch.setattr(flows.deploy, "deploy", lambda dp: called.append(dp))
@@ -93,7 +93,7 @@ def test_mrt_deploy_says_where_it_serves_and_stops_cleanly_on_ctrl_c(monkeypatch
     from typer.testing import CliRunner
 
     import flows.deploy
-    from components.cli import app
+    from flows.cli import app
 
     def interrupted(dp):
         raise KeyboardInterrupt
@@ -127,7 +127,7 @@ def test_mrt_deploy_serves_until_sigint_and_exits_without_a_traceback(prefect_ha
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "components.cli", "deploy", "-p", str(ROOT / "params.yaml"),
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "-p", str(ROOT / "params.yaml"),
                              "-S", "deploy.name=mrt-sigint-test"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -1,14 +1,15 @@
 """dvc.yaml's code deps come from what each stage's command imports.
 
-For every stage, the module imports of its `mrt <stage>` command (the function in components/cli.py,
+For every stage, the module imports of its `mrt <stage>` command (the function in flows/cli.py,
 plus the cli helpers it calls) are followed through `components` and `flows` — every import in each
 reached module, at module level or inside a function, so the set is a superset of what can run. Every
 file reached must be covered by a dep of that stage in dvc.yaml (the file itself or a folder above
 it); otherwise DVC would not rerun the stage after an edit to that file, and neither would `mrt run`.
 
-Not followed: the command-line shell every command shares — components/cli.py (argument parsing),
-components/config.py (params parsing; every value it reads is a DVC param of the stage),
-components/offline.py (environment switches) and the package's __init__ (its version string).
+A package's `__init__.py` that holds only a docstring is not a dep (nothing in it can run).
+Not followed: the command-line shell every command shares — flows/cli.py (argument parsing),
+components/core/config.py (params parsing; every value it reads is a DVC param of the stage),
+components/core/offline.py (environment switches) and the package's __init__ (its version string).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("components", "flows")
-SHELL = {"components/cli.py", "components/config.py", "components/offline.py", "components/__init__.py",
+SHELL = {"flows/cli.py", "components/core/config.py", "components/core/offline.py", "components/__init__.py",
          "flows/__init__.py"}
 
 
@@ -57,6 +58,11 @@ def imports_in(node: ast.AST, module: str, root: Path) -> set[str]:
     return found
 
 
+def docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
 def closure(start: set[str], root: Path) -> set[str]:
     """Files (relative, posix) of every project module reachable from `start` (parent packages too)."""
     seen: set[str] = set()
@@ -72,23 +78,24 @@ def closure(start: set[str], root: Path) -> set[str]:
             continue
         seen.add(mod)
         todo += imports_in(ast.parse(path.read_text(encoding="utf-8")), mod, root)
-    return {module_file(root, m).relative_to(root).as_posix() for m in seen}
+    files = [module_file(root, m) for m in seen]
+    return {f.relative_to(root).as_posix() for f in files if not (f.name == "__init__.py" and docstring_only(f))}
 
 
 @functools.lru_cache(maxsize=4)
 def command_imports(root: Path = ROOT) -> dict[str, frozenset[str]]:
-    """{command name: files its code can import}, from components/cli.py's `<name>_cmd` functions and
+    """{command name: files its code can import}, from flows/cli.py's `<name>_cmd` functions and
     the module-level cli helpers they call."""
-    tree = ast.parse((root / "components" / "cli.py").read_text(encoding="utf-8"))
+    tree = ast.parse((root / "flows" / "cli.py").read_text(encoding="utf-8"))
     helpers = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
     out = {}
     for fn in tree.body:
         if not (isinstance(fn, ast.FunctionDef) and fn.name.endswith("_cmd")):
             continue
-        mods = imports_in(fn, "components.cli", root)
+        mods = imports_in(fn, "flows.cli", root)
         called = {n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         for name in called & set(helpers) - {fn.name}:
-            mods |= imports_in(helpers[name], "components.cli", root)
+            mods |= imports_in(helpers[name], "flows.cli", root)
         out[fn.name.removesuffix("_cmd")] = frozenset(closure(mods, root) - SHELL)
     return out
 
@@ -113,13 +120,13 @@ def _dvc() -> dict:
 
 def test_walker_follows_function_level_imports_into_the_project():
     imports = command_imports()
-    assert "components/training.py" in imports["train"]
-    assert "components/batching.py" in imports["train"]  # imported by training, not by the command
-    assert "components/benchmark.py" in imports["benchmark"]
-    assert {"components/editors/sites.py", "components/backbone.py"} <= imports["benchmark"]
-    assert "components/registry.py" in imports["promote"] and "components/registry.py" not in imports["train"]
+    assert "components/train/training.py" in imports["train"]
+    assert "components/data/batching.py" in imports["train"]  # imported by training, not by the command
+    assert "components/evaluation/benchmark.py" in imports["benchmark"]
+    assert {"components/editors/sites.py", "components/model/backbone.py"} <= imports["benchmark"]
+    assert "components/track/registry.py" in imports["promote"] and "components/track/registry.py" not in imports["train"]
     assert "flows/ray_runner.py" in imports["ablate"]  # ablate.executor: ray
-    assert not imports["data"] & {"components/training.py", "components/cli.py"}
+    assert not imports["data"] & {"components/train/training.py", "flows/cli.py"}
 
 
 def test_every_stage_lists_every_module_its_command_imports():
@@ -128,8 +135,8 @@ def test_every_stage_lists_every_module_its_command_imports():
         f"  {stage}: {', '.join(files)}" for stage, files in missing.items())
 
 
-@pytest.mark.parametrize(("stage", "dep"), [("train", "components/editors"), ("benchmark", "components/batching.py"),
-                                             ("promote", "components/tracking.py")])
+@pytest.mark.parametrize(("stage", "dep"), [("train", "components/editors"), ("benchmark", "components/data/batching.py"),
+                                             ("promote", "components/track")])
 def test_a_dropped_dep_is_reported(stage, dep):
     doc = _dvc()
     doc["stages"][stage]["deps"] = [d for d in doc["stages"][stage]["deps"] if d != dep]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import headline
-from components.report import _FLOAT_FIELDS
+from components.experiments import headline
+from components.experiments.report import _FLOAT_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_headline_files_hold_no_timing_and_keep_chance_beside_accuracy(tmp_path)
 
 @pytest.mark.parametrize("kind", ["validate", "align", "train", "benchmark", "compare", "promote", "ablate"])
 def test_headline_of_the_committed_reports_is_small(kind, tmp_path):
-    from components.config import load_params
+    from components.core.config import load_params
 
     p = load_params(ROOT / "params.yaml")
     report = {"validate": p.validate_.report, "align": p.align.report, "train": p.train.report,
@@ -84,8 +84,8 @@ def test_headline_of_the_committed_reports_is_small(kind, tmp_path):
 def test_mrt_report_writes_the_results_file_and_the_readme_block_only_when_asked(tmp_path):
     from typer.testing import CliRunner
 
-    from components.cli import app
-    from components.report import RESULTS_END, RESULTS_START
+    from flows.cli import app
+    from components.experiments.report import RESULTS_END, RESULTS_START
     from test_compare import _comparison_file
 
     cmp = _comparison_file(tmp_path)

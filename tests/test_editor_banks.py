@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from test_editors import ALL_GROUPS, batch, tiny_llava, words
 
-from components.config import EditorParams
+from components.core.config import EditorParams
 from components.editors.io import load_editors, model_fingerprint, save_editors
 from components.editors.sites import attach
-from components.training import _wrapper_class
+from components.train.training import _wrapper_class
 
 
 def _editors(model):

@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 
 from test_editors import ALL_GROUPS, batch, tiny_llava, words  # noqa: E402
 
-from components.config import EditorParams  # noqa: E402
+from components.core.config import EditorParams  # noqa: E402
 from components.editors import kernels  # noqa: E402
 from components.editors.loreft import _Edit, _EditRows, edit_rows_fused_, edit_whole, slot_mask  # noqa: E402
 from components.editors.positions import edit_positions  # noqa: E402

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from components.config import EditorParams
+from components.core.config import EditorParams
 from components.editors.count import count_parameters, llava_7b_config, paper_placement_7b, parameter_report
 from components.editors.io import EditorFileError, load_editors, model_fingerprint, save_editors
 from components.editors.loreft import LoReFT

@@ -204,9 +204,9 @@ def test_train_loop_with_cuda_graphs(tmp_path):
     those of the same run without graphs."""
     from tiny_llava import tiny_model
 
-    from components.batching import ChatFormatter
-    from components.config import EditorParams, TrainParams
-    from components.training import (LoopSpec, StepSampler, _release_graphs, batch_maker, encode_rows,
+    from components.data.batching import ChatFormatter
+    from components.core.config import EditorParams, TrainParams
+    from components.train.training import (LoopSpec, StepSampler, _release_graphs, batch_maker, encode_rows,
                                      graph_vision_layers, prepare_method, run_loop)
 
     editors_cfg = EditorParams.model_validate({"visual": {"layers": "all", "rank": 2}, "projector": {"rank": 2},

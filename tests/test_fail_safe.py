@@ -7,7 +7,6 @@ private copy of the reliability workspace (tests/reliability_env.py).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -84,14 +83,14 @@ KILL_SETS = ("-S", f"train.steps={KILL_STEPS}", "-S", f"train.save_every={KILL_E
 @pytest.fixture(scope="module")
 def killed_checkpoints(tmp_path_factory) -> Path:
     """SIGKILL a real `mrt train` once two checkpoints exist; a copy of what it left behind."""
-    from components.checkpoints import listed
-    from components.offline import set_offline_env
+    from components.train.checkpoints import listed
+    from components.core.offline import set_offline_env
 
     set_offline_env()
     ws = workspace(tmp_path_factory, tmp_path_factory.mktemp("killed"))
     ckpt = _out(ws) / "checkpoints"
     env = {**os.environ, "MRT_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ws.tracking_uri}
-    proc = subprocess.Popen([sys.executable, "-m", "components.cli", "train", "-p", str(ws.params), *KILL_SETS],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "-p", str(ws.params), *KILL_SETS],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     try:
@@ -127,7 +126,7 @@ CORRUPTIONS = {
     outcome="the bad file is named, training resumes from the previous checkpoint and finishes (exit 0)"))
     for h in CORRUPTIONS])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ws, killed_checkpoints, how, monkeypatch):
-    from components.checkpoints import listed
+    from components.train.checkpoints import listed
 
     shutil.copytree(killed_checkpoints, _out(ws) / "checkpoints")
     (newest_step, newest), (prev_step, _) = listed(_out(ws) / "checkpoints")[-1], listed(_out(ws) / "checkpoints")[-2]
@@ -227,7 +226,7 @@ def test_image_limits_hold_in_every_command(ws):
 def served(ws):
     """The pyfunc model as `mlflow models serve` runs it: load_context on the logged artifacts, then predict."""
     from components.editors.io import CONFIG_NAME
-    from components.pyfunc_model import ARTIFACT_ADAPTER, ARTIFACT_BASE_REF, MRTEditorModel, base_reference
+    from components.track.pyfunc_model import ARTIFACT_ADAPTER, ARTIFACT_BASE_REF, MRTEditorModel, base_reference
 
     fingerprint = json.loads((ws.editors / CONFIG_NAME).read_text())["base_fingerprint"]
     ref = ws.root / "base_ref.json"
@@ -251,8 +250,8 @@ def _b64(path: Path) -> str:
 def test_served_model_and_predict_apply_one_guard(ws, served):
     import pandas as pd
 
-    from components.batching import load_image
-    from components.pyfunc_model import ModelInputError, decode_image
+    from components.data.images import load_image
+    from components.track.pyfunc_model import ModelInputError, decode_image
 
     grey = ws.root / "grey16.png"
     Image.fromarray(np.tile(np.array([0, 20000, 40000, 65535], dtype=np.uint16), (32, 8))).save(grey)
@@ -278,7 +277,7 @@ def test_served_model_and_predict_apply_one_guard(ws, served):
 def test_served_model_refuses_server_side_paths_without_revealing_files(ws, served):
     import pandas as pd
 
-    from components.pyfunc_model import ModelInputError
+    from components.track.pyfunc_model import ModelInputError
 
     inside = _records(ws, "train")[0]["image"]
     existing, missing = str(ws.data / "images" / inside), str(ws.data / "images" / "no-such.png")
@@ -368,7 +367,7 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
 
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "components.cli", "params", "-p", str(bomb)], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "params", "-p", str(bomb)], cwd=REPO,
                               capture_output=True, text=True, timeout=60, preexec_fn=cap)
     except subprocess.TimeoutExpired:
         pytest.fail("`mrt params` on an alias bomb still running after 60 s")
@@ -379,7 +378,7 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
 @rel(area="tracking", case="a leftover `editors.safetensors.tmp-*` from an interrupted save in the editors folder",
      outcome="not shipped: the registered model's adapter holds only the editors files")
 def test_temporary_files_are_never_shipped(ws, tmp_path):
-    from components.pyfunc_model import stage_adapter
+    from components.track.pyfunc_model import stage_adapter
 
     (ws.editors / "editors.safetensors.tmp-123-abcd").write_bytes(b"half a file")
     staged = stage_adapter(ws.editors, tmp_path / "staged")
@@ -409,7 +408,7 @@ def test_concurrent_promotions_on_a_new_store(ws, tmp_path):
                                       "report": str(d / "promotion.json")}})
         params = shutil.copy(ws.params, d / "params.yaml")
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MRT_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "components.cli", "promote", "-p", str(params)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "promote", "-p", str(params)],
                                       cwd=ws.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     for proc in procs:
@@ -432,7 +431,7 @@ def test_concurrent_promotions_on_a_new_store(ws, tmp_path):
 # a killed `mrt run`: its temporary Prefect server stops, its MLflow runs end KILLED
 # ---------------------------------------------------------------------------------------------
 def _proc_tree(pid: int) -> dict[int, str]:
-    from components.lifeline import _descendants
+    from components.track.lifeline import _descendants
 
     out = {}
     for child in _descendants(pid):
@@ -451,8 +450,8 @@ def _proc_tree(pid: int) -> dict[int, str]:
 def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from components.config import TrackParams
-    from components.lifeline import _start_time, end_orphaned_runs
+    from components.core.config import TrackParams
+    from components.track.lifeline import _start_time, end_orphaned_runs
 
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):  # a DVC project: the flow's tasks run its stages
         shutil.copy(REPO / name, tmp_path / name)
@@ -471,7 +470,7 @@ def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "components.cli", "run", "-p", "smoke.yaml"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "-p", "smoke.yaml"], cwd=tmp_path, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     server: dict[int, str] = {}
     running: list = []
@@ -520,7 +519,7 @@ def test_a_killed_pipeline_leaves_no_server_and_no_running_runs(tmp_path):
      outcome="stale at once (its holder's process is gone), not after the lease's TTL; a live holder's or another "
              "host's lease is kept")
 def test_a_dead_holders_lease_is_stale_and_a_live_one_is_not():
-    from components.registry import _stale
+    from components.track.registry import _stale
 
     host = os.uname().nodename
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -550,7 +549,7 @@ def test_a_failed_checkpoint_write_is_clear_and_leaves_nothing(ws):
     write_params(ws, {"track": {"retries": 0, "system_metrics": False}})
     env = {**os.environ, "MRT_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     env.pop("MRT_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "components.cli", "train", "-p", str(ws.params)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "-p", str(ws.params)], cwd=REPO, env=env,
                           preexec_fn=limit, capture_output=True, text=True, timeout=240)
     ckpt = _out(ws) / "checkpoints"
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -598,7 +597,7 @@ def test_a_silent_tracking_server_fails_fast_with_one_line(ws):
         env.pop(key, None)
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "components.cli", "promote", "-p", str(ws.params)], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "promote", "-p", str(ws.params)], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=150)
     finally:
         stop.set()

@@ -1,7 +1,7 @@
 """Faults: `mrt train` killed with SIGKILL mid-run resumes from its last checkpoint and ends with exactly
 the editors (bytes), loss curve and held-out scores of an uninterrupted run (CPU, fixed seeds).
 
-The runs are real `mrt train` processes (`python -m components.cli train`), so nothing is shared in
+The runs are real `mrt train` processes (`python -m flows.cli train`), so nothing is shared in
 memory between the killed run and the resumed one: only what the killed run left on disk. The kill
 lands while training is running, after at least one checkpoint and before the last step — the test
 checks both, so a run that finished before the kill cannot pass for a resumed one. (MLflow outages
@@ -31,12 +31,12 @@ PROGRESS = re.compile(r"step (\d+)/(\d+)")
 def _train_cmd(ws: Workspace, out: str) -> list[str]:
     sets = {"train.out_dir": str(ws.models / out), "train.report": str(ws.reports / f"{out}.json"),
             "train.curve": str(ws.reports / f"{out}.csv"), "train.steps": STEPS, "train.save_every": SAVE_EVERY}
-    return [sys.executable, "-m", "components.cli", "train", "-p", str(ws.params),
+    return [sys.executable, "-m", "flows.cli", "train", "-p", str(ws.params),
             *[a for k, v in sets.items() for a in ("-S", f"{k}={v}")]]
 
 
 def _env() -> dict[str, str]:
-    from components.offline import set_offline_env
+    from components.core.offline import set_offline_env
 
     set_offline_env()
     env = {**os.environ, "MRT_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -22,8 +22,8 @@ def _umask_022():
 
 def test_atomic_writers_make_readable_files(tmp_path):
     from components.data.visionflan import atomic_write_text
-    from components.headline import write_headline
-    from components.report import write_bytes, write_text
+    from components.experiments.headline import write_headline
+    from components.core.files import write_bytes, write_text
 
     assert _mode(write_text(tmp_path / "a" / "r.md", "x")) == 0o644
     assert _mode(write_bytes(tmp_path / "b.bin", b"x")) == 0o644
@@ -33,7 +33,7 @@ def test_atomic_writers_make_readable_files(tmp_path):
 
 
 def test_validation_report_is_readable(tmp_path):
-    from components.validation import ValidationReport, write_report
+    from components.data.validation import ValidationReport, write_report
 
     report = ValidationReport(data_dir=str(tmp_path), checks=[], stats={})
     write_report(report, tmp_path / "validation.json")
@@ -44,7 +44,7 @@ def test_safetensors_folders_are_made_readable(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from components.report import make_readable
+    from components.core.files import make_readable
 
     out = tmp_path / "model"
     (out / "sub").mkdir(parents=True)
@@ -58,7 +58,7 @@ def test_safetensors_folders_are_made_readable(tmp_path):
 
 
 def test_the_saved_base_is_readable(tmp_path):
-    from components.backbone import save_base
+    from components.model.backbone import save_base
     from tiny_llava import tiny_model
 
     model, processor = tiny_model(tmp_path)[:2]

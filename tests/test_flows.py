@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ParamsError, load_params
+from components.core.config import ParamsError, load_params
 from flows import repro
 from flows.pipeline import check_wiring, pipeline_stages, summary_rows
 
@@ -172,7 +172,7 @@ def test_a_workspace_without_dvc_is_named(tmp_path):
 def test_mrt_run_outside_a_dvc_project_says_so_before_prefect_starts(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from components.cli import app
+    from flows.cli import app
 
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["run", "-p", str(ROOT / SMOKE)])
@@ -212,7 +212,7 @@ def test_no_prefect_task_or_flow_persists_results_or_caches():
 
 
 def test_offline_settings_include_prefects_do_not_track():
-    from components.offline import OFFLINE_ENV
+    from components.core.offline import OFFLINE_ENV
 
     assert OFFLINE_ENV["DO_NOT_TRACK"] == "1"
     assert "DO_NOT_TRACK=1" in (ROOT / ".ci" / "run").read_text()
@@ -375,10 +375,10 @@ def test_mrt_run_smoke_then_dvc_status_is_clean(tmp_path, prefect_harness, monke
     assert {p.name for p in storage.rglob("*")} == before  # the run wrote no result either
 
     # an edit to a code file: DVC names exactly the stages whose commands import it
-    perturb = Path("components/perturb.py")
+    perturb = Path("components/evaluation/perturb.py")
     perturb.write_text(perturb.read_text() + "\n# an edit\n")
     stale = set(json.loads(_dvc(ws, "status", "--json").stdout))
-    importers = {s for s, files in command_imports(ws).items() if "components/perturb.py" in files}
+    importers = {s for s, files in command_imports(ws).items() if "components/evaluation/perturb.py" in files}
     assert stale == importers & set(repro.PIPELINE) == {"benchmark", "ablate", "compare", "promote"}
 
 

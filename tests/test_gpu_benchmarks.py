@@ -272,7 +272,7 @@ def test_loss_counts_answer_tokens_of_the_whole_step():
     the processes, divided by their number: per-token mean of the global batch after DDP's average."""
     import torch
 
-    from components.training import _answer_tokens
+    from components.train.training import _answer_tokens
 
     class OneProcess:
         num_processes = 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from components.config import load_params
-from components.hashing import dir_hash, file_hash, params_hash
+from components.core.config import load_params
+from components.core.hashing import dir_hash, file_hash, params_hash
 
 
 def _tree(root, files):

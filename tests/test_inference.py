@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from components.backbone import save_base
-from components.inference import (
+from components.model.backbone import save_base
+from components.evaluation.inference import (
     FROZEN_MARKER,
     detect_kind,
     evaluate_exact_match,
@@ -75,7 +75,7 @@ def test_pick_per_task_is_stable(tmp_path):
 
 def test_evaluate_exact_match_counts_per_task(tmp_path, monkeypatch):
     model, processor, rows, root = tiny_model(tmp_path)
-    import components.inference as inf
+    import components.evaluation.inference as inf
 
     sel = [r for r in rows if r.split in ("train", "text")][:6]
     monkeypatch.setattr(inf, "generate", lambda m, p, imgs, prompts, *a, **k: [r.answer if r.task == "vf_color" else "nope" for r in sel])
@@ -90,7 +90,7 @@ def test_quick_heldout_check_does_not_count_an_empty_answer_as_option_letter_a(t
     from components.data.records import Row
 
     model, processor, _, _ = tiny_model(tmp_path)
-    import components.inference as inf
+    import components.evaluation.inference as inf
 
     rows = [Row("q0", "vf_letter", "heldout", "Which option? (A) red (B) blue", "A", None, "hand", 0),
             Row("q1", "vf_letter", "heldout", "Which option? (A) red (B) blue", "B", None, "hand", 1)]
@@ -116,7 +116,7 @@ def test_detect_kind_and_load(tmp_path):
     loaded = load_model(base, frozen)
     assert loaded.kind == "frozen" and loaded.info["method"] == "frozen"
     want = generate(model, processor, [root / "red.png"], ["What color?"], max_new_tokens=4)
-    from components.config import PredictParams
+    from components.core.config import PredictParams
 
     assert predict(base, frozen, [str(root / "red.png")], ["What color?"], PredictParams(max_new_tokens=4)) == want
 

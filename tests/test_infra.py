@@ -273,7 +273,7 @@ def test_k8s_template_asks_for_gpus_with_its_defaults(k8s_template):
 def _launch_env(path: Path) -> tuple[object, dict[str, str]]:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_multi_gpu_env
 
-    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "components.cli", "train"])
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "flows.cli", "train"])
     args = _validate_launch_command(args)[0]
     return args, prepare_multi_gpu_env(args)
 
@@ -289,7 +289,7 @@ def test_fsdp_config_shards_the_backbone_blocks_that_exist():
     assert args.use_fsdp and env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
     classes = env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")
-    # The blocks of the backbones components/backbone.py builds (LLaVA = CLIP vision tower + Llama LM).
+    # The blocks of the backbones components/model/backbone.py builds (LLaVA = CLIP vision tower + Llama LM).
     assert set(classes) == {"LlamaDecoderLayer", "CLIPEncoderLayer"}
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 

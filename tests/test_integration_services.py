@@ -52,7 +52,6 @@ def _isolated_checkout(tmp: Path) -> Path:
     from test_flows import _workspace
 
     return _workspace(tmp / "checkout")
-    return out
 
 
 def _wait_for_flow_run(client, run_id, timeout: float):
@@ -86,7 +85,7 @@ def test_smoke_pipeline_as_a_deployment_on_real_services(tmp_path, monkeypatch):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from components.config import load_params
+    from components.core.config import load_params
 
     state = tmp_path / "state"
     plan = services.Plan(state=state, backend="postgres", ui=False, poll_seconds=2, timeout=240)

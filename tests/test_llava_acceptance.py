@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from llava_hf_layout import write_llava_hf_folder
@@ -65,7 +64,7 @@ def _write_mme(root: Path) -> Path:
 def test_llava_hf_checkpoint_visionflan_and_mme_through_the_cli(tmp_path, monkeypatch, caplog):
     from typer.testing import CliRunner
 
-    from components.cli import app
+    from flows.cli import app
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MRT_NUM_THREADS", "1")
@@ -151,9 +150,9 @@ def _answers_exactly_and_stops(base: Path, adapter: Path, ann: Path, exact: bool
     exact=False: some training row's answer tokens followed by EOS)."""
     import torch
 
-    from components.batching import IGNORE_INDEX, ChatFormatter, collate, pad_token_id
+    from components.data.batching import IGNORE_INDEX, ChatFormatter, collate, pad_token_id
     from components.data.visionflan import read_visionflan
-    from components.inference import load_model
+    from components.evaluation.inference import load_model
 
     loaded = load_model(base, adapter)
     model, processor = loaded.model, loaded.processor
@@ -168,7 +167,7 @@ def _answers_exactly_and_stops(base: Path, adapter: Path, ann: Path, exact: bool
         target = [i for i in fmt.encode(row.instruction, row.answer, True).labels if i != IGNORE_INDEX]
         assert target[-1] == eos
         prompt = fmt.encode_prompt(row.instruction, True)
-        from components.batching import Encoded
+        from components.data.batching import Encoded
 
         batch = collate([Encoded(prompt, prompt, image)], processor, pad_token_id(processor), "left")
         batch.pop("labels")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 
 from components.data.records import Row
-from components.metrics import METRIC_NAMES, load_metric, metric_path
-from components.metrics.mme import (
+from components.evaluation.metrics import METRIC_NAMES, load_metric, metric_path
+from components.evaluation.metrics.mme import (
     MMEAnswer,
     flat_mme_metrics,
     score_mme,
     score_mme_results,
     write_mme_results,
 )
-from components.metrics.text import (
+from components.evaluation.metrics.text import (
     exact_match,
     letter_match,
     mme_yes_no,

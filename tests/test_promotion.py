@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from promotion_helpers import fast_track, migrated_db, promote_params, store, tiny_artifacts  # noqa: F401
 
-from components import registry, tracking
+from components.track import registry, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,9 @@ import json, sys, time
 sys.path[:0] = [{repo!r}, {tests!r}]
 from pathlib import Path
 import yaml
-from components import registry
-from components.config import Params
-import components.inference  # the heavy imports happen before the start line
+from components.track import registry
+from components.core.config import Params
+import components.evaluation.inference  # the heavy imports happen before the start line
 
 params = Params.model_validate(yaml.safe_load(Path(sys.argv[1]).read_text()))
 spans = Path(sys.argv[2])
@@ -223,7 +223,7 @@ def test_outage_before_anything_is_registered_creates_no_version(store, tiny_art
     def down(*a, **k):
         raise ConnectionError("connection refused")
 
-    monkeypatch.setattr("components.pyfunc_model.log_pyfunc", down)
+    monkeypatch.setattr("components.track.pyfunc_model.log_pyfunc", down)
     with pytest.raises(tracking.TrackingError, match="log the editor model of run .* failed after 2 attempt"):
         registry.promote(params)
     assert registry._versions(store) == []

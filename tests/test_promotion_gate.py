@@ -8,16 +8,16 @@ import json
 import pytest
 from promotion_helpers import migrated_db, promote_params, store, tiny_artifacts  # noqa: F401  (fixtures)
 
-from components import registry
-from components.config import PromoteParams
-from components.registry import Reference
+from components.track import registry
+from components.core.config import PromoteParams
+from components.track.registry import Reference
 
 GUARD = PromoteParams(baseline_margin=0.02, spread_factor=2.0, min_seeds=2)
 THREE_SEEDS = Reference(frozen_heldout_mean=0.10, seed_std=0.01, seeds=3, method="mrt", source="comparison.json")
 
 
 def scores(majority: float | None, **tasks: float) -> dict[str, float]:
-    """Flat metrics as `benchmark.flat_metrics` names them, baselines included."""
+    """Flat metrics as `benchmark_runs.flat_metrics` names them, baselines included."""
     m = {f"heldout/{t}": v for t, v in tasks.items()}
     m["heldout/mean"] = sum(tasks.values()) / len(tasks)
     if majority is not None:

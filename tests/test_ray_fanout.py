@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from components.config import ParamsError  # noqa: E402
+from components.core.config import ParamsError  # noqa: E402
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install -e '.[ray]')")
 pytest.importorskip("prefect_ray")
@@ -34,7 +34,7 @@ def test_more_gpus_per_arm_than_the_cluster_has_is_refused():
 
 
 def test_executor_param_picks_the_runner(monkeypatch):
-    from components.config import AblateParams
+    from components.core.config import AblateParams
     from flows import ray_runner
 
     assert ray_runner.jobs_runner(AblateParams()) is None  # local: the sweep's own process pool
@@ -43,7 +43,7 @@ def test_executor_param_picks_the_runner(monkeypatch):
     with pytest.raises(ParamsError, match=r"pip install -e '\.\[ray\]'"):
         ray_runner.jobs_runner(AblateParams(executor="ray"))
     with pytest.raises(ParamsError, match="executor"):
-        from components.config import load_params
+        from components.core.config import load_params
 
         load_params("params.yaml", ["ablate.executor=dask"])
 
@@ -66,7 +66,7 @@ def two_arms(tmp_path_factory):
     """Two smoke arms (different placements) on a tiny data set and base: (jobs for ray, jobs for local)."""
     from tiny_sweep import SMALL_EDITORS, bench_params, build_tiny_setup, train_params
 
-    from components.ablation import make_job
+    from components.experiments.ablation import make_job
 
     root = tmp_path_factory.mktemp("ray_arms")
     data, base = build_tiny_setup(root)
@@ -92,7 +92,7 @@ def _summary(result):
 
 @pytest.mark.slow
 def test_arms_on_a_local_ray_cluster_match_the_local_executor(two_arms, prefect_api):
-    from components.ablation import run_jobs
+    from components.experiments.ablation import run_jobs
 
     local = run_jobs(two_arms("local"), workers=1, threads=1, report=None)
     seen = []

@@ -49,7 +49,7 @@ def _fake_cache(cache, repo_id, folder, revision="0123456789abcdef0123456789abcd
 def test_hub_id_loads_from_the_local_cache_offline(hf_folder, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from components.backbone import load_base, resolve_base_dir
+    from components.model.backbone import load_base, resolve_base_dir
 
     snap = _fake_cache(tmp_path / "hub", "llava-hf/llava-1.5-tiny-hf", hf_folder)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -63,7 +63,7 @@ def test_hub_id_loads_from_the_local_cache_offline(hf_folder, tmp_path, monkeypa
 def test_hub_id_missing_from_the_cache_says_how_to_download(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from components.backbone import resolve_base_dir
+    from components.model.backbone import resolve_base_dir
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -76,7 +76,7 @@ def test_hub_id_missing_from_the_cache_says_how_to_download(tmp_path, monkeypatc
 
 
 def test_offline_switch_is_the_users_to_turn_off(monkeypatch):
-    from components.offline import set_offline_env
+    from components.core.offline import set_offline_env
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     set_offline_env()
@@ -90,7 +90,7 @@ def test_offline_switch_is_the_users_to_turn_off(monkeypatch):
 def test_plain_causal_lm_folder_is_refused_by_model_type(tmp_path, monkeypatch):
     from transformers import LlamaConfig
 
-    from components.backbone import BaseModelError, load_base
+    from components.model.backbone import BaseModelError, load_base
 
     lm = tmp_path / "vicuna-7b"
     lm.mkdir()
@@ -105,7 +105,7 @@ def test_plain_causal_lm_folder_is_refused_by_model_type(tmp_path, monkeypatch):
 
 
 def test_folder_without_processor_config_is_a_clear_error(hf_folder, tmp_path, monkeypatch):
-    from components.backbone import BaseModelError, load_base
+    from components.model.backbone import BaseModelError, load_base
 
     folder = _copy(hf_folder, tmp_path / "no-proc", drop=["processor_config.json"])
     _no_build(monkeypatch)
@@ -119,7 +119,7 @@ def test_folder_without_processor_config_is_a_clear_error(hf_folder, tmp_path, m
 
 
 def test_folder_without_chat_template_gets_advice_that_helps(hf_folder, tmp_path, monkeypatch):
-    from components.backbone import BaseModelError, load_base
+    from components.model.backbone import BaseModelError, load_base
 
     folder = _copy(hf_folder, tmp_path / "no-template", drop=["chat_template.json"])
     _no_build(monkeypatch)
@@ -133,8 +133,9 @@ def test_folder_without_chat_template_gets_advice_that_helps(hf_folder, tmp_path
 def test_align_dtype_is_validated_and_applied(hf_folder, tmp_path):
     import torch
 
-    from components.backbone import align, load_base
-    from components.config import ParamsError, load_params
+    from components.align.run import align
+    from components.model.backbone import load_base
+    from components.core.config import ParamsError, load_params
 
     with pytest.raises(ParamsError, match="align.dtype"):
         load_params("params.yaml", ["align.dtype=float64"])
@@ -157,7 +158,7 @@ def processor_336():
 
 
 def test_max_length_counts_text_tokens_not_the_576_image_tokens(processor_336):
-    from components.batching import ChatFormatter, image_token_count
+    from components.data.batching import ChatFormatter, image_token_count
 
     assert image_token_count(processor_336) == 576
     enc = ChatFormatter(processor_336, max_length=128).encode("What color is the image?", "red", True, "r1")
@@ -168,7 +169,7 @@ def test_max_length_counts_text_tokens_not_the_576_image_tokens(processor_336):
 
 
 def test_answer_targets_end_with_eos_under_llava_hf_template(processor_336):
-    from components.batching import IGNORE_INDEX, ChatFormatter
+    from components.data.batching import IGNORE_INDEX, ChatFormatter
 
     tok = processor_336.tokenizer
     fmt = ChatFormatter(processor_336, max_length=128)
@@ -182,8 +183,8 @@ def test_answer_targets_end_with_eos_under_llava_hf_template(processor_336):
 
 
 def test_default_max_length_comes_from_the_base(hf_folder):
-    from components.backbone import load_base
-    from components.training import text_max_length
+    from components.model.backbone import load_base
+    from components.train.training import text_max_length
 
     model, processor = load_base(hf_folder)
     assert text_max_length(model, processor, None) == 256 - 16  # positions − image tokens
@@ -196,8 +197,8 @@ def test_llava_profile_loads_validates_and_resolves():
     import yaml
     from typer.testing import CliRunner
 
-    from components.cli import app
-    from components.config import load_params
+    from flows.cli import app
+    from components.core.config import load_params
 
     cfg = load_params("profiles/llava-1.5-7b.yaml")
     assert cfg.data.source == "visionflan" and cfg.align.backbone == "llava"

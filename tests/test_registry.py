@@ -16,8 +16,8 @@ from promotion_helpers import (  # noqa: F401  (fixtures)
     tiny_artifacts,
 )
 
-from components import registry, tracking
-from components.config import PromoteParams
+from components.track import registry, store_init, tracking
+from components.core.config import PromoteParams
 
 # The champion rule on its own (the noise guard is exercised in test_promotion_gate.py).
 RULES = PromoteParams(margin=0.01, max_task_drop=0.05, enforce_baselines=False)
@@ -102,7 +102,7 @@ def test_registry_round_trip_answers_like_inference(store, tiny_artifacts, tmp_p
     import mlflow.pyfunc
     import pandas as pd
 
-    from components.inference import predict
+    from components.evaluation.inference import predict
 
     base, editors, image = tiny_artifacts
     tracking.configure(store)
@@ -139,7 +139,7 @@ def test_pyfunc_rejects_bad_rows_by_row_and_column(store, tiny_artifacts):
     import mlflow.pyfunc
     import pandas as pd
 
-    from components.pyfunc_model import ModelInputError
+    from components.track.pyfunc_model import ModelInputError
 
     base, editors, _ = tiny_artifacts
     tracking.configure(store)
@@ -246,8 +246,8 @@ def test_mrt_promote_and_predict_model_cli(store, tiny_artifacts, tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from components.cli import app
-    from components.inference import predict
+    from flows.cli import app
+    from components.evaluation.inference import predict
 
     params = promote_params(tmp_path, tiny_artifacts, {"a": 0.5, "b": 0.6}, "cli")
     pfile = tmp_path / "params.yaml"
@@ -321,10 +321,10 @@ def test_lease_takeover_rules():
         assert not registry._stale({"token": own_dead, "expires": time.time() + 60}, "me")  # another thread's
     finally:
         registry._held_tokens.discard(own_dead)
-    assert registry.local_store_path("sqlite:////abs/m.db") == Path("/abs/m.db")
-    assert registry.local_store_path("sqlite:///rel.db") == Path("rel.db")
-    assert registry.local_store_path("http://127.0.0.1:5000") is None
-    assert registry.local_store_path("postgresql://u@h/db") is None
+    assert store_init.local_store_path("sqlite:////abs/m.db") == Path("/abs/m.db")
+    assert store_init.local_store_path("sqlite:///rel.db") == Path("rel.db")
+    assert store_init.local_store_path("http://127.0.0.1:5000") is None
+    assert store_init.local_store_path("postgresql://u@h/db") is None
 
 
 def test_champion_update_with_a_lost_response_is_rolled_back(store, tiny_artifacts, tmp_path, monkeypatch):

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from promotion_helpers import build_model, migrated_db, promote_params, store, tiny_artifacts  # noqa: F401
 
-from components import registry, tracking
-from components.pyfunc_model import BASE_DIR_ENV, BaseModelError
+from components.track import registry, tracking
+from components.track.pyfunc_model import BASE_DIR_ENV, BaseModelError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,8 +99,8 @@ def test_loading_a_version_checks_the_base_fingerprint(store, tiny_artifacts, ot
     import mlflow.pyfunc
     from typer.testing import CliRunner
 
-    from components.cli import app
-    from components.inference import BaseMismatchError
+    from flows.cli import app
+    from components.evaluation.inference import BaseMismatchError
 
     base, editors, _ = tiny_artifacts
     params = promote_params(tmp_path, tiny_artifacts, {"a": 0.5}, "r1")
@@ -142,7 +142,7 @@ def _free_port() -> int:
 def _serve_and_ask(tmp_path: Path, tiny_artifacts, env_manager: str, start_timeout_s: float) -> None:
     """Promote the tiny model, serve the champion with MLflow's server, ask it two questions and
     compare the answers with `mrt predict`'s."""
-    from components.inference import predict
+    from components.evaluation.inference import predict
 
     base, editors, image = tiny_artifacts
     assert registry.promote(promote_params(tmp_path, tiny_artifacts, {"a": 0.5}, "r1")).promote

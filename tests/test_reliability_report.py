@@ -1,5 +1,5 @@
 """The Reliability table's pipeline: the pytest plugin records marked cases with their real results,
-components.reliability renders them, `mrt report --reliability` puts them into README between markers.
+components.experiments.reliability renders them, `mrt report --reliability` puts them into README between markers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from components.reliability import (
+from components.experiments.reliability import (
     RELIABILITY_END,
     RELIABILITY_START,
     merge_cases,
@@ -21,7 +21,7 @@ from components.reliability import (
     reliability_block,
     write_readme_reliability,
 )
-from components.report import ReportError
+from components.core.markdown import ReportError
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -202,7 +202,7 @@ def test_missing_markers_or_report_leave_readme_untouched(tmp_path):
 def test_mrt_report_reliability_cli(tmp_path):
     from typer.testing import CliRunner
 
-    from components.cli import app
+    from flows.cli import app
 
     readme = tmp_path / "README.md"
     readme.write_text(README)
@@ -218,7 +218,7 @@ def test_mrt_report_reliability_cli(tmp_path):
 
 
 def test_repo_reliability_doc_has_the_markers_and_readme_points_to_it():
-    from components.report import check_markers
+    from components.core.markdown import check_markers
 
     check_markers(TESTS_DIR.parent / "docs" / "reliability.md", RELIABILITY_START, RELIABILITY_END)
     assert "docs/reliability.md" in (TESTS_DIR.parent / "README.md").read_text(encoding="utf-8")

@@ -40,7 +40,7 @@ def _benchmark(ws, out: str) -> tuple[dict, str]:
                      "-S", f"benchmark.predictions={ws.reports / out}-pred.jsonl",
                      "-S", f"benchmark.mme_results_dir={ws.reports / out}-mme", "-S", "benchmark.perturbations=[noise]")
     assert result.exit_code == 0, result.output
-    from components.benchmark import flat_metrics
+    from components.track.benchmark_runs import flat_metrics
 
     report = json.loads((ws.reports / f"{out}-bench.json").read_text())
     return flat_metrics(report), (ws.reports / f"{out}-pred.jsonl").read_text()

@@ -34,7 +34,7 @@ def smollm2_llava(tmp_path_factory):
     """(model, processor, cache_root, compose seconds): SmolLM2 + a small CLIP tower (32 px, 4 patches)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from components.compose import compose_llava
+    from components.model.compose import compose_llava
 
     root = tmp_path_factory.mktemp("smollm2")
     torch.manual_seed(0)
@@ -46,8 +46,8 @@ def smollm2_llava(tmp_path_factory):
 
 
 def test_composed_smollm2_is_the_pretrained_lm(smollm2_llava):
-    from components.batching import ChatFormatter
-    from components.gguf_cache import convert_gguf
+    from components.data.batching import ChatFormatter
+    from components.model.gguf_cache import convert_gguf
 
     model, processor, cache, _ = smollm2_llava
     text = model.config.text_config
@@ -69,10 +69,10 @@ def test_composed_smollm2_is_the_pretrained_lm(smollm2_llava):
 
 
 def test_editors_on_smollm2_train_one_step_and_leave_the_backbone_alone(smollm2_llava, tmp_path):
-    from components.batching import ChatFormatter, Encoded
-    from components.config import EditorParams
+    from components.data.batching import ChatFormatter, Encoded
+    from components.core.config import EditorParams
     from components.editors import attach
-    from components.training import LoopSpec, StepSampler, batch_maker, run_loop
+    from components.train.training import LoopSpec, StepSampler, batch_maker, run_loop
 
     model, processor, _, _ = smollm2_llava
     model.requires_grad_(False)

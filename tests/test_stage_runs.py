@@ -14,9 +14,9 @@ import yaml
 from promotion_helpers import fast_track, migrated_db, store  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from components import tracking
-from components.config import Params
-from components.hashing import dir_hash
+from components.track import tracking
+from components.core.config import Params
+from components.core.hashing import dir_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def _runs(role: str | None = None) -> list:
 
 
 def test_mrt_train_logs_live_and_mrt_benchmark_scores_the_same_run(store, tiny, tmp_path):
-    from components.cli import app
+    from flows.cli import app
 
     _, data, base = tiny
     pfile, params = _params_file(tmp_path, data, base, steps=8, batch_size=2)
@@ -94,9 +94,9 @@ def test_mrt_train_logs_live_and_mrt_benchmark_scores_the_same_run(store, tiny, 
 def test_candidate_baselines_and_arms_share_one_param_schema(store, tiny, tmp_path, monkeypatch):
     from tiny_sweep import ablate_params, bench_params, compare_params, train_params
 
-    from components.ablation import run_ablation
-    from components.compare import run_compare
-    from components.stage_runs import tracked_train
+    from components.experiments.ablation import run_ablation
+    from components.experiments.compare import run_compare
+    from components.track.stage_runs import tracked_train
 
     _, data, base = tiny
     tracking.configure(store)
@@ -130,7 +130,7 @@ def test_candidate_baselines_and_arms_share_one_param_schema(store, tiny, tmp_pa
 
 
 def test_no_metric_for_mme_subtasks_that_are_not_in_the_set():
-    from components.benchmark import flat_metrics
+    from components.track.benchmark_runs import flat_metrics
 
     report = {"model": {"trainable_params": 1, "trainable_pct": 0.1}, "heldout": {"t": 0.5}, "heldout_mean": 0.5,
               "mme": {"existence": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}}, "mme_perception": 50.0,
@@ -154,7 +154,7 @@ def test_runs_carry_mlflow_source_tags_with_the_commit(monkeypatch, tmp_path):
 
 
 def test_mrt_train_without_a_reachable_tracking_server_trains_untracked(tiny, tmp_path, monkeypatch):
-    from components.cli import app
+    from flows.cli import app
 
     _, data, base = tiny
     with socket.socket() as s:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from components.config import load_params
-from components.staged_base import (
+from components.core.config import load_params
+from components.align.staged import (
     MANIFEST,
     MAX_SHIPPED_BYTES,
     SHIPPED_DIR,
@@ -45,7 +45,7 @@ def test_default_params_describe_the_shipped_base():
 
 @pytest.fixture(scope="module")
 def data64(tmp_path_factory):
-    from components.config import DataParams
+    from components.core.config import DataParams
     from components.data.generate import write_dataset
 
     out = tmp_path_factory.mktemp("data64") / "d"
@@ -55,7 +55,7 @@ def data64(tmp_path_factory):
 
 
 def _align(data_dir: Path, tmp: Path, *overrides: str):
-    from components.backbone import align
+    from components.align.run import align
 
     params = load_params(str(ROOT / "params.yaml"), [f"align.data_dir={data_dir}", f"align.out_dir={tmp / 'base'}",
                                                      f"align.report={tmp / 'align.json'}", "align.eval_size=4",
@@ -74,7 +74,7 @@ def test_align_copies_the_verified_shipped_base(data64, tmp_path):
     assert 0.0 <= saved["caption_token_accuracy"] <= 1.0
     assert saved["steps"] == saved["stages"]["stage_one"]["steps"] > 0 and saved["loss_final"] > 0
     assert set(saved["stages"]) == {"vision", "language", "stage_one"}
-    from components.backbone import load_base
+    from components.model.backbone import load_base
 
     model, _ = load_base(tmp_path / "base")
     assert sum(p.numel() for p in model.parameters()) == rep["total_params"]
@@ -104,8 +104,8 @@ def test_staged_build_runs_three_stages_at_toy_sizes(tmp_path):
     import torch
     from transformers import CLIPModel, LlamaForCausalLM
 
-    from components.backbone import load_base
-    from components.staged_base import StagedSpec, build
+    from components.model.backbone import load_base
+    from components.align.staged import StagedSpec, build
 
     spec = StagedSpec(image_size=32, patch_size=8, vision_hidden=16, vision_layers=2, vision_heads=2, lm_hidden=32,
                       lm_layers=2, lm_heads=2, lm_intermediate=64, vocab_size=300, clip_text_hidden=16,

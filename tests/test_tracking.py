@@ -1,4 +1,4 @@
-"""components.tracking against a real (SQLite) MLflow store: runs, lineage, metrics, retries."""
+"""components.track.tracking against a real (SQLite) MLflow store: runs, lineage, metrics, retries."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 from promotion_helpers import bench_report, fast_track, migrated_db, store  # noqa: F401  (fixtures)
 
-from components import benchmark_runs, tracking
-from components.config import Params
-from components.hashing import dir_hash, params_hash
+from components.track import benchmark_runs, tracking
+from components.core.config import Params
+from components.core.hashing import dir_hash, params_hash
 
 
 def _client():

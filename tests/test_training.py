@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from components.batching import ChatFormatter
-from components.config import EditorParams, LoraParams, TrainParams
-from components.training import (
+from components.data.batching import ChatFormatter
+from components.core.config import EditorParams, LoraParams, TrainParams
+from components.train.training import (
     LoopSpec,
     StepSampler,
     batch_maker,
@@ -187,7 +187,7 @@ def test_loop_reports_step_times_and_tokens(tmp_path):
 
 
 def test_pixel_cache_is_bounded_and_returns_what_the_processor_gives(tmp_path):
-    from components.training import PixelCache
+    from components.train.training import PixelCache
 
     _, processor, rows, root = tiny_model(tmp_path)
     paths = sorted({root / r.image for r in rows if r.image})[:3]
@@ -211,7 +211,7 @@ def test_checkpoint_from_other_settings_is_not_resumed(tmp_path):
 
 @pytest.mark.parametrize("method", ["mrt", "lora"])
 def test_cuda_graphs_run_eagerly_on_cpu_and_release_the_layers(tmp_path, method):
-    from components.training import _release_graphs, graph_vision_layers
+    from components.train.training import _release_graphs, graph_vision_layers
 
     model, run_model, extra, processor, sources = _setup(tmp_path, method)
     graphs = graph_vision_layers(model, extra)
@@ -239,9 +239,9 @@ def test_nothing_trainable_is_an_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    from components.config import AlignParams, DataParams
+    from components.core.config import AlignParams, DataParams
     from components.data.generate import write_dataset
-    from components.training import run_align
+    from components.align.joint import run_align
     from tiny_llava import TINY
 
     root = tmp_path_factory.mktemp("e2e")
@@ -257,7 +257,7 @@ def tiny_pipeline(tmp_path_factory):
 def test_align_writes_a_reloadable_base_and_report(tiny_pipeline):
     import json
 
-    from components.backbone import load_base
+    from components.model.backbone import load_base
 
     root, data, report = tiny_pipeline
     saved = json.loads((root / "align.json").read_text())
@@ -273,8 +273,8 @@ def test_align_writes_a_reloadable_base_and_report(tiny_pipeline):
 def test_train_mrt_and_frozen_end_to_end(tiny_pipeline):
     import json
 
-    from components.inference import load_model, predict
-    from components.training import train
+    from components.evaluation.inference import load_model, predict
+    from components.train.training import train
 
     root, data, _ = tiny_pipeline
     common = dict(base_dir=str(root / "base"), data_dir=str(data), steps=6, batch_size=8, save_every=3,
@@ -308,9 +308,9 @@ def test_train_mrt_and_frozen_end_to_end(tiny_pipeline):
 def test_composed_align_trains_only_the_projector(tiny_pipeline, tmp_path):
     import json
 
-    from components.backbone import load_base
-    from components.config import AlignParams
-    from components.training import run_align
+    from components.model.backbone import load_base
+    from components.core.config import AlignParams
+    from components.align.joint import run_align
     from tiny_llava import write_clip_and_llama
 
     root, data, _ = tiny_pipeline
@@ -329,9 +329,10 @@ def test_composed_align_trains_only_the_projector(tiny_pipeline, tmp_path):
 def test_mrt_beats_frozen_base_on_heldout_tasks(tmp_path):
     """The method's claim in miniature: on a base aligned from scratch, a short MRT run lowers its
     training loss and answers held-out instruction types better than the frozen base (≈ 3-4 min, 2 cores)."""
-    from components.config import AlignParams, DataParams, TinyModelParams
+    from components.core.config import AlignParams, DataParams, TinyModelParams
     from components.data.generate import write_dataset
-    from components.training import run_align, train
+    from components.align.joint import run_align
+    from components.train.training import train
 
     data = tmp_path / "data"
     write_dataset(DataParams(out_dir=str(data), train_per_task=60, heldout_per_task=20, heldin_per_task=1, align_size=1500,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.config import ValidateParams
-from components.validation import CHECKS, validate_dataset
+from components.core.config import ValidateParams
+from components.data.validation import CHECKS, validate_dataset
 
 IMAGE_SIDE = 16
 
@@ -410,7 +410,7 @@ def test_missing_data_dir_is_a_failure_not_a_crash(tmp_path):
 
 
 def test_report_caps_listed_failures(data_dir, tmp_path, monkeypatch):
-    import components.validation as v
+    import components.data.validation as v
 
     monkeypatch.setattr(v, "MAX_FAILURES_LISTED", 2)
     for png in (data_dir / "images/vf_shape").glob("*.png"):
@@ -462,7 +462,7 @@ def test_caption_length_is_checked_separately_from_answers(data_dir, tmp_path):
 
 
 def test_known_task_pairs_without_text_task_table():
-    from components.validation import known_task_pairs
+    from components.data.validation import known_task_pairs
 
     pairs = set(known_task_pairs({"tasks": {"vf_a": {"split": "train", "type": "a"},
                                             "hx_b": {"split": "heldout", "type": "b"}}}))
@@ -472,7 +472,7 @@ def test_known_task_pairs_without_text_task_table():
 
 
 def test_expectation_engine_failure_fails_visibly(data_dir, tmp_path, monkeypatch):
-    import components.validation as v
+    import components.data.validation as v
 
     def broken(*a, **k):
         raise RuntimeError("engine exploded")
@@ -488,7 +488,7 @@ def test_expectation_engine_failure_fails_visibly(data_dir, tmp_path, monkeypatc
 
 def test_generated_dataset_passes(tmp_path):
     """The real generator's output must pass validation (guards the two sides of the format)."""
-    from components.config import DataParams
+    from components.core.config import DataParams
     from components.data.generate import write_dataset
 
     out = tmp_path / "gen"
@@ -504,10 +504,10 @@ def test_records_dropped_by_the_real_source_conversion_fail_validation(tmp_path)
     """`mrt data` on real Vision-Flan keeps only good records and lists the rest in the manifest."""
     import json
 
-    from components.config import ValidateParams
-    from components.config import DataParams
+    from components.core.config import ValidateParams
+    from components.core.config import DataParams
     from components.data.generate import write_dataset
-    from components.validation import validate_dataset
+    from components.data.validation import validate_dataset
 
     data = tmp_path / "d"
     write_dataset(DataParams(out_dir=str(data), train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=10,

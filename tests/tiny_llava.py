@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from components.config import TinyModelParams
+from components.core.config import TinyModelParams
 from components.data.records import Row
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
@@ -48,7 +48,7 @@ def make_rows(image_root: Path, n: int = 24) -> list[Row]:
 
 def tiny_model(tmp_path: Path, seed: int = 0):
     """(model, processor, rows, image_root) for a freshly initialised tiny LLaVA."""
-    from components.backbone import build_tiny_model, build_tiny_processor, tiny_corpus
+    from components.model.backbone import build_tiny_model, build_tiny_processor, tiny_corpus
 
     root = tmp_path / "images"
     rows = make_rows(root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.config import AblateParams, BenchmarkParams, CompareParams, DataParams, EditorParams, TrainParams
+from components.core.config import AblateParams, BenchmarkParams, CompareParams, DataParams, EditorParams, TrainParams
 from tiny_llava import TINY
 
 SMALL_EDITORS = EditorParams.model_validate(
@@ -20,7 +20,7 @@ SMALL_EDITORS = EditorParams.model_validate(
 
 def build_tiny_setup(root: Path) -> tuple[Path, Path]:
     """(data_dir, base_dir) under root: a small generated set and a freshly built tiny base."""
-    from components.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
+    from components.model.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
     from components.data.generate import write_dataset
     from components.data.load import load_dataset_dir
 

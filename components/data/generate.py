@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from components.config import DataParams
+from components.core.config import DataParams
 
 from .load import FORMAT_VERSION, MANIFEST
 from .mme import MMEItem, read_mme, write_mme_item

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from components.config import EditorParams
+from components.core.config import EditorParams
 
 from .loreft import LoReFT
 from .placement import GROUPS, ModelDims, group_rank, resolve_placement

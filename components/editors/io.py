@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from components.config import EditorParams
+from components.core.config import EditorParams
 
 from .sites import MRTEditors, attach
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 GROUPS = ("visual", "projector", "prefix", "suffix")
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -141,3 +141,54 @@ def resolve_placement(config: Any, params: Any) -> dict[str, list[int]]:
 
 def group_rank(params: Any, group: str) -> int:
     return getattr(params, group).rank
+
+
+def _compact(layers: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → "0-2,5,7-8"."""
+    out, run = [], []
+    for x in layers:
+        if run and x == run[-1] + 1:
+            run.append(x)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [x]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def describe_placement(editors: Any, model_config: Any = None) -> dict[str, str]:
+    """groups / layers / ranks / lengths of an EditorParams as short strings for tables.
+
+    With the base's config the layer words are resolved to indices (a group whose words select no
+    layer of this model counts as off); without it, or if the placement does not fit the model, the
+    specs are shown as written.
+    """
+    resolved = None
+    if model_config is not None:
+        try:
+            resolved = resolve_placement(model_config, editors)
+        except PlacementError:
+            resolved = None
+    on, layers = [], []
+    for g in ("visual", "projector", "prefix", "suffix"):
+        if g == "projector":
+            if editors.projector.enabled:
+                on.append(g)
+            continue
+        spec = getattr(editors, g).layers
+        if resolved is not None:
+            if resolved[g]:
+                on.append(g)
+                layers.append(f"{g}={_compact(resolved[g])}")
+        elif spec not in ("none", []):
+            on.append(g)
+            layers.append(f"{g}={spec if isinstance(spec, str) else _compact(spec)}")
+    return {
+        "groups": "+".join(on) or "none",
+        "layers": ";".join(layers),
+        "ranks": ";".join(f"{g}={getattr(editors, g).rank}" for g in on),
+        "lengths": ";".join(f"{g}={getattr(editors, g).length}" for g in on if g in ("prefix", "suffix")),
+    }
+

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.config import EditorParams
+from components.core.config import EditorParams
 
 from .count import count_parameters, llava_7b_config, meta_model, paper_placement_7b, parameter_report
 from . import kernels

@@ -1,0 +1,1 @@
+"""Across runs: the method comparison, the placement ablation, headline metrics and reports."""

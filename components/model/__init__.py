@@ -1,0 +1,1 @@
+"""The frozen base: loading a LLaVA checkpoint, building and composing the tiny one, tokenizers."""

@@ -1,0 +1,1 @@
+"""MLflow: runs of each stage, the model registry, the servable model and process lifelines."""

@@ -1,0 +1,1 @@
+"""Training a model: the loop, the methods it can train, checkpoints."""

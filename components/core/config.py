@@ -240,6 +240,9 @@ class EditorParams(_Section):
     prefix: PositionGroupParams = Field(default_factory=PositionGroupParams)
     suffix: PositionGroupParams = Field(default_factory=PositionGroupParams)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # Which code applies them (components/editors/dispatch.py): "reference" (the plain hooks), "fast"
+    # (banks, fused kernels on CUDA) or "auto" (= fast). Same function; saved files do not record it.
+    impl: Literal["auto", "reference", "fast"] = "auto"
 
 
 class LoraParams(_Section):

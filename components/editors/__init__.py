@@ -1,5 +1,7 @@
-"""MRT representation editors: the LoReFT module, their placement on a stock LLaVA (hooks), the
-prefix/suffix positions, parameter counts, and save/load.
+"""MRT representation editors: the LoReFT module (loreft.py), their placement (placement.py) and
+prefix/suffix positions (positions.py) on a stock LLaVA, the hooks that apply them (hooks.py),
+parameter counts (count.py) and save/load (io.py). fast/ computes the same with banks, fused
+kernels and CUDA graphs; `attach` picks one by `EditorParams.impl` (dispatch.py).
 
 The names below are imported lazily (PEP 562) so that `import components.editors` stays free of
 torch/transformers imports and side effects; `from components.editors import attach` works.
@@ -12,9 +14,9 @@ import importlib
 _EXPORTS = {
     "LoReFT": "loreft",
     "edit_positions": "positions",
-    "MRTEditors": "sites",
-    "attach": "sites",
-    "llava_modules": "sites",
+    "Editors": "hooks",
+    "attach": "dispatch",
+    "llava_modules": "hooks",
     "PlacementError": "placement",
     "resolve_layers": "placement",
     "resolve_placement": "placement",

@@ -26,7 +26,8 @@ from torch import nn
 
 from components.core.config import EditorParams
 
-from .sites import MRTEditors, attach
+from .dispatch import attach
+from .hooks import Editors
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "editors.safetensors"
@@ -113,7 +114,7 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def save_editors(editors: MRTEditors, out_dir: str | os.PathLike, base_id: str, base_fingerprint: str) -> Path:
+def save_editors(editors: Editors, out_dir: str | os.PathLike, base_id: str, base_fingerprint: str) -> Path:
     """Write `editors.safetensors` and `editor_config.json` into `out_dir`; returns the config path."""
     from safetensors.torch import save as to_bytes
 
@@ -131,7 +132,7 @@ def save_editors(editors: MRTEditors, out_dir: str | os.PathLike, base_id: str, 
         config = {
             "format_version": FORMAT_VERSION,
             "method": "mrt",
-            "params": editors.params.model_dump(mode="json"),
+            "params": editors.params.model_dump(mode="json", exclude={"impl"}),  # files are the same whatever the impl
             "layers": editors.layers,
             "dims": editors.dims,
             "base_model": str(base_id),
@@ -202,8 +203,9 @@ def _check_tensors(path: Path, found: dict[str, torch.Tensor], expected: dict[st
             raise EditorFileError(f"{path}: tensor '{key}' holds NaN or infinite values")
 
 
-def load_editors(model: nn.Module, path: str | os.PathLike, base_fingerprint: str) -> MRTEditors:
-    """Attach the editors saved in `path` (their folder, or either file) to `model`.
+def load_editors(model: nn.Module, path: str | os.PathLike, base_fingerprint: str, impl: str = "auto") -> Editors:
+    """Attach the editors saved in `path` (their folder, or either file) to `model`, in the
+    implementation `impl` (EditorParams.impl).
 
     `base_fingerprint` is `model_fingerprint(model)` (passed in so callers that already computed it
     don't pay twice). On any refusal nothing stays attached to the model.
@@ -220,7 +222,8 @@ def load_editors(model: nn.Module, path: str | os.PathLike, base_fingerprint: st
             f"found {found_fp} in the file"
         )
     try:
-        params = EditorParams.model_validate(config["params"])
+        raw = config["params"]
+        params = EditorParams.model_validate({**raw, "impl": impl} if isinstance(raw, dict) else raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

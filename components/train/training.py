@@ -742,8 +742,8 @@ def graph_vision_layers(model, extra=None):
     if extra is not None and hasattr(extra, "use_cuda_graphs"):
         extra.use_cuda_graphs()
         return extra.graphs
-    from components.editors.graphs import LayerGraphs
-    from components.editors.sites import llava_modules
+    from components.editors.fast.graphs import LayerGraphs
+    from components.editors.hooks import llava_modules
 
     return LayerGraphs(llava_modules(model)[1]).install()
 

@@ -11,7 +11,7 @@ of a stack.
 The editors stay what users and files see: `editor.U`, `editor.W.weight`, `editor.W.bias` are
 views into their bank's rows (registered as persistent buffers, so `state_dict()` keys, saved
 files and `load_state_dict` are exactly those of unbanked editors; loading copies into the bank),
-and an editor used on its own still gets gradients, through `LoReFT.live()`. A bank saves and
+and an editor used on its own still gets gradients, through `BankedLoReFT.trainable_tensors()`. A bank saves and
 loads nothing itself. After anything that moves or converts tensors (`.to()`, `.half()`) the owner
 re-binds the views (`MRTEditors._apply`), since conversion copies buffers on their own.
 """
@@ -21,14 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .loreft import LoReFT
+from .editor import BankedLoReFT
 
 
 class EditorBank(nn.Module):
     """Parameters `U`, `W` [n, r, d] and `b` [n, r] of `members` (same d, r, device and dtype), in
     member order; each member's U/W.weight/W.bias become views of its row."""
 
-    def __init__(self, members: list[LoReFT], device: torch.device | None = None):
+    def __init__(self, members: list[BankedLoReFT], device: torch.device | None = None):
         super().__init__()
         if not members:
             raise ValueError("an editor bank needs at least one editor")

@@ -18,7 +18,7 @@ positions (`positions.edit_positions`, from input_ids, attention_mask and — in
 and the LM bank's bases are prepared by the first LM layer's hook, where the host work overlaps the
 GPU's work on that layer instead of delaying the launch-bound vision tower. An LM layer's prefix and
 suffix editors are stacked by rows and applied in one gather → two addmm → scatter
-(`loreft.edit_rows_fused_`: in place, no copy of the layer output in forward, one in backward, no
+(`ops.edit_rows_stacked_`: in place, no copy of the layer output in forward, one in backward, no
 host synchronisation anywhere in a step). Launches and per-tensor host work, not arithmetic, are what
 the editors cost on a GPU (benchmarks/RESULTS.md). Without gradients the per-site parameters are kept
 across passes until a parameter changes, and on a GPU each site is one Triton kernel and the
@@ -43,8 +43,6 @@ hooks on the encoder layers, and those must see the edited output.
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from collections import Counter
 from typing import Any
 
@@ -53,82 +51,20 @@ from torch import nn
 
 from components.core.config import EditorParams
 
-from .count import count_parameters, llava_7b_config, meta_model, paper_placement_7b, parameter_report
+from ..hooks import Editors, forward_argument, is_decode_step, llava_modules
+from ..hooks import first_output as _first
+from ..hooks import replace_first_output as _replace_first
+from ..placement import GROUPS
+from ..positions import edit_positions, prompt_mask_from_labels
 from . import kernels
 from .bank import EditorBank
-from .loreft import LoReFT, _compute_dtype, _writable, edit_rows_, edit_rows_fused_, edit_whole, orthonormal_rows_stacked, slot_mask
-from .placement import GROUPS, ModelDims, PlacementError, resolve_layers, resolve_placement
-from .positions import edit_positions, prompt_mask_from_labels
-
-__all__ = [
-    "GROUPS",
-    "MRTEditors",
-    "PlacementError",
-    "attach",
-    "count_parameters",
-    "llava_7b_config",
-    "meta_model",
-    "paper_placement_7b",
-    "parameter_report",
-    "resolve_layers",
-    "resolve_placement",
-]
-
-# Models that currently carry editors, so that a second attach() is refused rather than stacking.
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, MRTEditors]" = weakref.WeakKeyDictionary()
-
-
-# ---------------------------------------------------------------------------------------------
-# finding the stock modules
-# ---------------------------------------------------------------------------------------------
-def _attr_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def llava_modules(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.ModuleList]:
-    """(LlavaModel, vision encoder layers, projector, LM decoder layers) of a LLaVA model.
-
-    Accepts LlavaForConditionalGeneration or LlavaModel. Vision layers live at
-    `vision_tower.vision_model.encoder.layers` in older transformers and at
-    `vision_tower.encoder.layers` in newer ones; both are found.
-    """
-    core = model.model if hasattr(getattr(model, "model", None), "multi_modal_projector") else model
-    if not hasattr(core, "multi_modal_projector"):
-        raise TypeError(f"{type(model).__name__} is not a LLaVA model (no multi_modal_projector)")
-    vision = None
-    for path in ("vision_tower.vision_model.encoder.layers", "vision_tower.encoder.layers"):
-        vision = _attr_path(core, path)
-        if isinstance(vision, nn.ModuleList):
-            break
-    lm = None
-    for path in ("language_model.layers", "language_model.model.layers"):
-        lm = _attr_path(core, path)
-        if isinstance(lm, nn.ModuleList):
-            break
-    if not isinstance(vision, nn.ModuleList):
-        raise TypeError(f"cannot find the vision encoder layers of {type(core.vision_tower).__name__}")
-    if not isinstance(lm, nn.ModuleList):
-        raise TypeError(f"cannot find the decoder layers of {type(core.language_model).__name__}")
-    return core, vision, core.multi_modal_projector, lm
-
+from .editor import BankedLoReFT
+from .ops import _compute_dtype, _writable, edit_rows_per_editor_, edit_rows_stacked_, edit_whole, orthonormal_rows_stacked, slot_mask
 
 def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_first(output: Any, hidden: torch.Tensor) -> Any:
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class _Sites:
@@ -165,7 +101,7 @@ class _Sites:
 
     def fused(self, device: torch.device, groups: tuple[str, ...], ranks: tuple[int, ...], dtype: torch.dtype):
         """(flat row index [ΣS], slot×column mask [ΣS, Σr]) of `groups` edited together at one layer
-        (`loreft.edit_rows_fused_`), built once per forward and device."""
+        (`ops.edit_rows_stacked_`), built once per forward and device."""
         key = ("fused", device, groups, ranks, dtype)
         got = self._fused.get(key)
         if got is None:
@@ -204,37 +140,17 @@ class _Sites:
 # ---------------------------------------------------------------------------------------------
 # the editors
 # ---------------------------------------------------------------------------------------------
-class MRTEditors(nn.Module):
-    """All editors of one placement (ModuleDicts `visual`, `projector`, `prefix`, `suffix` keyed by
-    layer index; the projector's single editor under "out") and the hooks that apply them.
+class MRTEditors(Editors):
+    """The editors of hooks.Editors (same ModuleDicts, state-dict keys and function) with the fast
+    hooks: banks, per-pass stacks, fused kernels and CUDA graphs (module docstring)."""
 
-    Not a submodule of the model: the backbone's state dict and `save_pretrained` stay untouched.
-    `edit_counts` counts hook applications per group (diagnostics and tests).
-    """
+    editor_class = BankedLoReFT
 
     def __init__(self, params: EditorParams, layers: dict[str, list[int]], dims: dict[str, int]):
-        super().__init__()
-        self.params = params
-        self.layers = {g: list(layers.get(g, [])) for g in GROUPS}
-        self.dims = dict(dims)
-
-        def group(name: str, keys: list[str]) -> nn.ModuleDict:
-            rank = getattr(params, name).rank
-            return nn.ModuleDict({k: LoReFT(dims[name], rank, params.dropout) for k in keys})
-
-        self.visual = group("visual", [str(i) for i in self.layers["visual"]])
-        self.projector = group("projector", ["out"] if self.layers["projector"] else [])
-        self.prefix = group("prefix", [str(i) for i in self.layers["prefix"]])
-        self.suffix = group("suffix", [str(i) for i in self.layers["suffix"]])
-        self.edit_counts: Counter[str] = Counter()
-        self._handles: list[Any] = []
-        self._model_ref: Any = None
-        self._frozen: dict[str, bool] = {}
+        super().__init__(params, layers, dims)
         self._sites: _Sites | None = None
         self._edit_lm = False
         self._pass_open = False
-        self._image_token_id: int | None = None
-        self._forward_params: list[str] = []
         self._hooked_layers: list[nn.Module] = []
         # The LM layers' hooks, (layer, hook) — registered while armed (`_lm_handles`): a no-grad
         # decode step disarms them, since it edits nothing and its 32 hook calls per generated token
@@ -268,37 +184,13 @@ class MRTEditors(nn.Module):
         self._graph_skip = 0  # id() of that layer (an attribute holding the module would register it)
         self._graph_sites: dict[int, tuple[str, str]] = {}
 
-    # -- bookkeeping ------------------------------------------------------------------------
-    def editors(self):
-        """Every LoReFT, in a stable order."""
-        for group in GROUPS:
-            yield from getattr(self, group).values()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def detach(self) -> None:
-        """Remove every hook (and the CUDA graphs) and restore the base parameters' requires_grad flags."""
+        """Remove every hook and the CUDA graphs, and restore the base parameters' requires_grad flags."""
         self.use_cuda_graphs(False)
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         self._disarm_lm_hooks()
         self._lm_hooks = []
-        model = self._model_ref() if self._model_ref is not None else None
-        if model is not None:
-            for name, param in model.named_parameters():
-                if name in self._frozen:
-                    param.requires_grad_(self._frozen[name])
-            if _ATTACHED.get(model) is self:
-                del _ATTACHED[model]
-        self._frozen.clear()
+        super().detach()
         self._hooked_layers = []
-        self._model_ref = None
         self._sites = None
         self._edit_lm = False
         self._pass_open = False
@@ -318,25 +210,7 @@ class MRTEditors(nn.Module):
         self._lm_handles = []
 
     def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        try:
-            i = self._forward_params.index(name)
-        except ValueError:
-            return None
-        return args[i] if i < len(args) else None
-
-    @staticmethod
-    def _is_decode_step(cache: Any, cache_position: Any) -> bool:
-        """From the cache's length when there is a cache object (a shape: no host sync); only
-        without one from cache_position, whose first value must be read from the device."""
-        if hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length()) > 0
-        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
-            return int(cache[0][0].shape[-2]) > 0
-        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-            return int(cache_position.reshape(-1)[0]) > 0
-        return False
+        return forward_argument(self._forward_args, name, args, kwargs)
 
     def _lm_order(self) -> list[tuple[int, str]]:
         """(layer, group) of every LM editor, layer-major: the row order of the LM stacks."""
@@ -353,8 +227,8 @@ class MRTEditors(nn.Module):
             bank.release()
         devices = devices or {}
 
-        def bucket(items: list[tuple[Any, LoReFT]]) -> list[tuple[EditorBank, list[Any]]]:
-            groups: dict[tuple, list[tuple[Any, LoReFT]]] = {}
+        def bucket(items: list[tuple[Any, BankedLoReFT]]) -> list[tuple[EditorBank, list[Any]]]:
+            groups: dict[tuple, list[tuple[Any, BankedLoReFT]]] = {}
             for site, ed in items:
                 dev = torch.device(devices.get(id(ed), ed.U.device))
                 groups.setdefault((ed.d, ed.r, dev, ed.U.dtype), []).append((site, ed))
@@ -497,7 +371,7 @@ class MRTEditors(nn.Module):
             cache = self._argument("cache", args, kwargs)  # transformers ≥ 5.2x
             if cache is None:
                 cache = self._argument("past_key_values", args, kwargs)
-            decode = self._is_decode_step(cache, kwargs.get("cache_position"))
+            decode = is_decode_step(cache, kwargs.get("cache_position"))
         if decode and not torch.is_grad_enabled():
             self._disarm_lm_hooks()  # generation's decode steps: no LM hook call at all
         elif self._handles:
@@ -635,7 +509,7 @@ class MRTEditors(nn.Module):
                 if packed is not None:
                     return _replace_first(output, kernels.edit_whole(hidden, packed))
             elif path == "train":  # training on a GPU
-                return _replace_first(output, kernels.edit_whole_train(hidden, *params))
+                return _replace_first(output, kernels.edit_whole_with_grad(hidden, *params))
             return _replace_first(output, edit_whole(hidden, *params))
 
         return hook
@@ -718,7 +592,7 @@ class MRTEditors(nn.Module):
         if path == "infer":
             return _replace_first(output, kernels.edit_whole(hidden, params))
         if path == "train":
-            return _replace_first(output, kernels.edit_whole_train(hidden, *params))
+            return _replace_first(output, kernels.edit_whole_with_grad(hidden, *params))
         return _replace_first(output, edit_whole(hidden, *params))
 
     def graph_edited(self, index: int, module: nn.Module) -> None:
@@ -762,28 +636,26 @@ class MRTEditors(nn.Module):
             if (params is None or present != groups or (self._dropout_on and dropping())
                     or hidden.shape[-1] != editors[0].d):
                 edits = [(getattr(self, g)[key], *sites.slots(device, g)) for g in present]
-                return _replace_first(output, edit_rows_(hidden, edits))
+                return _replace_first(output, edit_rows_per_editor_(hidden, edits))
             # Prefix and suffix rows in one in-place pass (one gradient copy in backward instead of
-            # out-of-place index_put and full-size zero-filled gradients): see loreft.edit_rows_fused_.
+            # out-of-place index_put and full-size zero-filled gradients): see ops.edit_rows_stacked_.
             idx, mask = sites.fused(device, groups, ranks, _compute_dtype(hidden.dtype, params[0].dtype))
             packed = self._packed(("lm", layer), params, hidden, usable)
             if packed is not None:  # inference on a GPU: the whole edit in one kernel (kernels.py)
                 hidden = _writable(hidden)
-                kernels.edit_rows_(hidden.view(-1, hidden.shape[-1]), idx,
+                kernels.edit_rows_no_grad_(hidden.view(-1, hidden.shape[-1]), idx,
                                    sites.padded_mask(mask, packed[0].shape[0]), packed)
                 return _replace_first(output, hidden)
             if train:  # training on a GPU
-                return _replace_first(output, kernels.edit_rows_train(_writable(hidden), idx, mask, *params))
-            return _replace_first(output, edit_rows_fused_(hidden, idx, mask, *params))
+                return _replace_first(output, kernels.edit_rows_with_grad(_writable(hidden), idx, mask, *params))
+            return _replace_first(output, edit_rows_stacked_(hidden, idx, mask, *params))
 
         return hook
 
     # -- wiring -------------------------------------------------------------------------------
-    def _attach(self, model: nn.Module, freeze_base: bool) -> None:
-        core, vision_layers, projector, lm_layers = llava_modules(model)
-        self._image_token_id = getattr(core.config, "image_token_id", None)
-        self._forward_params = list(inspect.signature(model.forward).parameters)
-        self._model_ref = weakref.ref(model)
+    def _hook(self, model: nn.Module) -> None:
+        """Register the site hooks and the pass hooks; the banks go to the devices of the layers they edit."""
+        _, vision_layers, projector, lm_layers = llava_modules(model)
         handles = []
         try:
             devices: dict[int, torch.device] = {}
@@ -815,38 +687,3 @@ class MRTEditors(nn.Module):
         self._hooked_layers = [vision_layers[int(k)] for k in self.visual] + [
             lm_layers[i] for i in sorted({*self.layers["prefix"], *self.layers["suffix"]})
         ]
-        if freeze_base:
-            for name, param in model.named_parameters():
-                self._frozen[name] = param.requires_grad
-                param.requires_grad_(False)
-        self.train(model.training)
-
-
-def attach(model: nn.Module, params: EditorParams, *, freeze_base: bool = True) -> MRTEditors:
-    """Build the editors of `params` for `model` (a stock LLaVA) and hook them in.
-
-    `freeze_base` (the method's premise) sets requires_grad=False on every base parameter;
-    `detach()` restores the flags. Editors are fp32 and live on the device of the module they edit,
-    in the model's train/eval mode. Raises PlacementError naming the group and layer when the
-    placement does not fit the model.
-    """
-    if model in _ATTACHED:
-        raise RuntimeError("this model already carries MRT editors: call .detach() on them first")
-    core, vision_layers, _, lm_layers = llava_modules(model)
-    dims_cfg = ModelDims.from_config(core.config)
-    layers = {
-        "visual": resolve_layers(
-            params.visual.layers,
-            min(dims_cfg.readable_vision_layers, len(vision_layers)),
-            "visual",
-            model_layers=len(vision_layers),
-        ),
-        "projector": [0] if params.projector.enabled else [],
-        "prefix": resolve_layers(params.prefix.layers, len(lm_layers), "prefix"),
-        "suffix": resolve_layers(params.suffix.layers, len(lm_layers), "suffix"),
-    }
-    dims = {g: dims_cfg.group_dim(g) for g in GROUPS}
-    editors = MRTEditors(params, layers, dims)
-    editors._attach(model, freeze_base)
-    _ATTACHED[model] = editors
-    return editors

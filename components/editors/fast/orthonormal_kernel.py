@@ -1,14 +1,14 @@
 """One Triton launch for a bank's orthonormalisation (forward) and one for its gradient (backward).
 
 Why: on the H200 a LLaVA-7B training step at batch 8 is bound by the host. At the start of every
-step `loreft._OrthonormalRows` orthonormalises each editor bank (U [n, r, d] fp32; 7B: 22×6×1024
+step `ops._OrthonormalRows` orthonormalises each editor bank (U [n, r, d] fp32; 7B: 22×6×1024
 visual, 1×6×4096 projector, 64×4×4096 LM) with shifted Cholesky-QR3: ~20 small PyTorch launches,
 ~1.2–1.7 ms of host time per bank (profiled) while the GPU waits; its backward (~6–8 launches)
 sits in the step's tail, the GPU idle too. Here each is one launch, one program per matrix.
 
 - `orthonormal_rows`: classical Gram–Schmidt with re-orthogonalisation ("twice is enough", CGS2) in
   fp32. Row k: v = u_k; twice v ← v − Qᵀ(Q v) against the rows already made; q_k = v / ‖v‖. The
-  result is the QR factor with a positive R diagonal, i.e. what `loreft._cholesky_qr3` and the
+  result is the QR factor with a positive R diagonal, i.e. what `ops._cholesky_qr3` and the
   sign-fixed `loreft.orthonormal_rows` return (equal to rounding for a well-conditioned U;
   orthonormal to fp32 working precision while cond(U)·ε ≪ 1). While pow2(r) × pow2(d) ≤
   `FWD_REG_ELEMS` (7B: all three banks) the finished rows stay in registers; larger matrices keep
@@ -24,9 +24,8 @@ sits in the step's tail, the GPU idle too. Here each is one launch, one program 
   on R's diagonal) has no finite gradient.
 
 Ranks 1 ≤ r ≤ `MAX_RANK` (16) and r ≤ d, fp32 only (the editors' parameters); anything else (and
-fp64, e.g. gradcheck) takes the operator path. Like kernels.py: on for CUDA tensors unless
-`MRT_FUSED_KERNELS=0`; `MRT_TRITON_INTERPRET=1` with `TRITON_INTERPRET=1` runs them in Triton's
-interpreter on CPU tensors (tests); nothing is built or imported at import time, and without
+fp64, e.g. gradcheck) takes the operator path. Like kernels.py: on for CUDA tensors, and for
+CPU tensors inside `kernels.on_cpu_in_interpreter` (tests); nothing is built or imported at import time, and without
 Triton `usable` is False.
 """
 
@@ -37,7 +36,6 @@ import functools
 import torch
 
 from . import kernels
-from .launch import launch
 
 MAX_RANK = 16  # rows per matrix the kernels take (the padded rank tile stays ≤ 16 × BLOCK_D)
 # Launch configurations, timed on an H200 (kernel time from the profiler, LLaVA-7B banks; the
@@ -194,14 +192,14 @@ def _triton():
 
 def usable(u: torch.Tensor) -> bool:
     """True when a bank orthonormalisation of u [n, r, d] can take the kernels: fp32, 1 ≤ r ≤
-    `MAX_RANK`, r ≤ d, a CUDA tensor with the kernels enabled (or the interpreter, for tests),
+    `MAX_RANK`, r ≤ d, on a device the kernels run on (`kernels.runs_on`),
     Triton importable."""
     if u.dtype != torch.float32 or u.dim() != 3:
         return False
     r, d = u.shape[1], u.shape[2]
     if not 1 <= r <= MAX_RANK or r > d:
         return False
-    if not ((u.is_cuda and kernels.enabled()) or kernels._interpreting()):
+    if not kernels.runs_on(u.device):
         return False
     return _triton() is not None
 
@@ -229,17 +227,17 @@ def orthonormal_rows(u: torch.Tensor, **config) -> torch.Tensor:
     if block_d is None and rp * dp <= FWD_REG_ELEMS or block_d is not None and block_d >= dp:
         warps = config.get("num_warps", min(8, max(4, rp * dp // FWD_ELEMS_PER_WARP)))
         with kernels._on_device(u):
-            launch(fwd_regs, (n,), u, q, r=r, d=d, RP=rp, BLOCK_D=dp, TINY=_TINY, num_warps=warps)
+            fwd_regs[(n,)](u, q, r=r, d=d, RP=rp, BLOCK_D=dp, TINY=_TINY, num_warps=warps)
     else:
         cfg = {**FWD_CHUNK_CONFIG, **config}
         with kernels._on_device(u):
-            launch(fwd_chunked, (n,), u, q, r=r, d=d, RP=rp, TINY=_TINY, **cfg)
+            fwd_chunked[(n,)](u, q, r=r, d=d, RP=rp, TINY=_TINY, **cfg)
     return q
 
 
 def orthonormal_rows_backward(u: torch.Tensor, q: torch.Tensor, grad: torch.Tensor, **config) -> torch.Tensor:
     """∂L/∂U from U, Q = `orthonormal_rows(U)` and G = ∂L/∂Q (all [n, r, d] fp32), the math of
-    `loreft._OrthonormalRows.backward`, in one launch; contiguous fp32 like U. `config` (tuning,
+    `ops._OrthonormalRows.backward`, in one launch; contiguous fp32 like U. `config` (tuning,
     tests): BLOCK_D (a power of two) and num_warps."""
     bwd = _triton()[2]
     n, r, d = u.shape
@@ -250,5 +248,5 @@ def orthonormal_rows_backward(u: torch.Tensor, q: torch.Tensor, grad: torch.Tens
     rp = _pow2(r)
     cfg = {"BLOCK_D": min(_pow2(d), BWD_TILE_ELEMS // rp), "num_warps": BWD_WARPS, **config}
     with kernels._on_device(u):
-        launch(bwd, (n,), u, q, grad, out, r=r, d=d, RP=rp, **cfg)
+        bwd[(n,)](u, q, grad, out, r=r, d=d, RP=rp, **cfg)
     return out

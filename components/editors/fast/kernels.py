@@ -8,11 +8,11 @@ more: +451 kernel launches per b1 generate(). With these kernels it is +56 (one 
 for the positions), measured by the profiler:
 
 - `edit_whole`: ψ(h) = h + (h Aᵀ + b) U over every row (visual layers, projector), into a new tensor;
-- `edit_rows_`: the same at the prefix/suffix rows of an LM layer, in place, for all the layer's
+- `edit_rows_no_grad_`: the same at the prefix/suffix rows of an LM layer, in place, for all the layer's
   editors at once (rows gathered by flat index, a slot × column mask keeping each slot to its own
-  editor's columns, exactly as `loreft.edit_rows_fused_`);
+  editor's columns, exactly as `ops.edit_rows_stacked_`);
 - `positions`: `positions.edit_positions` for inference (prompt = attended tokens), written straight
-  into the layout `edit_rows_` reads (flat row indices, validity, padded slot × column mask).
+  into the layout `edit_rows_no_grad_` reads (flat row indices, validity, padded slot × column mask).
 
 Arithmetic: fp32 like the operator path, rounded once to the hidden states' dtype. The whole-tensor
 products use `tl.dot` with `input_precision="tf32x3"` (see WHOLE_CONFIG): a plain `tf32` dot — what
@@ -23,19 +23,18 @@ operator path against float64 alike.
 Training: `EditWhole` is the whole-tensor edit with gradients — the same forward kernel (also
 keeping z = h Aᵀ + b) and one backward kernel (∂L/∂h, and per-block shares of the parameters'
 gradients summed by one deterministic `sum`): 1 + 2 launches per visual/projector site and step
-where the operator path (`loreft._Edit`) makes ~12, in the host-bound vision tower of a b8 step.
+where the operator path (`ops._Edit`) makes ~12, in the host-bound vision tower of a b8 step.
 `EditRows` does the same for the prefix/suffix rows of an LM layer: two launches forward (split over
 d: partial z per column chunk, then the sum and the write; they also save the rows and z), and
-backward one gradient copy (as the operator path) plus three launches, where `loreft._EditRows`
+backward one gradient copy (as the operator path) plus three launches, where `ops._EditRows`
 makes ~16 small kernels per layer in the GPU-bound LM phases (five of them SIMT fp32 GEMMs of
 10–30 µs each at b8). Inference keeps one launch per layer (`rows_kernel`, one program per slot
 walking d): at batch 1 an extra launch costs the host more than the split saves the GPU.
 The rank dimension is padded to a power of two: with zero rows (`pack`, once per parameter change,
 kept by sites.py with its no-grad stacks) for inference, by masked loads for training, so a site
-launches exactly one kernel. On by default for CUDA tensors when Triton imports (it ships with
-PyTorch's CUDA wheels); `MRT_FUSED_KERNELS=0` turns them off (the operator path everywhere, e.g. to compare); CPU tensors
-always take the operator path. `MRT_TRITON_INTERPRET=1` together with `TRITON_INTERPRET=1` runs the
-kernels in Triton's interpreter on CPU tensors (the tests' way to check them without a GPU).
+launches exactly one kernel. Used for CUDA tensors whenever Triton imports (it ships with
+PyTorch's CUDA wheels; `train.editors.impl: reference` is the plain path to compare with); CPU
+tensors take the operator path, except inside `on_cpu_in_interpreter` (tests: Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ import os
 
 import torch
 
-from .launch import launch
 
 # Launch configurations, chosen by benchmarks/gpu_kernel_tuning.py on an H200 (fastest correct at
 # both b1 and b8 of the 7B shapes; device µs per call whole 48.7/77.3 → 32.7/35.2, rows 31.5/32.2 →
@@ -348,33 +346,42 @@ def _triton():
             rows_partial_kernel, rows_apply_kernel)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("MRT_TRITON_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+_cpu_interpreter = False  # `on_cpu_in_interpreter`: the kernels also take CPU tensors
 
 
-def enabled() -> bool:
-    """On unless `MRT_FUSED_KERNELS` is 0/false/no (the operator path everywhere, e.g. to compare)."""
-    value = os.environ.get("MRT_FUSED_KERNELS", "").strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
+@contextlib.contextmanager
+def on_cpu_in_interpreter():
+    """Inside: the kernels (and orthonormal_kernel's) also edit CPU tensors, in Triton's interpreter
+    (TRITON_INTERPRET=1, set before Triton is first imported, as tests/conftest.py does without a
+    GPU) — the tests' way to check them, and the hooks that pick them, without a GPU."""
+    global _cpu_interpreter
+    before, _cpu_interpreter = _cpu_interpreter, True
+    try:
+        yield
+    finally:
+        _cpu_interpreter = before
+
+
+def runs_on(device: torch.device) -> bool:
+    """True when the kernels run on `device`: CUDA, or CPU inside `on_cpu_in_interpreter`."""
+    if device.type == "cuda":
         return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"MRT_FUSED_KERNELS={value!r}: use 1/true/yes/on or 0/false/no/off")
+    return _cpu_interpreter and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def usable(hidden: torch.Tensor) -> bool:
-    """True when the fused kernels can edit `hidden`: no gradients wanted, a CUDA tensor with the
-    kernels enabled (or the interpreter, for tests), a 16/32-bit float dtype, Triton importable."""
+    """True when the fused kernels can edit `hidden`: no gradients wanted, a tensor on a device the
+    kernels run on (`runs_on`), a 16/32-bit float dtype, Triton importable."""
     if torch.is_grad_enabled() or hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if not ((hidden.is_cuda and enabled()) or _interpreting()):
+    if not runs_on(hidden.device):
         return False
     return _triton() is not None
 
 
 def usable_on(device: torch.device) -> bool:
     """`usable` for work on `device` that is not an edit of hidden states (the positions kernel)."""
-    if torch.is_grad_enabled() or not ((device.type == "cuda" and enabled()) or _interpreting()):
+    if torch.is_grad_enabled() or not runs_on(device):
         return False
     return _triton() is not None
 
@@ -423,24 +430,24 @@ def edit_whole(h: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.
     cfg = {**WHOLE_CONFIG, **config} if config else WHOLE_CONFIG
     rank = a_p.shape[0]
     with _on_device(h):
-        launch(whole_kernel, (triton_cdiv(n_rows, cfg["BLOCK_N"]),), h, out, out, a_p, u_p, b_p, n_rows, stride,
+        whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](h, out, out, a_p, u_p, b_p, n_rows, stride,
                stride, d=h.shape[-1], R=rank, RANK=rank, STORE_Z=False, **cfg)
     return out
 
 
 def trainable(hidden: torch.Tensor, u: torch.Tensor) -> bool:
-    """True when `EditWhole` can edit `hidden` with gradients: a CUDA tensor with the kernels enabled
-    (or the interpreter, for tests), a 16/32-bit float dtype, fp32 parameters, Triton importable."""
+    """True when `EditWhole` can edit `hidden` with gradients: a tensor on a device the kernels run
+    on (`runs_on`), a 16/32-bit float dtype, fp32 parameters, Triton importable."""
     if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32) or u.dtype != torch.float32:
         return False
-    if not ((hidden.is_cuda and enabled()) or _interpreting()):
+    if not runs_on(hidden.device):
         return False
     return _triton() is not None
 
 
 class EditWhole(torch.autograd.Function):
     """ψ(h) = h + (h Aᵀ + b) U over every row of h [..., d] with gradients, in Triton: one launch
-    forward, one launch plus one sum backward (the operator path, `loreft._Edit`, is ~4 and ~8
+    forward, one launch plus one sum backward (the operator path, `ops._Edit`, is ~4 and ~8
     dispatcher calls, and a b8 step of LLaVA-7B's vision tower is bound by the host).
 
     u, a [r, d] fp32 (A = W − U), b [r]: any rank (padded to R = a power of two ≥ 16 inside the
@@ -459,7 +466,7 @@ class EditWhole(torch.autograd.Function):
         z = torch.empty((n_rows, rp), dtype=torch.float32, device=h.device)
         cfg = WHOLE_CONFIG
         with _on_device(h):
-            launch(whole_kernel, (triton_cdiv(n_rows, cfg["BLOCK_N"]),), h, out, z, a, u, b, n_rows, stride,
+            whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](h, out, z, a, u, b, n_rows, stride,
                    stride, d=d, R=rp, RANK=rank, STORE_Z=True, **cfg)
         ctx.save_for_backward(h, z, u, a)
         return out
@@ -483,19 +490,19 @@ def whole_backward(grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torc
     programs = triton_cdiv(n_rows, cfg["BLOCK_N"])
     part = torch.empty((programs, 2 * rank * d + rank), dtype=torch.float32, device=h.device)
     with _on_device(h):
-        launch(backward_kernel, (programs,), g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
+        backward_kernel[(programs,)](g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
                RANK=rank, NEED_GH=need_gh, **cfg)
     # the blocks' shares summed in a fixed order (deterministic), then one split into three views
     grad_u, grad_a, grad_b = part.sum(0).split_with_sizes((rank * d, rank * d, rank))  # (Tensor.split: +2 µs)
     return (gh if need_gh else None), grad_u.view(rank, d), grad_a.view(rank, d), grad_b
 
 
-def edit_whole_train(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def edit_whole_with_grad(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`EditWhole` (see `trainable` for when it applies); u, a, b must be contiguous."""
     return EditWhole.apply(h, u.contiguous(), a.contiguous(), b.contiguous())
 
 
-def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
+def edit_rows_no_grad_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
                packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], **config) -> None:
     """In place on contiguous flat [N, d]: rows idx [S] ← row + (mask ⊙ (row Aᵀ + b)) U, one launch.
     `mask_p` [S, R] fp32 with R = the packed rank (see `pad_mask`)."""
@@ -504,12 +511,12 @@ def edit_rows_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
     if idx.numel() == 0:
         return
     with _on_device(flat):
-        launch(rows_kernel, (idx.numel(),), flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
+        rows_kernel[(idx.numel(),)](flat, idx, mask_p, a_p, u_p, b_p, d=flat.shape[-1], R=a_p.shape[0],
                **({**ROWS_CONFIG, **config} if config else ROWS_CONFIG))
 
 
 class EditRows(torch.autograd.Function):
-    """`loreft._EditRows` in Triton: rows idx [S] of hidden (contiguous, flat [N, d]) ← row +
+    """`ops._EditRows` in Triton: rows idx [S] of hidden (contiguous, flat [N, d]) ← row +
     (mask ⊙ (row Aᵀ + b)) U, in place, with gradients. Forward two launches split over d
     (`_rows_split`; they also save the rows as read and z); backward one copy of the gradient (as
     the operator path), the same two launches for gz and ∂L/∂h's rows, one for the parameters'
@@ -554,9 +561,9 @@ def _rows_split(h: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, a: torch
     nc = triton_cdiv(d, cfg["BLOCK_D"])
     zpart = torch.empty((n_slots, nc, rp), dtype=torch.float32, device=h.device)
     with _on_device(h):
-        launch(partial, (n_slots, nc), h, idx, a, zpart, h if saved is None else saved, d=d, R=rp, RANK=rank,
+        partial[(n_slots, nc)](h, idx, a, zpart, h if saved is None else saved, d=d, R=rp, RANK=rank,
                NC=nc, SAVE_ROWS=saved is not None, **cfg)
-        launch(apply, (n_slots, nc), h, idx, mask, u, a if b is None else b, zpart, z, d=d, R=rp, RANK=rank,
+        apply[(n_slots, nc)](h, idx, mask, u, a if b is None else b, zpart, z, d=d, R=rp, RANK=rank,
                NC=nc, HAS_B=b is not None, WRITE=write, **cfg)
 
 
@@ -578,13 +585,13 @@ def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: t
     else:
         gz.zero_()
     with _on_device(g):
-        launch(grad_kernel, (triton_cdiv(d, cfg["BLOCK_D"]),), g, saved, idx, z, gz, du, da, db, n_slots, d=d,
+        grad_kernel[(triton_cdiv(d, cfg["BLOCK_D"]),)](g, saved, idx, z, gz, du, da, db, n_slots, d=d,
                R=max(rp, WHOLE_MIN_RANK), RANK=rank, Z_STRIDE=rp, NB=_pow2(triton_cdiv(n_slots, cfg["BLOCK_S"])),
                **cfg)
     return (gh.view_as(grad) if need_gh else None), du, da, db
 
 
-def edit_rows_train(hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
+def edit_rows_with_grad(hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
                     b: torch.Tensor) -> torch.Tensor:
     """`EditRows` on a contiguous `hidden` that autograd lets us edit in place (see
     `loreft._writable`); see `trainable` for when it applies. Returns `hidden`."""
@@ -639,8 +646,7 @@ def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, imag
         if att is not None and not att.is_contiguous():
             att = att.contiguous()
         with _on_device(ids):
-            launch(
-                positions_kernel, (batch,), ids, ids if att is None else att, idx, valid, mask, seq,
+            positions_kernel[(batch,)](ids, ids if att is None else att, idx, valid, mask, seq,
                 -1 if image_token_id is None else int(image_token_id), batch * prefix_len,
                 HAS_ATT=att is not None, HAS_IMAGE=image_token_id is not None, P=prefix_len, S=suffix_len,
                 PP=_pow2(max(prefix_len, 1)), SP=_pow2(max(suffix_len, 1)), RP=r_p, RS=r_s, R=rank_p,

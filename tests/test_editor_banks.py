@@ -8,7 +8,7 @@ from test_editors import ALL_GROUPS, batch, tiny_llava, words
 
 from components.core.config import EditorParams
 from components.editors.io import load_editors, model_fingerprint, save_editors
-from components.editors.sites import attach
+from components.editors import attach
 from components.train.training import _wrapper_class
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from benchmarks.gpu_train_step import build_model, make_batch, tiny_config, tiny_placement
 from components.editors import attach
-from components.editors.graphs import EagerGraphs, LayerGraphs, allow_cpu
+from components.editors.fast.graphs import EagerGraphs, LayerGraphs, allow_cpu
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +174,7 @@ def test_detach_restores_the_layers_and_cpu_models_stay_eager():
 
 
 def test_real_graphs_leave_cpu_tensors_eager():
-    from components.editors import graphs
+    from components.editors.fast import graphs
 
     graphs._ANY_DEVICE[0] = False  # outside `allow_cpu` (the fixture restores it): CPU runs eagerly
     model = _model()

@@ -15,10 +15,10 @@ triton = pytest.importorskip("triton")
 from test_editors import ALL_GROUPS, batch, tiny_llava, words  # noqa: E402
 
 from components.core.config import EditorParams  # noqa: E402
-from components.editors import kernels  # noqa: E402
-from components.editors.loreft import _Edit, _EditRows, edit_rows_fused_, edit_whole, slot_mask  # noqa: E402
+from components.editors.fast import kernels  # noqa: E402
+from components.editors.fast.ops import _Edit, _EditRows, edit_rows_stacked_, edit_whole, slot_mask  # noqa: E402
 from components.editors.positions import edit_positions  # noqa: E402
-from components.editors.sites import attach  # noqa: E402
+from components.editors import attach  # noqa: E402
 
 
 @pytest.fixture
@@ -26,9 +26,9 @@ def interpreter(monkeypatch):
     """Kernels in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): the GPU test covers the kernels")
-    monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
     kernels._triton.cache_clear()
-    yield
+    with kernels.on_cpu_in_interpreter():
+        yield
     kernels._triton.cache_clear()
 
 
@@ -61,9 +61,9 @@ def test_rows_kernel_edits_valid_slots_in_place_like_the_operator_path(interpret
         valid = [torch.tensor([1, 1, 1, 0], dtype=torch.bool), torch.tensor([1, 1, 0, 1], dtype=torch.bool)]
         u, a, b = torch.randn(8, 64), 0.1 * torch.randn(8, 64), torch.randn(8)
         mask = slot_mask(valid, [4, 4], torch.float32)
-        want = edit_rows_fused_(hidden.clone(), idx, mask, u, a, b)
+        want = edit_rows_stacked_(hidden.clone(), idx, mask, u, a, b)
         got = hidden.clone()
-        kernels.edit_rows_(got.view(-1, 64), idx, kernels.pad_mask(mask, 8), kernels.pack(u, a, b))
+        kernels.edit_rows_no_grad_(got.view(-1, 64), idx, kernels.pad_mask(mask, 8), kernels.pack(u, a, b))
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
         untouched = torch.ones(60, dtype=torch.bool)
         untouched[[1, 2, 25, 41, 42, 59]] = False
@@ -191,7 +191,7 @@ def test_model_training_with_the_training_kernels_equals_the_operator_path(inter
     model = tiny_llava(2)
     editors = attach(model, EditorParams.model_validate(ALL_GROUPS))
     calls = {"train": 0, "rows": 0}
-    train, rows = kernels.edit_whole_train, kernels.edit_rows_train
+    train, rows = kernels.edit_whole_with_grad, kernels.edit_rows_with_grad
 
     def count_train(*a, **k):
         calls["train"] += 1
@@ -211,8 +211,8 @@ def test_model_training_with_the_training_kernels_equals_the_operator_path(inter
             loss.backward()
             return loss.detach(), {n: p.grad.clone() for n, p in editors.named_parameters() if p.grad is not None}
 
-        monkeypatch.setattr(kernels, "edit_whole_train", count_train)
-        monkeypatch.setattr(kernels, "edit_rows_train", count_rows)
+        monkeypatch.setattr(kernels, "edit_whole_with_grad", count_train)
+        monkeypatch.setattr(kernels, "edit_rows_with_grad", count_rows)
         loss_k, grads_k = step()
         lm_layers = len(set(editors.prefix) | set(editors.suffix))
         assert calls["train"] == len(editors.visual) + len(editors.projector) > 0
@@ -228,23 +228,17 @@ def test_model_training_with_the_training_kernels_equals_the_operator_path(inter
         editors.detach()
 
 
-def test_kernels_are_on_by_default_on_the_gpu_and_can_be_turned_off(monkeypatch):
-    monkeypatch.delenv("MRT_FUSED_KERNELS", raising=False)
-    monkeypatch.delenv("MRT_TRITON_INTERPRET", raising=False)
+def test_kernels_take_cuda_tensors_and_cpu_ones_only_in_the_interpreter():
     h = torch.zeros(2, 4)
-    assert kernels.enabled() and not kernels.usable(h)  # a CPU tensor: the operator path
-    assert not kernels.usable_on(torch.device("cpu"))
-    for off in ("0", "false", "No"):
-        monkeypatch.setenv("MRT_FUSED_KERNELS", off)
-        assert not kernels.enabled()
-    monkeypatch.setenv("MRT_FUSED_KERNELS", "1")
-    assert kernels.enabled()
-    monkeypatch.setenv("MRT_FUSED_KERNELS", "maybe")
-    with pytest.raises(ValueError, match="MRT_FUSED_KERNELS"):
-        kernels.enabled()
-    monkeypatch.setenv("MRT_FUSED_KERNELS", "1")
-    with torch.enable_grad():
-        assert not kernels.usable(h)
+    assert not kernels.usable(h) and not kernels.usable_on(torch.device("cpu"))  # CPU: the operator path
+    if os.environ.get("TRITON_INTERPRET") == "1" and kernels.import_triton() is not None:
+        with kernels.on_cpu_in_interpreter():
+            assert kernels.usable(h) and kernels.usable_on(torch.device("cpu"))
+            with torch.enable_grad():
+                assert not kernels.usable(h)  # the inference kernels: never with gradients
+            with kernels.on_cpu_in_interpreter(False):
+                assert not kernels.usable(h)
+    assert not kernels.usable(h)
 
 
 def _reference_positions(ids, att, image_id, p, s, ranks, rank_p):
@@ -317,7 +311,7 @@ def test_model_inference_with_kernels_equals_the_operator_path(interpreter, monk
         return positions(*a, **k)
 
     monkeypatch.setattr(kernels, "edit_whole", count_whole)
-    monkeypatch.setattr(kernels, "edit_rows_", count_rows)
+    monkeypatch.setattr(kernels, "edit_rows_no_grad_", count_rows)
     monkeypatch.setattr(kernels, "positions", count_positions)
     b = batch([words(9), words(5)], left_pad=True)
     try:
@@ -346,7 +340,7 @@ def test_model_inference_with_kernels_equals_the_operator_path(interpreter, monk
         monkeypatch.undo()
         calls.update(whole=0, rows=0, positions=0)
         monkeypatch.setattr(kernels, "edit_whole", count_whole)
-        monkeypatch.setattr(kernels, "edit_rows_", count_rows)
+        monkeypatch.setattr(kernels, "edit_rows_no_grad_", count_rows)
         monkeypatch.setattr(kernels, "positions", count_positions)
         model(**b).logits.sum().backward()  # training: the operator path with its backward
         assert calls == {"whole": 0, "rows": 0, "positions": 0}
@@ -399,9 +393,9 @@ def test_kernels_on_the_gpu_round_like_the_operator_path():
         rows64, m64 = hidden.view(-1, 4096)[idx].double(), mask.double()
         exact_rows = rows64 + ((rows64 @ aa.double().T + bb.double()) * m64) @ uu.double()
         scale_rows = rows64.abs() + ((rows64.abs() @ aa.double().abs().T + bb.double().abs()) * m64) @ uu.double().abs()
-        want = edit_rows_fused_(hidden.clone(), idx, mask, uu, aa, bb)
+        want = edit_rows_stacked_(hidden.clone(), idx, mask, uu, aa, bb)
         got = hidden.clone()
-        kernels.edit_rows_(got.view(-1, 4096), idx, kernels.pad_mask(mask, 8), kernels.pack(uu, aa, bb))
+        kernels.edit_rows_no_grad_(got.view(-1, 4096), idx, kernels.pad_mask(mask, 8), kernels.pack(uu, aa, bb))
         untouched = torch.ones(got.shape[0] * got.shape[1], dtype=torch.bool, device=dev)
         untouched[idx] = False
         report.update({"rows kernel": _error_report(got.view(-1, 4096)[idx], exact_rows, scale_rows),

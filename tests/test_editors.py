@@ -17,7 +17,7 @@ from components.editors.io import EditorFileError, load_editors, model_fingerpri
 from components.editors.loreft import LoReFT
 from components.editors.placement import PlacementError, resolve_layers, resolve_placement
 from components.editors.positions import edit_positions
-from components.editors.sites import attach, llava_modules
+from components.editors import attach, llava_modules
 
 IMG = 3  # image token id of the tiny model
 PAD, BOS = 0, 1
@@ -54,7 +54,7 @@ def _no_leftover_editors(request):
     """Every test must detach what it attached (a leak would change the shared model's outputs)."""
     yield
     if "model" in request.fixturenames:
-        from components.editors.sites import _ATTACHED
+        from components.editors.hooks import _ATTACHED
 
         assert request.getfixturevalue("model") not in _ATTACHED
 
@@ -204,7 +204,8 @@ def test_basis_cached_per_pass_and_gradients_flow_through_it():
 
 
 def test_batched_orthonormalisation_matches_per_editor_values_and_gradients():
-    from components.editors.loreft import orthonormal_rows, orthonormal_rows_batched
+    from components.editors.loreft import orthonormal_rows
+    from components.editors.fast.ops import orthonormal_rows_batched
 
     torch.manual_seed(0)
     us = [torch.randn(3, 24, requires_grad=True) for _ in range(4)]
@@ -659,7 +660,7 @@ def test_load_refuses_a_different_base(model, tmp_path):
     refusal = r"editor_config\.json.*different base.*expected fingerprint sha256:.*found sha256:"
     with pytest.raises(EditorFileError, match=refusal):
         load_editors(other, tmp_path, other_fp)
-    from components.editors.sites import _ATTACHED
+    from components.editors.hooks import _ATTACHED
 
     assert other not in _ATTACHED
 
@@ -714,7 +715,7 @@ def test_lm_hooks_take_the_dropout_path_exactly_while_dropout_is_active(monkeypa
     """The LM hooks decide once per pass whether any editor drops out: training with dropout > 0
     takes the per-editor path (`edit_rows_`) at every LM layer, eval (dropout off) the stacked one,
     and switching between them between passes is seen by the next pass."""
-    from components.editors import sites as sites_mod
+    from components.editors.fast import sites as sites_mod
 
     model = tiny_llava(2)
     params = EditorParams.model_validate({**ALL_GROUPS, "dropout": 0.5})

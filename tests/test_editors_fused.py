@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_editors import batch, editor_params, tiny_llava, words
 
-from components.editors.sites import MRTEditors, attach
+from components.editors import attach
+from components.editors.fast.sites import MRTEditors
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_vision_tower_run_outside_a_forward_uses_the_kept_stacks(model, monkeypa
     hooks fire outside a pass: without gradients they must still use the kept stacks (not the
     per-editor path) and give what the per-editor path gives."""
     from components.editors.loreft import LoReFT
-    from components.editors.sites import llava_modules
+    from components.editors import llava_modules
 
     editors = attach(model, editor_params(**PLACEMENTS["uniform"]))
     calls = []

@@ -13,7 +13,7 @@ import torch
 
 from components.editors.count import llava_7b_config, paper_placement_7b
 from components.editors.io import model_fingerprint
-from components.editors.sites import attach
+from components.editors import attach
 
 pytestmark = pytest.mark.gpu
 

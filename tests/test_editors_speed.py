@@ -11,16 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.editors.loreft import (
-    LoReFT,
+from components.editors.fast.editor import BankedLoReFT as LoReFT
+from components.editors.fast.ops import (
     _Edit,
     _EditRows,
-    edit_rows_,
-    orthonormal_rows,
+    edit_rows_per_editor_,
     orthonormal_rows_batched,
     orthonormal_rows_stacked,
     slot_mask,
 )
+from components.editors.loreft import orthonormal_rows
 
 
 def psi(h, u, w, b):
@@ -119,7 +119,7 @@ def test_row_edit_is_in_place_and_matches_editor_modules():
     idx = [torch.tensor([1, 2, 9]), torch.tensor([5, 13])]
     valid = [torch.tensor([True, True, False]), torch.tensor([True, True])]
     with torch.no_grad():
-        out = edit_rows_(hidden, [(e, i, v) for e, i, v in zip(eds, idx, valid)])
+        out = edit_rows_per_editor_(hidden, [(e, i, v) for e, i, v in zip(eds, idx, valid)])
         want = before.view(-1, 16).clone()
         for e, i, v in zip(eds, idx, valid):
             want[i[v]] = e(before.view(-1, 16)[i[v]])
@@ -177,9 +177,9 @@ def test_inference_edit_follows_every_parameter_change():
 def test_editor_operations_never_sync_with_the_host():
     """A whole training step of the editors' own work — positions, the stacked orthonormalisation,
     whole-tensor and fused row edits, backward — under sync debug mode "error"."""
-    from components.editors.loreft import edit_rows_fused_, edit_whole
+    from components.editors.fast.ops import edit_rows_stacked_, edit_whole
     from components.editors.positions import edit_positions
-    from components.editors.sites import _Sites
+    from components.editors.fast.sites import _Sites
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_editor_operations_never_sync_with_the_host():
         sites = _Sites.from_positions((B, T), *positions)
         idx, slots = sites.fused(dev, ("prefix", "suffix"), (4, 4), torch.float32)
         h = edit_whole(hidden * 1.0, qv, vis.W.weight - qv, vis.W.bias)
-        out = edit_rows_fused_(h, idx, slots, q.reshape(8, d), a.reshape(8, d), b.reshape(8))
+        out = edit_rows_stacked_(h, idx, slots, q.reshape(8, d), a.reshape(8, d), b.reshape(8))
         out.float().square().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -213,7 +213,7 @@ def test_orthonormalisation_gradient_is_the_qr_gradient_and_keeps_u_layout():
     """`_OrthonormalRows` writes the QR backward out (no autograd through three Cholesky passes):
     float64 gradcheck, equality with autograd through `torch.linalg.qr`, and a gradient laid out
     like U, so that stacked editors' U.grad are slices of one buffer (no copy per editor)."""
-    from components.editors.loreft import _OrthonormalRows
+    from components.editors.fast.ops import _OrthonormalRows
 
     torch.manual_seed(0)
     u = torch.randn(3, 4, 20, dtype=torch.float64, requires_grad=True)

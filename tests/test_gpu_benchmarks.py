@@ -191,7 +191,7 @@ def test_nolaunch_arm_runs_the_editors_host_work_without_their_kernels(monkeypat
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (no GPU)")
-    from components.editors import kernels, orthonormal_kernel
+    from components.editors.fast import kernels, orthonormal_kernel
 
     monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
     kernels._triton.cache_clear()
@@ -354,7 +354,7 @@ def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monk
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored afterwards (main sets both)
     monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
     bench = _load("gpu_kernel_tuning")
-    from components.editors import kernels as kernel_module
+    from components.editors.fast import kernels as kernel_module
 
     train_config = dict(kernel_module.ROWS_TRAIN_CONFIG)
     out = bench.main(["--smoke", "--json", str(tmp_path / "t.json")])
@@ -369,7 +369,7 @@ def test_kernel_tuning_checks_every_configuration_against_float64(tmp_path, monk
         assert best and all(len(v) == len(rows) // len(best) for v in best.values())
         for listed in best.values():
             assert [r["us"] for r in listed] == sorted(r["us"] for r in listed)
-    from components.editors import kernels
+    from components.editors.fast import kernels
 
     kernels._triton.cache_clear()  # the next test builds its own
 

@@ -12,13 +12,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from components.editors import kernels, orthonormal_kernel  # noqa: E402
-from components.editors.loreft import (  # noqa: E402
-    _cholesky_qr3,
-    _OrthonormalRows,
-    orthonormal_rows,
-    orthonormal_rows_stacked,
-)
+from components.editors.fast import kernels, orthonormal_kernel  # noqa: E402
+from components.editors.fast.ops import _cholesky_qr3, _OrthonormalRows, orthonormal_rows_stacked  # noqa: E402
+from components.editors.loreft import orthonormal_rows  # noqa: E402
 
 SHAPES = [(3, 1, 64), (4, 6, 200), (2, 8, 1024), (1, 6, 4096), (5, 4, 300)]
 BANKS_7B = {"vision": (22, 6, 1024), "projector": (1, 6, 4096), "lm": (64, 4, 4096)}
@@ -29,10 +25,9 @@ def interpreter(monkeypatch):
     """Kernels in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): the GPU test covers the kernels")
-    monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
-    monkeypatch.delenv("MRT_FUSED_KERNELS", raising=False)
     orthonormal_kernel._triton.cache_clear()
-    yield
+    with kernels.on_cpu_in_interpreter():
+        yield
     orthonormal_kernel._triton.cache_clear()
 
 
@@ -131,8 +126,7 @@ def test_backward_is_the_qr_gradient(interpreter, monkeypatch):
         assert got.shape == u.shape and got.dtype == torch.float32 and got.is_contiguous()
         u64 = u.double().requires_grad_()
         exact = torch.autograd.grad(torch.stack([orthonormal_rows(x) for x in u64]), u64, g.double())[0]
-        with monkeypatch.context() as m:  # the operator path's backward on the same U, Q, G
-            m.setenv("MRT_TRITON_INTERPRET", "0")
+        with kernels.on_cpu_in_interpreter(False):  # the operator path's backward on the same U, Q, G
             uo = u.clone().requires_grad_()
             ops = torch.autograd.grad(_OrthonormalRows.apply(uo), uo, g)[0]
         assert _rel(got, exact) < 1e-5, u.shape
@@ -174,27 +168,23 @@ def test_autograd_function_takes_the_kernels_and_matches_the_operator_path(inter
 
     q_k, loss_k, grad_k = step()
     assert calls == {"fwd": 1, "bwd": 1}
-    monkeypatch.setenv("MRT_TRITON_INTERPRET", "0")  # the operator path
-    q_o, loss_o, grad_o = step()
+    with kernels.on_cpu_in_interpreter(False):  # the operator path
+        q_o, loss_o, grad_o = step()
     assert calls == {"fwd": 1, "bwd": 1}
     assert _rel(q_k, q_o) < 1e-5
     torch.testing.assert_close(loss_k, loss_o, atol=0, rtol=1e-5)
     assert grad_k.is_contiguous() and _rel(grad_k, grad_o) < 1e-5
     # float64 (gradcheck) and ranks above MAX_RANK stay on the operator path
     for u in (torch.randn(2, 4, 20, dtype=torch.float64), torch.randn(1, orthonormal_kernel.MAX_RANK + 1, 40)):
-        monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
         orthonormal_rows_stacked(u.requires_grad_()).sum().backward()
     assert calls == {"fwd": 1, "bwd": 1}
 
 
-def test_usable_only_for_fp32_banks_it_supports(monkeypatch):
-    monkeypatch.delenv("MRT_TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("MRT_FUSED_KERNELS", raising=False)
-    assert not orthonormal_kernel.usable(torch.randn(2, 4, 64))  # CPU tensor, no interpreter
-    monkeypatch.setenv("MRT_TRITON_INTERPRET", "1")
-    if kernels._interpreting():
-        assert orthonormal_kernel.usable(torch.randn(2, 4, 64))
-        assert orthonormal_kernel.usable(torch.randn(1, 16, 16))
+def test_usable_only_for_fp32_banks_it_supports(interpreter):
+    with kernels.on_cpu_in_interpreter(False):
+        assert not orthonormal_kernel.usable(torch.randn(2, 4, 64))  # CPU tensor, no interpreter
+    assert orthonormal_kernel.usable(torch.randn(2, 4, 64))
+    assert orthonormal_kernel.usable(torch.randn(1, 16, 16))
     for bad in (torch.randn(2, 4, 64, dtype=torch.float64), torch.randn(2, 4, 64).bfloat16(), torch.randn(4, 64),
                 torch.randn(2, 17, 64), torch.randn(2, 8, 4), torch.randn(2, 0, 8)):
         assert not orthonormal_kernel.usable(bad), bad.shape
@@ -225,7 +215,6 @@ def _report(u: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
 def test_kernels_on_the_gpu_at_the_7b_bank_shapes(monkeypatch):
     """Compiled for real, LLaVA-7B's banks (trained-like U: orthonormal plus drift, and plain
     Gaussian): orthonormal like Cholesky-QR3, the same factor, the same gradient."""
-    monkeypatch.delenv("MRT_FUSED_KERNELS", raising=False)
     orthonormal_kernel._triton.cache_clear()
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)

@@ -350,12 +350,13 @@ _cpu_interpreter = False  # `on_cpu_in_interpreter`: the kernels also take CPU t
 
 
 @contextlib.contextmanager
-def on_cpu_in_interpreter():
+def on_cpu_in_interpreter(enabled: bool = True):
     """Inside: the kernels (and orthonormal_kernel's) also edit CPU tensors, in Triton's interpreter
     (TRITON_INTERPRET=1, set before Triton is first imported, as tests/conftest.py does without a
-    GPU) — the tests' way to check them, and the hooks that pick them, without a GPU."""
+    GPU) — the tests' way to check them, and the hooks that pick them, without a GPU. `enabled=False`
+    inside such a block: CPU tensors take the operator path again."""
     global _cpu_interpreter
-    before, _cpu_interpreter = _cpu_interpreter, True
+    before, _cpu_interpreter = _cpu_interpreter, enabled
     try:
         yield
     finally:

@@ -14,7 +14,8 @@ import torch
 from components.core.config import EditorParams
 from components.editors.count import count_parameters, llava_7b_config, paper_placement_7b, parameter_report
 from components.editors.io import EditorFileError, load_editors, model_fingerprint, save_editors
-from components.editors.loreft import LoReFT
+from components.editors.fast.editor import BankedLoReFT
+from components.editors.loreft import LoReFT, orthonormal_rows
 from components.editors.placement import PlacementError, resolve_layers, resolve_placement
 from components.editors.positions import edit_positions
 from components.editors import attach, llava_modules
@@ -156,7 +157,7 @@ def test_loreft_matches_formula_and_parameter_count():
 def test_loreft_init_is_not_identity_but_close():
     torch.manual_seed(0)
     ed = LoReFT(256, 4)
-    u = ed.basis()
+    u = orthonormal_rows(ed.U)
     torch.testing.assert_close(u @ u.T, torch.eye(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(u, ed.U, atol=1e-5, rtol=0)  # sign-fixed QR keeps an orthonormal U
     assert torch.count_nonzero(ed.W.bias) == 0
@@ -167,7 +168,7 @@ def test_loreft_init_is_not_identity_but_close():
 
 def test_basis_stays_orthonormal_through_training():
     torch.manual_seed(0)
-    ed = LoReFT(32, 4)
+    ed = BankedLoReFT(32, 4)
     opt = torch.optim.Adam(ed.parameters(), lr=0.1)
     x, y = torch.randn(64, 32), torch.randn(64, 32)
     u0 = ed.U.detach().clone()
@@ -183,7 +184,7 @@ def test_basis_stays_orthonormal_through_training():
 
 def test_basis_cached_per_pass_and_gradients_flow_through_it():
     torch.manual_seed(0)
-    ed = LoReFT(16, 3)
+    ed = BankedLoReFT(16, 3)
     h1, h2 = torch.randn(5, 16), torch.randn(6, 16)
     # reference gradient: two independent calls, fresh QR each
     (ed(h1).sum() + ed(h2).pow(2).sum()).backward()
@@ -713,7 +714,7 @@ def test_fingerprint_is_stable_and_sensitive(model):
 
 def test_lm_hooks_take_the_dropout_path_exactly_while_dropout_is_active(monkeypatch):
     """The LM hooks decide once per pass whether any editor drops out: training with dropout > 0
-    takes the per-editor path (`edit_rows_`) at every LM layer, eval (dropout off) the stacked one,
+    takes the per-editor path (`edit_rows_per_editor_`) at every LM layer, eval (dropout off) the stacked one,
     and switching between them between passes is seen by the next pass."""
     from components.editors.fast import sites as sites_mod
 
@@ -721,13 +722,13 @@ def test_lm_hooks_take_the_dropout_path_exactly_while_dropout_is_active(monkeypa
     params = EditorParams.model_validate({**ALL_GROUPS, "dropout": 0.5})
     editors = attach(model, params)
     calls = {"plain": 0}
-    plain = sites_mod.edit_rows_
+    plain = sites_mod.edit_rows_per_editor_
 
     def count(*a, **k):
         calls["plain"] += 1
         return plain(*a, **k)
 
-    monkeypatch.setattr(sites_mod, "edit_rows_", count)
+    monkeypatch.setattr(sites_mod, "edit_rows_per_editor_", count)
     b = batch([words(9), words(5)], left_pad=True)
     lm_layers = len(set(editors.prefix) | set(editors.suffix))
     try:

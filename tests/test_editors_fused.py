@@ -101,13 +101,13 @@ def test_vision_tower_run_outside_a_forward_uses_the_kept_stacks(model, monkeypa
     """transformers ≥ 5.2x generate() encodes the image before calling the model, so the vision
     hooks fire outside a pass: without gradients they must still use the kept stacks (not the
     per-editor path) and give what the per-editor path gives."""
-    from components.editors.loreft import LoReFT
+    from components.editors.fast.editor import BankedLoReFT
     from components.editors import llava_modules
 
     editors = attach(model, editor_params(**PLACEMENTS["uniform"]))
     calls = []
-    forward = LoReFT.forward
-    monkeypatch.setattr(LoReFT, "forward", lambda self, h: calls.append(1) or forward(self, h))
+    forward = BankedLoReFT.forward
+    monkeypatch.setattr(BankedLoReFT, "forward", lambda self, h: calls.append(1) or forward(self, h))
     try:
         editors.eval()
         core = llava_modules(model)[0]

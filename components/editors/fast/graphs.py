@@ -255,7 +255,6 @@ class LayerGraphs:
         self._sets: dict[tuple, _GraphSet] = {}
         self._shapes: set[tuple] = set()  # (shape, dtype, device, grad mode) with graphs
         self._warned: set[str] = set()
-        self._installed = False
 
     def install(self) -> "LayerGraphs":
         for i, layer in enumerate(self.layers):
@@ -264,7 +263,6 @@ class LayerGraphs:
                 raise RuntimeError(f"layer {i} ({type(layer).__name__}) already has its forward replaced")
             orig = layer.forward
             layer.forward = functools.partial(self._forward, i, layer, orig)
-        self._installed = True
         return self
 
     def remove(self) -> None:
@@ -272,7 +270,6 @@ class LayerGraphs:
             fwd = vars(layer).get("forward")
             if isinstance(fwd, functools.partial) and fwd.func == self._forward:
                 del layer.forward
-        self._installed = False
         self.clear()
 
     def clear(self) -> None:
@@ -280,10 +277,6 @@ class LayerGraphs:
         self._sets.clear()
         self._shapes.clear()
         self.backend.reset()
-
-    @property
-    def installed(self) -> bool:
-        return self._installed
 
     def _warn(self, what: str, message: str) -> None:
         if what not in self._warned:

@@ -595,7 +595,7 @@ def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: t
 def edit_rows_with_grad(hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
                     b: torch.Tensor) -> torch.Tensor:
     """`EditRows` on a contiguous `hidden` that autograd lets us edit in place (see
-    `loreft._writable`); see `trainable` for when it applies. Returns `hidden`."""
+    `ops._writable`); see `trainable` for when it applies. Returns `hidden`."""
     return EditRows.apply(hidden, idx, mask.contiguous(), u.contiguous(), a.contiguous(), b.contiguous())
 
 

@@ -1,14 +1,4 @@
-"""Attach MRT editors to a STOCK Hugging Face LLaVA by forward hooks (no copied model files).
-
-Sites (METHOD.md's four groups):
-- ψ_V: output of chosen vision-encoder layers, every token (CLS + patches), one editor per layer;
-- ψ_c: output of the multi-modal projector, every projected image token, one editor;
-- ψ_P / ψ_S: output of chosen LM decoder layers at the prefix / suffix positions, one editor per
-  layer and group, shared across that group's positions.
-
-Why hooks and not subclasses: the backbone stays the exact stock module (weights, generate(),
-caches, attention kernels, device maps), editors can be detached to get the base model back bit for
-bit, and the same code serves transformers versions whose layers return tensors (5.x) or tuples.
+"""The fast hooks: hooks.Editors' sites and function (see there), organised for speed.
 
 The trainable tensors are banks (bank.py): one U, W, b per editor shape and device, of which every
 editor's own tensors are views. Per model forward, a forward pre-hook on the hooked top-level model
@@ -23,7 +13,7 @@ host synchronisation anywhere in a step). Launches and per-tensor host work, not
 the editors cost on a GPU (benchmarks/RESULTS.md). Without gradients the per-site parameters are kept
 across passes until a parameter changes, and on a GPU each site is one Triton kernel and the
 positions another; in training a GPU's visual/projector sites take the Triton `kernels.EditWhole`
-(kernels.py; `MRT_FUSED_KERNELS=0` turns them all off).
+(kernels.py).
 During generation only the prompt pass is edited: a forward whose KV cache already holds tokens
 (or whose cache_position starts past 0, transformers < 5.2x) is a decode step and its LM layers are
 left alone — the cache carries the prompt's edited keys and values. A no-grad decode step removes

@@ -123,7 +123,7 @@ def test_walker_follows_function_level_imports_into_the_project():
     assert "components/train/training.py" in imports["train"]
     assert "components/data/batching.py" in imports["train"]  # imported by training, not by the command
     assert "components/evaluation/benchmark.py" in imports["benchmark"]
-    assert {"components/editors/fast/sites.py", "components/model/backbone.py"} <= imports["benchmark"]
+    assert {"components/editors/hooks.py", "components/model/backbone.py"} <= imports["benchmark"]
     assert "components/track/registry.py" in imports["promote"] and "components/track/registry.py" not in imports["train"]
     assert "flows/ray_runner.py" in imports["ablate"]  # ablate.executor: ray
     assert not imports["data"] & {"components/train/training.py", "flows/cli.py"}

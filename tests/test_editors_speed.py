@@ -16,7 +16,6 @@ from components.editors.fast.ops import (
     _Edit,
     _EditRows,
     edit_rows_per_editor_,
-    orthonormal_rows_batched,
     orthonormal_rows_stacked,
     slot_mask,
 )
@@ -135,16 +134,16 @@ def test_slot_mask_is_block_diagonal_and_drops_invalid_slots():
 def test_batched_cholesky_qr_equals_qr_and_survives_bad_conditioning():
     torch.manual_seed(0)
     us = [torch.randn(4, 512) for _ in range(3)]
-    for a, b in zip(orthonormal_rows_batched(us), (orthonormal_rows(u) for u in us)):
+    for a, b in zip(orthonormal_rows_stacked(torch.stack(us)).unbind(0), (orthonormal_rows(u) for u in us)):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
     # condition number 1e4: still orthonormal to fp32 working precision
     q, _ = torch.linalg.qr(torch.randn(512, 4, dtype=torch.float64))
     bad = (q * torch.logspace(0, -4, 4, dtype=torch.float64)).t().float()
-    (basis,) = orthonormal_rows_batched([bad])
+    (basis,) = orthonormal_rows_stacked(bad[None])
     torch.testing.assert_close(basis @ basis.t(), torch.eye(4), atol=2e-5, rtol=0)
     # rank-deficient or zero U: no unique basis, but never NaN (NaN would poison training silently)
     for degenerate in (torch.zeros(4, 64), torch.ones(4, 64)):
-        assert torch.isfinite(orthonormal_rows_batched([degenerate])[0]).all()
+        assert torch.isfinite(orthonormal_rows_stacked(degenerate[None])[0]).all()
 
 
 def test_inference_basis_is_kept_until_u_changes():

@@ -84,13 +84,6 @@ class _OrthonormalRows(torch.autograd.Function):
         return torch.linalg.solve_triangular(lower.mT, y, upper=True).contiguous()
 
 
-def orthonormal_rows_batched(us: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`orthonormal_rows_stacked` of a list of same-shape matrices, returned as a list."""
-    if not us:
-        return []
-    return list(orthonormal_rows_stacked(torch.stack(us)).unbind(0))
-
-
 def orthonormal_rows_stacked(u: torch.Tensor) -> torch.Tensor:
     """`orthonormal_rows` of each u[i] (u: [n, r, d]) in one batched, host-sync-free computation.
 

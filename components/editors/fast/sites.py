@@ -120,16 +120,7 @@ class _Sites:
             got = self._fused[key] = kernels.pad_mask(mask, rank)
         return got
 
-    def on(self, device: torch.device, group: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch rows, token positions) of the valid slots only — for inspection; syncs the host."""
-        flat, valid = self.slots(device, group)
-        flat = flat[valid]
-        return flat // self.shape[1], flat % self.shape[1]
 
-
-# ---------------------------------------------------------------------------------------------
-# the editors
-# ---------------------------------------------------------------------------------------------
 class MRTEditors(Editors):
     """The editors of hooks.Editors (same ModuleDicts, state-dict keys and function) with the fast
     hooks: banks, per-pass stacks, fused kernels and CUDA graphs (module docstring)."""

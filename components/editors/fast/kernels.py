@@ -7,7 +7,7 @@ a site is 8–12 dispatcher calls (casts, two GEMMs, mask, gather/scatter) and t
 more: +451 kernel launches per b1 generate(). With these kernels it is +56 (one per site and one
 for the positions), measured by the profiler:
 
-- `edit_whole`: ψ(h) = h + (h Aᵀ + b) U over every row (visual layers, projector), into a new tensor;
+- `edit_whole`: ψ(h) = h + (h (W − U)ᵀ + b) U over every row (visual layers, projector), into a new tensor;
 - `edit_rows_no_grad_`: the same at the prefix/suffix rows of an LM layer, in place, for all the layer's
   editors at once (rows gathered by flat index, a slot × column mask keeping each slot to its own
   editor's columns, exactly as `ops.edit_rows_stacked_`);
@@ -391,15 +391,15 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def pack(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, min_rank: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A, U, b) in fp32, contiguous, rank padded with zero rows to a power of two ≥ `min_rank`
+def pack(u: torch.Tensor, w_minus_u: torch.Tensor, b: torch.Tensor, min_rank: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W − U, U, b) in fp32, contiguous, rank padded with zero rows to a power of two ≥ `min_rank`
     (`WHOLE_MIN_RANK` for `edit_whole`, whose products are `tl.dot`s of at least 16 × 16)."""
     r, d = u.shape
     rp = max(_pow2(r), min_rank)
     a_p = torch.zeros(rp, d, dtype=torch.float32, device=u.device)
     u_p = torch.zeros(rp, d, dtype=torch.float32, device=u.device)
     b_p = torch.zeros(rp, dtype=torch.float32, device=u.device)
-    a_p[:r], u_p[:r], b_p[:r] = a, u, b
+    a_p[:r], u_p[:r], b_p[:r] = w_minus_u, u, b
     return a_p, u_p, b_p
 
 
@@ -447,18 +447,18 @@ def trainable(hidden: torch.Tensor, u: torch.Tensor) -> bool:
 
 
 class EditWhole(torch.autograd.Function):
-    """ψ(h) = h + (h Aᵀ + b) U over every row of h [..., d] with gradients, in Triton: one launch
+    """ψ(h) = h + (h (W − U)ᵀ + b) U over every row of h [..., d] with gradients, in Triton: one launch
     forward, one launch plus one sum backward (the operator path, `ops._Edit`, is ~4 and ~8
     dispatcher calls, and a b8 step of LLaVA-7B's vision tower is bound by the host).
 
-    u, a [r, d] fp32 (A = W − U), b [r]: any rank (padded to R = a power of two ≥ 16 inside the
-    kernels by masked loads, no copies). Saves h in its own dtype and z = h Aᵀ + b [N, R] fp32, like
-    `_Edit`, whose gradient convention it keeps: U's gradient returned is the direct one (zᵀ g); A's
-    reaches U through the caller's subtraction A = W − U.
+    u, w_minus_u [r, d] fp32, b [r]: any rank (padded to R = a power of two ≥ 16 inside the
+    kernels by masked loads, no copies). Saves h in its own dtype and z = h (W − U)ᵀ + b [N, R] fp32, like
+    `_Edit`, whose gradient convention it keeps: U's gradient returned is the direct one (zᵀ g); (W − U)'s
+    reaches U through the caller's subtraction.
     """
 
     @staticmethod
-    def forward(ctx, h, u, a, b):
+    def forward(ctx, h, u, w_minus_u, b):
         whole_kernel = _triton()[0]
         h, n_rows, stride = _rows_of(h)
         d, rank = h.shape[-1], u.shape[0]
@@ -467,21 +467,21 @@ class EditWhole(torch.autograd.Function):
         z = torch.empty((n_rows, rp), dtype=torch.float32, device=h.device)
         cfg = WHOLE_CONFIG
         with _on_device(h):
-            whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](h, out, z, a, u, b, n_rows, stride,
+            whole_kernel[(triton_cdiv(n_rows, cfg["BLOCK_N"]),)](h, out, z, w_minus_u, u, b, n_rows, stride,
                    stride, d=d, R=rp, RANK=rank, STORE_Z=True, **cfg)
-        ctx.save_for_backward(h, z, u, a)
+        ctx.save_for_backward(h, z, u, w_minus_u)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        h, z, u, a = ctx.saved_tensors
-        return whole_backward(grad, h, z, u, a, ctx.needs_input_grad[0])
+        h, z, u, w_minus_u = ctx.saved_tensors
+        return whole_backward(grad, h, z, u, w_minus_u, ctx.needs_input_grad[0])
 
 
-def whole_backward(grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
+def whole_backward(grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torch.Tensor, w_minus_u: torch.Tensor,
                    need_gh: bool = True, **config) -> tuple:
-    """`EditWhole`'s backward: (∂L/∂h or None, ∂L/∂U direct, ∂L/∂A, ∂L/∂b) from g = `grad` [..., d],
-    the saved h [..., d] (contiguous) and z [N, R] fp32, u, a [r, d]. One kernel launch and one sum;
+    """`EditWhole`'s backward: (∂L/∂h or None, ∂L/∂U direct, ∂L/∂(W − U), ∂L/∂b) from g = `grad` [..., d],
+    the saved h [..., d] (contiguous) and z [N, R] fp32, u, w_minus_u [r, d]. One kernel launch and one sum;
     `config` overrides entries of BACKWARD_CONFIG (tuning)."""
     backward_kernel = _triton()[3]
     g, n_rows, stride_g = _rows_of(grad)
@@ -491,21 +491,21 @@ def whole_backward(grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torc
     programs = triton_cdiv(n_rows, cfg["BLOCK_N"])
     part = torch.empty((programs, 2 * rank * d + rank), dtype=torch.float32, device=h.device)
     with _on_device(h):
-        backward_kernel[(programs,)](g, h, z, a, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
+        backward_kernel[(programs,)](g, h, z, w_minus_u, u, gh, part, n_rows, stride_g, d, d, d=d, R=rp,
                RANK=rank, NEED_GH=need_gh, **cfg)
     # the blocks' shares summed in a fixed order (deterministic), then one split into three views
-    grad_u, grad_a, grad_b = part.sum(0).split_with_sizes((rank * d, rank * d, rank))  # (Tensor.split: +2 µs)
-    return (gh if need_gh else None), grad_u.view(rank, d), grad_a.view(rank, d), grad_b
+    grad_u, grad_w_minus_u, grad_b = part.sum(0).split_with_sizes((rank * d, rank * d, rank))  # (Tensor.split: +2 µs)
+    return (gh if need_gh else None), grad_u.view(rank, d), grad_w_minus_u.view(rank, d), grad_b
 
 
-def edit_whole_with_grad(h: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`EditWhole` (see `trainable` for when it applies); u, a, b must be contiguous."""
-    return EditWhole.apply(h, u.contiguous(), a.contiguous(), b.contiguous())
+def edit_whole_with_grad(h: torch.Tensor, u: torch.Tensor, w_minus_u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`EditWhole` (see `trainable` for when it applies); u, w_minus_u, b must be contiguous."""
+    return EditWhole.apply(h, u.contiguous(), w_minus_u.contiguous(), b.contiguous())
 
 
 def edit_rows_no_grad_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
                packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], **config) -> None:
-    """In place on contiguous flat [N, d]: rows idx [S] ← row + (mask ⊙ (row Aᵀ + b)) U, one launch.
+    """In place on contiguous flat [N, d]: rows idx [S] ← row + (mask ⊙ (row (W − U)ᵀ + b)) U, one launch.
     `mask_p` [S, R] fp32 with R = the packed rank (see `pad_mask`)."""
     rows_kernel = _triton()[1]
     a_p, u_p, b_p = packed
@@ -518,19 +518,19 @@ def edit_rows_no_grad_(flat: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tens
 
 class EditRows(torch.autograd.Function):
     """`ops._EditRows` in Triton: rows idx [S] of hidden (contiguous, flat [N, d]) ← row +
-    (mask ⊙ (row Aᵀ + b)) U, in place, with gradients. Forward two launches split over d
+    (mask ⊙ (row (W − U)ᵀ + b)) U, in place, with gradients. Forward two launches split over d
     (`_rows_split`; they also save the rows as read and z); backward one copy of the gradient (as
     the operator path), the same two launches for gz and ∂L/∂h's rows, one for the parameters'
     gradients. The operator path is ~16 dispatcher calls per LM layer and step (gathers, casts, five
     small fp32 GEMMs, scatters), whose kernels sit in the GPU-bound LM phases of a training step.
 
-    u, a [r, d] fp32 contiguous (A = W − U), b [r]; mask [S, r] fp32 (1 where slot s uses column
+    u, w_minus_u [r, d] fp32 contiguous, b [r]; mask [S, r] fp32 (1 where slot s uses column
     j's editor and is valid). Same contract as `_EditRows`: invalid slots (all-zero mask rows) may
     repeat a row that no valid slot edits; U's gradient returned is the direct one (zᵀ g).
     """
 
     @staticmethod
-    def forward(ctx, hidden, idx, mask, u, a, b):
+    def forward(ctx, hidden, idx, mask, u, w_minus_u, b):
         d, rank, n_slots = hidden.shape[-1], u.shape[0], idx.numel()
         # z at the rank the inference kernel pads to (the gradient kernel widens it to 16 for tl.dot
         # in registers only)
@@ -538,16 +538,16 @@ class EditRows(torch.autograd.Function):
         saved = torch.empty((n_slots, d), dtype=hidden.dtype, device=hidden.device)
         z = torch.empty((n_slots, rp), dtype=torch.float32, device=hidden.device)
         if n_slots:
-            _rows_split(hidden, idx, mask, a, u, b, z, saved, rank, rp, write=True)
+            _rows_split(hidden, idx, mask, w_minus_u, u, b, z, saved, rank, rp, write=True)
         ctx.mark_dirty(hidden)
-        ctx.save_for_backward(saved, z, u, a, idx, mask)
+        ctx.save_for_backward(saved, z, u, w_minus_u, idx, mask)
         return hidden
 
     @staticmethod
     def backward(ctx, grad):
-        saved, z, u, a, idx, mask = ctx.saved_tensors
-        gh, du, da, db = rows_backward(grad, saved, z, u, a, idx, mask, ctx.needs_input_grad[0])
-        return gh, None, None, du, da, db
+        saved, z, u, w_minus_u, idx, mask = ctx.saved_tensors
+        gh, du, dwu, db = rows_backward(grad, saved, z, u, w_minus_u, idx, mask, ctx.needs_input_grad[0])
+        return gh, None, None, du, dwu, db
 
 
 def _rows_split(h: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, u: torch.Tensor,
@@ -568,9 +568,9 @@ def _rows_split(h: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, a: torch
                NC=nc, HAS_B=b is not None, WRITE=write, **cfg)
 
 
-def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
+def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: torch.Tensor, w_minus_u: torch.Tensor,
                   idx: torch.Tensor, mask: torch.Tensor, need_gh: bool = True, **config) -> tuple:
-    """`EditRows`' backward: (∂L/∂hidden or None, ∂L/∂U direct, ∂L/∂A, ∂L/∂b) from g = `grad`
+    """`EditRows`' backward: (∂L/∂hidden or None, ∂L/∂U direct, ∂L/∂(W − U), ∂L/∂b) from g = `grad`
     [..., d], the saved rows [S, d] and z [S, R] fp32. `config` overrides ROWS_GRAD_CONFIG (tuning)."""
     grad_kernel = _triton()[4]
     d, rank, n_slots, rp = grad.shape[-1], u.shape[0], idx.numel(), z.shape[1]
@@ -581,8 +581,8 @@ def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: t
     da = torch.empty_like(du)
     db = torch.empty((rank,), dtype=torch.float32, device=g.device)
     cfg = {**ROWS_GRAD_CONFIG, **config} if config else ROWS_GRAD_CONFIG
-    if n_slots:  # gz = mask ⊙ g Uᵀ, and gh's rows ← g + gz A: the forward's kernels with U and A swapped
-        _rows_split(gh if need_gh else g, idx, mask, u, a, None, gz, None, rank, rp, write=need_gh)
+    if n_slots:  # gz = mask ⊙ g Uᵀ, and gh's rows ← g + gz (W − U): the forward's kernels with U and W − U swapped
+        _rows_split(gh if need_gh else g, idx, mask, u, w_minus_u, None, gz, None, rank, rp, write=need_gh)
     else:
         gz.zero_()
     with _on_device(g):
@@ -592,11 +592,11 @@ def rows_backward(grad: torch.Tensor, saved: torch.Tensor, z: torch.Tensor, u: t
     return (gh.view_as(grad) if need_gh else None), du, da, db
 
 
-def edit_rows_with_grad(hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, a: torch.Tensor,
+def edit_rows_with_grad(hidden: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, w_minus_u: torch.Tensor,
                     b: torch.Tensor) -> torch.Tensor:
     """`EditRows` on a contiguous `hidden` that autograd lets us edit in place (see
     `ops._writable`); see `trainable` for when it applies. Returns `hidden`."""
-    return EditRows.apply(hidden, idx, mask.contiguous(), u.contiguous(), a.contiguous(), b.contiguous())
+    return EditRows.apply(hidden, idx, mask.contiguous(), u.contiguous(), w_minus_u.contiguous(), b.contiguous())
 
 
 def _on_device(t: torch.Tensor):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..loreft import compute_dtype as _compute_dtype
-from ..loreft import orthonormal_rows
+from ..loreft import LoReFT
 from . import orthonormal_kernel
 
 def _cholesky_qr_pass(u: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,7 +229,7 @@ def slot_mask(valids: list[torch.Tensor], ranks: list[int], dtype: torch.dtype) 
     return torch.block_diag(*blocks) if len(blocks) > 1 else blocks[0].contiguous()
 
 
-def edit_rows_per_editor_(hidden: torch.Tensor, edits: list[tuple["BankedLoReFT", torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def edit_rows_per_editor_(hidden: torch.Tensor, edits: list[tuple[LoReFT, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Apply several editors to chosen rows of `hidden` [B, T, d], in place where autograd allows.
 
     `edits`: (editor, flat row index [S] into B·T, valid [S] bool). Invalid slots are left as they

@@ -3,7 +3,7 @@
 The trainable tensors are banks (bank.py): one U, W, b per editor shape and device, of which every
 editor's own tensors are views. Per model forward, a forward pre-hook on the hooked top-level model
 opens a pass: every whole-tensor bank is orthonormalised once (one batched, sync-free Cholesky-QR
-per bank) and A = W − U formed once, so each site reads its (U, A, b) as views. The prefix/suffix
+per bank) and W − U formed once, so each site reads its (U, W − U, b) as views. The prefix/suffix
 positions (`positions.edit_positions`, from input_ids, attention_mask and — in training — labels)
 and the LM bank's bases are prepared by the first LM layer's hook, where the host work overlaps the
 GPU's work on that layer instead of delaying the launch-bound vision tower. An LM layer's prefix and
@@ -138,7 +138,7 @@ class MRTEditors(Editors):
         # are pure host time in a host-bound loop; the next prompt pass re-arms them.
         self._lm_hooks: list[tuple[nn.Module, Any]] = []
         self._lm_handles: list[Any] = []
-        # Per-pass (U, A = W − U, b) of every site, as views into one stack per editor shape: the
+        # Per-pass (U, W − U, b) of every site, as views into one stack per editor shape: the
         # whole-tensor sites by (group, key), the LM layers by index (prefix and suffix rows stacked).
         self._site_whole: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}
         self._site_lm: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -250,13 +250,13 @@ class MRTEditors(Editors):
 
     @staticmethod
     def _bank_pass(bank: EditorBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Q, A = W − Q, b) of a bank, [n, r, d], [n, r, d], [n, r]: one batched sync-free
+        """(Q, W − Q, b) of a bank, [n, r, d], [n, r, d], [n, r]: one batched sync-free
         orthonormalisation and one subtraction for all its editors, no stacking."""
         q = orthonormal_rows_stacked(bank.U)
         return q, bank.W - q, bank.b
 
     def _build_stacks(self, whole: bool, lm: bool) -> tuple[dict, dict]:
-        """Per-site (U, A, b) for this pass, as views of each bank's (Q, A, b). LM layers: when one
+        """Per-site (U, W − U, b) for this pass, as views of each bank's (Q, W − Q, b). LM layers: when one
         bank holds every LM editor and every layer carries the same groups, its rows are viewed as
         [layers, groups·r, d], so a layer's prefix+suffix parameters are a view; otherwise per-layer
         concatenations."""
@@ -264,30 +264,30 @@ class MRTEditors(Editors):
         lm_params: dict[int, tuple] = {}
         if whole:
             for bank, sites in self._whole_layout:
-                q, a, b = self._bank_pass(bank)
-                for site, ed, qi, ai, bi in zip(sites, bank.members, q.unbind(0), a.unbind(0), b.unbind(0)):
+                q, w_minus_q, b = self._bank_pass(bank)
+                for site, ed, qi, wqi, bi in zip(sites, bank.members, q.unbind(0), w_minus_q.unbind(0), b.unbind(0)):
                     ed.set_pass_basis(qi)
-                    whole_params[site] = (qi, ai, bi)
+                    whole_params[site] = (qi, wqi, bi)
         if lm and self._lm_layout:
             per_layer = Counter(i for _, sites in self._lm_layout for i, _ in sites)
             if len(self._lm_layout) == 1 and len(set(per_layer.values())) == 1:
                 bank, _ = self._lm_layout[0]
-                q, a, b = self._bank_pass(bank)
+                q, w_minus_q, b = self._bank_pass(bank)
                 for ed, qi in zip(bank.members, q.unbind(0)):
                     ed.set_pass_basis(qi)
                 n_layers, k = len(per_layer), next(iter(per_layer.values()))
                 r, d = bank.r, bank.d
-                views = zip(q.reshape(n_layers, k * r, d).unbind(0), a.reshape(n_layers, k * r, d).unbind(0),
+                views = zip(q.reshape(n_layers, k * r, d).unbind(0), w_minus_q.reshape(n_layers, k * r, d).unbind(0),
                             b.reshape(n_layers, k * r).unbind(0))
                 for layer, params in zip(sorted(per_layer), views):
                     lm_params[layer] = params
             else:
                 flat: dict[tuple[int, str], tuple] = {}
                 for bank, sites in self._lm_layout:
-                    q, a, b = self._bank_pass(bank)
-                    for site, ed, qi, ai, bi in zip(sites, bank.members, q.unbind(0), a.unbind(0), b.unbind(0)):
+                    q, w_minus_q, b = self._bank_pass(bank)
+                    for site, ed, qi, wqi, bi in zip(sites, bank.members, q.unbind(0), w_minus_q.unbind(0), b.unbind(0)):
                         ed.set_pass_basis(qi)
-                        flat[site] = (qi, ai, bi)
+                        flat[site] = (qi, wqi, bi)
                 for layer in sorted(per_layer):
                     parts = [flat[(i, g)] for i, g in self._lm_order() if i == layer]
                     lm_params[layer] = tuple(torch.cat([pt[j] for pt in parts]) for j in range(3))
@@ -317,7 +317,7 @@ class MRTEditors(Editors):
         return self._stack_cache[1]
 
     def _packed(self, site: tuple, params: tuple, hidden: torch.Tensor, usable: bool | None = None) -> tuple | None:
-        """The fused kernel's (A, U, b) for `site` when the kernel can edit `hidden` (inference on a
+        """The fused kernel's (W − U, U, b) for `site` when the kernel can edit `hidden` (inference on a
         GPU, kernels.usable — or `usable`, when the caller already knows it for this pass), made once
         per parameter change and kept with the no-grad stacks."""
         if usable is None:
@@ -545,7 +545,7 @@ class MRTEditors(Editors):
 
     def graph_params(self, index: int, hidden: torch.Tensor) -> tuple | None:
         """The inputs a graph of vision layer `index` takes this call: () for a layer without an
-        editor, (U, A, b) for an edited one, None when the call must run eagerly — the editor
+        editor, (U, W − U, b) for an edited one, None when the call must run eagerly — the editor
         would not take the training path (no pass open, dropout, checkpointing, a size mismatch)."""
         if self._checkpointing():
             return None
@@ -559,13 +559,13 @@ class MRTEditors(Editors):
         if params is None or (editor.dropout.p > 0 and editor.training) or hidden.shape[-1] != editor.d:
             return None
         path = self._whole_path(hidden, params[0])
-        if path == "infer":  # the inference kernel's packed (A, U, b), kept until a parameter changes
+        if path == "infer":  # the inference kernel's packed (W − U, U, b), kept until a parameter changes
             return self._packed(("whole",) + site, params, hidden, True)
         return params
 
     def graph_edit(self, index: int, module: nn.Module, output: Any, params: tuple) -> Any:
         """The editor of vision layer `index` applied to its output, inside the graph (`params` as
-        `graph_params` gave them: packed for the inference kernel, (U, A, b) otherwise)."""
+        `graph_params` gave them: packed for the inference kernel, (U, W − U, b) otherwise)."""
         if index not in self._graph_sites:
             return output
         hidden = _first(output)

@@ -1,7 +1,7 @@
 """The two implementations of the editors (EditorParams.impl) compute the same method: on the same
 tiny LLaVA, inputs and initial editors, `reference` (components/editors/hooks.py) and `fast`
 (components/editors/fast/) give the same logits, the same gradient of every editor parameter, and
-after a few optimiser steps the same saved files, to rounding. On CPU the fast path runs its
+after a few optimiser steps the same saved files and the same generation scores, to rounding. On CPU the fast path runs its
 operator path, and its Triton kernels in Triton's interpreter; the `gpu` case runs it on CUDA."""
 
 from __future__ import annotations
@@ -38,25 +38,29 @@ def _run(impl: str, device: torch.device, out_dir, steps: int = 3):
         out = model(**inputs)
         out.loss.backward()
         logits = out.logits.detach().cpu()
-        # gradients under the state-dict keys ("visual.0.U", ...): the fast editors' tensors are views of banks
-        if impl == "fast":
-            grads = {k: g.detach().cpu().clone() for k, g in editors.editor_grads().items()}
-        else:
-            grads = {k: p.grad.detach().cpu().clone() for k, p in editors.named_parameters()}
+        grads = {k: g.detach().cpu().clone() for k, g in editors.editor_grads().items()}  # by state-dict key
         optimiser.step()
         for _ in range(steps - 1):
             optimiser.zero_grad()
             model(**inputs).loss.backward()
             optimiser.step()
         save_editors(editors, out_dir, "tiny", "sha256:test")
+        model.eval()
+        editors.eval()
+        prompt = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():  # generation: the prompt pass edited, the decode steps not
+            generated = model.generate(**prompt, max_new_tokens=3, do_sample=False, output_scores=True,
+                                       return_dict_in_generate=True, pad_token_id=0)
+        scores = torch.stack(generated.scores).cpu()
     finally:
         editors.detach()
-    return logits, grads, load_file(str(out_dir / "editors.safetensors")), (out_dir / "editor_config.json").read_text()
+    saved = load_file(str(out_dir / "editors.safetensors"))
+    return logits, grads, saved, (out_dir / "editor_config.json").read_text(), scores
 
 
 def _check(tmp_path, device: torch.device, atol: float) -> None:
-    logits_r, grads_r, saved_r, config_r = _run("reference", device, tmp_path / "reference")
-    logits_f, grads_f, saved_f, config_f = _run("fast", device, tmp_path / "fast")
+    logits_r, grads_r, saved_r, config_r, scores_r = _run("reference", device, tmp_path / "reference")
+    logits_f, grads_f, saved_f, config_f, scores_f = _run("fast", device, tmp_path / "fast")
     torch.testing.assert_close(logits_f, logits_r, atol=atol, rtol=1e-4)
     assert grads_f.keys() == grads_r.keys() and len(grads_r) == 3 * (2 + 1 + 2 + 2)  # 2 readable vision layers
     for name in grads_r:
@@ -65,6 +69,7 @@ def _check(tmp_path, device: torch.device, atol: float) -> None:
     for name in saved_r:
         torch.testing.assert_close(saved_f[name], saved_r[name], atol=atol, rtol=1e-4, msg=name)
     assert _without_sha(config_f) == _without_sha(config_r)  # the config does not record the impl
+    torch.testing.assert_close(scores_f, scores_r, atol=atol, rtol=1e-4)  # generation with the trained editors
 
 
 def _without_sha(config: str) -> str:

@@ -162,6 +162,10 @@ class Editors(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def editor_grads(self) -> dict[str, torch.Tensor | None]:
+        """Each editor parameter's gradient under its state-dict key ("visual.1.U", "prefix.0.W.weight", …)."""
+        return {name: param.grad for name, param in self.named_parameters()}
+
     def detach(self) -> None:
         """Remove every hook and restore the base parameters' requires_grad flags."""
         for handle in self._handles:

@@ -1,4 +1,4 @@
-"""Editor banks (components/editors/bank.py): the trainable tensors of an MRTEditors are one U, W,
+"""Editor banks (components/editors/fast/bank.py): the trainable tensors of an MRTEditors are one U, W,
 b per editor shape, while every editor keeps its own tensors, keys and files as views."""
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def test_editors_on_llava_7b_shapes(model_7b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_train_like_eager(dtype):
-    """Real CUDA graphs (components/editors/graphs.py) against the eager hooks: three training steps
+    """Real CUDA graphs (components/editors/fast/graphs.py) against the eager hooks: three training steps
     of a small LLaVA with an optimiser step in between (new editor values each pass), same losses and
     editor gradients; every pass after the first replays every vision layer."""
     from benchmarks.gpu_train_step import build_model, make_batch, tiny_config, tiny_placement

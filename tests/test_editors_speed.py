@@ -1,4 +1,4 @@
-"""The editors' fast paths (issue 7) compute exactly what the plain formulas compute.
+"""The fast editors' operations (components/editors/fast/ops.py, editor.py) compute exactly what the plain formulas compute.
 
 The hand-written backward passes (`_Edit`, `_EditRows`), the in-place row edit, the sync-free
 Cholesky-QR and the inference basis cache are checked against straightforward autograd

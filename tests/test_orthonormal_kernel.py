@@ -1,5 +1,5 @@
-"""The bank orthonormalisation kernels (components/editors/orthonormal_kernel.py) compute what
-`loreft._OrthonormalRows` computes on the operator path (shifted Cholesky-QR3 and the closed-form
+"""The bank orthonormalisation kernels (components/editors/fast/orthonormal_kernel.py) compute what
+`ops._OrthonormalRows` computes on the operator path (shifted Cholesky-QR3 and the closed-form
 QR backward). Without a GPU they run in Triton's interpreter on CPU tensors; skipped where Triton
 is not installed. The GPU test checks the compiled kernels at LLaVA-7B's bank shapes."""
 

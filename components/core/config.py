@@ -285,7 +285,7 @@ class TrainParams(_Section):
     eval_per_task: int = Field(20, ge=1)  # held-out records per task for the post-training check
     eval_batch_size: int = Field(32, ge=1)
     eval_max_new_tokens: int = Field(8, ge=1)
-    # Replay the vision encoder's layers as CUDA graphs in training (components/editors/graphs.py):
+    # Replay the vision encoder's layers as CUDA graphs in training (components/editors/fast/graphs.py):
     # a speed knob for GPUs whose step is bound by the host (benchmarks/RESULTS.md, "Eighth pass");
     # CPU runs ignore it. Not part of a run's checkpoint fingerprint: it changes no result.
     cuda_graphs: bool = False

@@ -1,6 +1,6 @@
 """Where the editors sit: layer specs resolved against a LLaVA config, without touching weights.
 
-Kept apart from the hooks (`sites.py`) because parameter counting (`mrt params --count`) and
+Kept apart from the hooks (`hooks.py`, `fast/sites.py`) because parameter counting (`mrt params --count`) and
 `editor_config.json` need the resolved placement of a model that may never be instantiated.
 
 Layer specs (EditorParams' `layers`): a list of ints, an inclusive range "a-b", or one of "all",

@@ -1,6 +1,6 @@
 """Fused kernels for the editors (Triton): one launch per edit site, one for the positions.
 
-Why (issue 7, benchmarks/RESULTS.md): at generation time a LLaVA-7B prompt pass is bound by the
+Why (benchmarks/RESULTS.md): at generation time a LLaVA-7B prompt pass is bound by the
 host, not the GPU — on the H200 host every PyTorch operator costs ~5–12 µs of CPU before its kernel
 starts (benchmarks/gpu_host_overhead.py), and a prompt pass has 56 edit sites. With plain operators
 a site is 8–12 dispatcher calls (casts, two GEMMs, mask, gather/scatter) and the positions ~45

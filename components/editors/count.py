@@ -126,7 +126,7 @@ def count_report(model: str, params: EditorParams) -> dict[str, Any]:
     return {
         "model": model,
         "placement_source": source,
-        "placement": placement.model_dump(mode="json"),
+        "placement": placement.model_dump(mode="json", exclude={"impl"}),  # where, not which code
         "layers": resolve_placement(config, placement),
         **report,
     }

@@ -175,6 +175,9 @@ class AlignParams(_Section):
     # llava: the dtype the base is loaded in and saved as (auto = the checkpoint's own, e.g. fp16 for
     # llava-hf/llava-1.5-7b-hf). Later stages load the saved base as it is.
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # llava: false = out_dir holds a link to the checkpoint's folder (base_link.json), not a copy (a 7B
+    # checkpoint is ~14 GB, and DVC would cache a second copy); true = a full copy in `dtype`.
+    copy_base: bool = False
 
     @model_validator(mode="after")
     def _sources_named(self) -> "AlignParams":

@@ -236,7 +236,7 @@ class PositionGroupParams(LayerGroupParams):
 
 
 class EditorParams(_Section):
-    """Where the editors sit (METHOD.md's four groups). `layers: none` switches a group off."""
+    """Where the editors sit (docs/method.md's four groups). `layers: none` switches a group off."""
 
     visual: LayerGroupParams = Field(default_factory=lambda: LayerGroupParams(layers="all", rank=6))
     projector: ProjectorGroupParams = Field(default_factory=ProjectorGroupParams)
@@ -286,7 +286,7 @@ class TrainParams(_Section):
     eval_batch_size: int = Field(32, ge=1)
     eval_max_new_tokens: int = Field(8, ge=1)
     # Replay the vision encoder's layers as CUDA graphs in training (components/editors/graphs.py):
-    # a speed knob for GPUs whose step is bound by the host (benchmarks/RESULTS.md, "Eighth pass");
+    # a speed knob for GPUs whose step is bound by the host (docs/performance.md);
     # CPU runs ignore it. Not part of a run's checkpoint fingerprint: it changes no result.
     cuda_graphs: bool = False
     editors: EditorParams = Field(default_factory=EditorParams)
@@ -375,7 +375,7 @@ class PredictParams(_Section):
 
 
 class TrackParams(_Section):
-    """MLflow tracking and the registry (DESIGN.md's contracts). MLFLOW_TRACKING_URI overrides tracking_uri."""
+    """MLflow tracking and the registry (docs/orchestration.md). MLFLOW_TRACKING_URI overrides tracking_uri."""
 
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "mrt"

@@ -286,7 +286,7 @@ class TrainParams(_Section):
     eval_batch_size: int = Field(32, ge=1)
     eval_max_new_tokens: int = Field(8, ge=1)
     # Replay the vision encoder's layers as CUDA graphs in training (components/editors/graphs.py):
-    # a speed knob for GPUs whose step is bound by the host (docs/performance.md);
+    # a speed knob for GPUs whose step is bound by the host (docs/performance.md, batch 8);
     # CPU runs ignore it. Not part of a run's checkpoint fingerprint: it changes no result.
     cuda_graphs: bool = False
     editors: EditorParams = Field(default_factory=EditorParams)

@@ -1,25 +1,28 @@
-"""MRT's training-step overhead on the embedded default, on CPU (issue 3's performance target).
+"""What does an MRT training step cost on CPU, against the frozen floor, on the embedded default?
 
-Target: an MRT step (forward, backward, clip, Adam step on the editors) costs at most 1.10x the
-*floor*: the same frozen model doing forward + backward to its inputs with no editors. The editors
-start at the first vision layer, so an MRT step must at least pay the floor; everything above it is
-the editors' own cost (position gather/scatter, orthonormalisation, the low-rank maths, Adam).
+Question: an MRT step (forward, backward, clip, Adam on the editors) against the **floor**: the same
+frozen model doing forward + backward to its pixel inputs with no editors. Everything above the floor
+is the editors' own cost (position gather/scatter, orthonormalisation, the low-rank maths, Adam).
+Target: at most 1.10x.
 
-The model is the default tiny LLaVA exactly as `mrt align` builds it (params.yaml's `align.tiny`,
-the data's image size, a tokenizer trained on the data), and the batch is real training rows of the
-embedded data encoded by the trainer's own batching. Speed does not depend on the weights, so the
-base is not aligned first. Floor and MRT steps are *interleaved* (floor, mrt, floor, mrt, ...) so that
-noise from a shared machine hits both arms alike (in blocks, since editors attach by hooks); the
-ratio of medians is reported.
+Arms: floor and mrt (params.yaml's `train.editors`), interleaved in blocks of --block steps (editors
+attach by hooks, so they cannot alternate per step) so that noise from a shared machine hits both
+alike; the ratio of medians is reported. The model is the default tiny LLaVA as `mrt align` builds it
+(`align.tiny`, the data's image size, a tokenizer trained on the data); the batch is real training
+rows of a small fresh copy of the embedded data, encoded by the trainer's own batching. Speed does
+not depend on the weights, so the base is not aligned first.
 
-Run:   python benchmarks/cpu_train_step.py [--steps 40] [--batch-size 16] [--json out.json]
+Run:   python benchmarks/cpu_train_step.py --steps 60 --json out.json
+Check: python benchmarks/cpu_train_step.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -30,25 +33,30 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from components.core.offline import set_offline_env  # noqa: E402
+from components.core.offline import set_offline_env
 
 TARGET = 1.10
 
 
-def build(params_file: str, batch_size: int, data_dir: str | None):
+def build(params_file: str, batch_size: int, data_dir: str | None, scratch: str):
+    """(params, the tiny model, one training batch); without `data_dir`, a small copy of the default
+    data is written into `scratch` (same generator, same image size: only a batch is needed)."""
     import torch
 
-    from components.model.backbone import build_tiny_model, build_tiny_processor, tiny_corpus
-    from components.data.batching import ChatFormatter
     from components.core.config import load_params
+    from components.data.batching import ChatFormatter
     from components.data.generate import write_dataset
     from components.data.load import load_dataset_dir
+    from components.model.backbone import (
+        build_tiny_model,
+        build_tiny_processor,
+        tiny_corpus,
+    )
     from components.train.training import batch_maker, encode_rows
 
     cfg = load_params(params_file)
     if data_dir is None:
-        # A small copy of the default data (same generator, same image size): only a batch is needed.
-        data_dir = tempfile.mkdtemp(prefix="mrt-bench-")
+        data_dir = scratch
         small = cfg.data.model_copy(update=dict(out_dir=data_dir, train_per_task=8, heldout_per_task=2,
                                                 align_size=50, text_per_type=4, mme_images_per_subtask=1))
         write_dataset(small, progress=False)
@@ -71,15 +79,18 @@ def build(params_file: str, batch_size: int, data_dir: str | None):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(_ROOT / "params.yaml"))
     ap.add_argument("--data-dir", default=None, help="an existing data dir (default: a small fresh copy)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per arm")
     ap.add_argument("--block", type=int, default=5, help="steps per arm before switching arms")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--smoke", action="store_true", help="batch 2, 2 timed steps per arm: a logic check")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch_size, args.steps, args.block = 2, 2, 1
 
     set_offline_env()
     import torch
@@ -89,7 +100,8 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     bs = args.batch_size or load_params(args.params).train.batch_size
-    cfg, model, batch = build(args.params, bs, args.data_dir)
+    with tempfile.TemporaryDirectory(prefix="mrt-bench-") as scratch:
+        cfg, model, batch = build(args.params, bs, args.data_dir, scratch)
 
     def floor_step():
         inputs = dict(batch)
@@ -139,6 +151,8 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     summary = {
         "benchmark": "cpu_train_step",
+        "command": shlex.join(["python", "benchmarks/cpu_train_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "model": "embedded tiny LLaVA (params.yaml align.tiny)",
         "batch_size": bs,
         "seq_len": int(batch["input_ids"].shape[1]),
@@ -155,6 +169,7 @@ def main(argv=None) -> dict:
         "met": med["mrt"] / med["floor"] <= TARGET,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(summary))
     if args.json:

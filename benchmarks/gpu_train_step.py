@@ -1,54 +1,66 @@
-"""Training-step cost of MRT against its floor, LoRA r128 and full fine-tuning at LLaVA-1.5-7B scale.
+"""What does an MRT training step cost on a GPU, at LLaVA-1.5-7B shape?
 
-Why this exists (issue 7): MRT trains ~0.03% of the parameters, but what a user pays is step time,
-throughput and peak memory. Its editors sit from the second vision layer on, so an MRT step must at
-least run the frozen model forward and backward through (almost) the whole network: that is the
-**floor** (frozen model, no trainable weights, gradient to the pixel inputs). MRT is judged against
-that floor and against peft's LoRA r128 on the LM's linear layers, the usual PEFT baseline.
+Question: step time, throughput and peak memory of MRT against the **floor** (the frozen model run
+forward and backward to its pixel inputs, no trainable weights: the least any method whose editors
+start at the second vision layer can pay), against peft's LoRA r128 on the LM's linear layers, and
+against full fine-tuning of the LM and projector. The model is `llava_7b_config()` (CLIP
+ViT-L/14-336 + Llama-7B) in bf16, built on the device with random weights (speed does not depend on
+the values); the batch is `BOS USER: <image>×576 instruction ASSISTANT: answer EOS`, right-padded
+text ≤ 128 tokens, answer-only labels. No gradient checkpointing anywhere.
 
-What is built: `llava_7b_config()` (CLIP ViT-L/14-336 + Llama-7B) in bf16, directly on the device,
-then every weight re-drawn in place (matrices ~ N(0, 0.02), norm weights 1, biases 0): the speed
-does not depend on the values, but memory that was never written can hold NaNs. No fp32 copy ever
-exists on the host. One model serves every arm (editors are hooks and detach; peft unloads); the
-arms run in order floor, mrt, lora, lora_fp32, full per batch size, and each starts from freed memory and
-reset peak statistics. No gradient checkpointing anywhere.
+Arms (one model; each arm starts from freed memory and reset peak statistics; `--cycles N` runs them
+N times in turn so that drift hits every arm alike):
+  floor, mrt (the paper's placement), lora (r128, bf16 adapters), lora_fp32 (peft's default fp32
+  adapters), full; mrt_vision / mrt_lm (only the vision-side or LM-side editors);
+  floor_graphed / mrt_graphed (the vision layers as CUDA graphs, `train.cuda_graphs`);
+  mrt_reference / mrt_fast (`train.editors.impl`; skipped with a note where that key does not exist).
+Two more questions, each its own mode:
+  --loop: `mrt train`'s own loop (row encoding, JPEG decoding and preprocessing, accelerate, AdamW,
+          checkpoint, quick held-out check) against the model-only MRT step, tokens/s each;
+  --ddp:  1 against N processes under `accelerate launch` through the real CLI (`mrt data/align/train`):
+          the same editors (losses, weights, held-out accuracy within tolerances) and the speed-up.
 
-A step = forward with labels (answer tokens only), backward, and for the trainable arms gradient
-clipping (1.0) and one fused AdamW step; the floor has no optimiser. Timing: CUDA events around
-each step after warm-up steps, the median over repeated steps (min/max kept). Tokens/s counts all
-B × L positions (576 image tokens + the padded text length).
-
-Run (GPU):   python benchmarks/gpu_train_step.py --json out.json --markdown out.md [--profile DIR]
-Check (CPU): python benchmarks/gpu_train_step.py --smoke
-Host cost:   python benchmarks/gpu_train_step.py --host-bound --arms floor mrt … (tiny widths, 7B depth)
-CUDA graphs: --arms floor floor_graphed mrt mrt_graphed — the vision layers replayed as graphs, without
-             and with editors (components/editors/graphs.py, `train.cuda_graphs`)
-Prints one JSON object (the summary) as its last line.
+Run (GPU):  python benchmarks/gpu_train_step.py --cycles 3 --json out.json
+            python benchmarks/gpu_train_step.py --loop --json loop.json
+            python benchmarks/gpu_train_step.py --ddp --work /tmp/ddp --json ddp.json    (2 GPUs)
+Check (CPU): the same with --smoke (tiny model; --ddp --smoke: 2 gloo processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
 import json
 import math
 import os
 import platform
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-# Run from anywhere: the repository root (parent of benchmarks/) must be importable.
+# Run from anywhere: the repository root (parent of benchmarks/) must be importable, and tests/ for
+# the llava-hf processor layout that --loop uses.
 _ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+for _path in (_ROOT, _ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 ARMS = ("floor", "mrt", "lora", "lora_fp32", "full")
-BASELINE_ARM = "mrt_before"  # MRT with an earlier copy of components/editors (--baseline-editors)
+EXTRA_ARMS = ("mrt_vision", "mrt_lm", "floor_graphed", "mrt_graphed", "mrt_reference", "mrt_fast")
+# Implementation arms: overrides of EditorParams (train.editors); an arm whose key this version's
+# EditorParams lacks is reported as skipped.
+IMPL_ARMS = {"mrt_reference": {"impl": "reference"}, "mrt_fast": {"impl": "fast"}}
 LORA_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 ANSWER_TOKENS = 32  # supervised tokens at the end of each text (LLaVA-style short answers)
+TARGETS = {"mrt_step_vs_floor_max": 1.03, "mrt_throughput_vs_lora_fp32_min": 1.45, "mrt_peak_vs_floor_max": 1.02}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +174,10 @@ def make_batch(config, batch: int, text_tokens: int, device, dtype, seed: int = 
 # ---------------------------------------------------------------------------------------------
 # the arms: each returns (step function, trainable parameter count, cleanup)
 # ---------------------------------------------------------------------------------------------
+class ArmSkipped(Exception):
+    """The arm cannot run in this version of the code (its reason is recorded as the arm's note)."""
+
+
 def _optimizer(params, lr: float, device):
     import torch
 
@@ -198,51 +214,29 @@ def setup_floor(model, batch, device, placement):
     return step, 0, lambda: None
 
 
-def load_editors_package(path: Path, name: str = "_baseline_editors"):
-    """Import a copy of components/editors (e.g. `git show HEAD:…` into a folder) as its own
-    package, so that the old and the new editors are timed side by side in one process."""
-    import importlib.util
-
-    init = Path(path) / "__init__.py"
-    if not init.is_file():
-        raise SystemExit(f"--baseline-editors {path}: no __init__.py (expected a copy of components/editors)")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(path)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_BASELINE: dict[str, Any] = {}  # {"attach": the baseline package's attach} when --baseline-editors is given
-
-
-def setup_mrt_before(model, batch, device, placement):
-    if "attach" not in _BASELINE:
-        raise SystemExit(f"arm {BASELINE_ARM} needs --baseline-editors")
-    return setup_mrt(model, batch, device, placement, attach_fn=_BASELINE["attach"])
-
-
-def setup_mrt(model, batch, device, placement, attach_fn=None):
+def setup_mrt(model, batch, device, placement, graphs: bool = False):
+    """The editors of `placement` attached by hooks, AdamW + clip 1.0; `graphs`: the vision layers,
+    editors included, replayed as CUDA graphs (`MRTEditors.use_cuda_graphs`, `train.cuda_graphs`)."""
     from components.editors import attach
 
-    editors = (attach_fn or attach)(model, placement)
+    editors = attach(model, placement)
+    if graphs:
+        editors.use_cuda_graphs()
     params = [p for p in editors.parameters() if p.requires_grad]
     opt = _optimizer(params, 6e-4, device)
-    n = sum(p.numel() for p in params)
 
     def cleanup():
         editors.detach()
         for p in params:
             p.grad = None
 
-    return _trainer_step(model, batch, params, opt), n, cleanup
+    return _trainer_step(model, batch, params, opt), sum(p.numel() for p in params), cleanup
 
 
 def setup_lora(model, batch, device, placement, r: int = 128, fp32_adapters: bool = False):
-    """LLaVA-1.5's LoRA recipe on the LM (r 128, alpha 256, dropout 0.05). By default the
-    adapters are kept in the model's bf16 — the fastest and leanest LoRA, so the strongest
-    baseline for MRT. `fp32_adapters` is peft's own default (autocast_adapter_dtype=True): fp32
-    adapter weights, so the LoRA branch of every linear layer runs in fp32 (the `lora_fp32` arm)."""
+    """LLaVA-1.5's LoRA recipe on the LM (r 128, alpha 256, dropout 0.05). By default the adapters
+    stay in the model's bf16: the fastest LoRA, so the strongest baseline. `fp32_adapters` is peft's
+    own default (autocast_adapter_dtype=True): each LoRA branch runs in fp32 (arm `lora_fp32`)."""
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
@@ -250,7 +244,6 @@ def setup_lora(model, batch, device, placement, r: int = 128, fp32_adapters: boo
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = _optimizer(params, 2e-4, device)
-    n = sum(p.numel() for p in params)
 
     def cleanup():
         for p in params:
@@ -258,20 +251,18 @@ def setup_lora(model, batch, device, placement, r: int = 128, fp32_adapters: boo
         peft_model.unload()  # puts the original Linear modules back into `model`
         model.requires_grad_(False)
 
-    return _trainer_step(peft_model, batch, params, opt), n, cleanup
+    return _trainer_step(peft_model, batch, params, opt), sum(p.numel() for p in params), cleanup
 
 
 def setup_full(model, batch, device, placement):
-    """LM (embeddings, decoder, lm_head) + projector trainable, vision tower frozen. AdamW keeps
-    its state in the parameters' bf16 (the leanest full fine-tune; fp32 master weights and
-    states would add 8 bytes per parameter, ~54 GB more)."""
+    """LM (embeddings, decoder, lm_head) + projector trainable, vision tower frozen; AdamW keeps its
+    state in the parameters' bf16 (the leanest full fine-tune)."""
     model.requires_grad_(False)
     core = model.model
     for module in (core.language_model, core.multi_modal_projector, model.lm_head):
         module.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, 2e-5, device)
-    n = sum(p.numel() for p in params)
 
     def cleanup():
         for p in params:
@@ -279,11 +270,7 @@ def setup_full(model, batch, device, placement):
         opt.state.clear()
         model.requires_grad_(False)
 
-    return _trainer_step(model, batch, params, opt), n, cleanup
-
-
-def setup_lora_fp32(model, batch, device, placement, r: int = 128):
-    return setup_lora(model, batch, device, placement, r=r, fp32_adapters=True)
+    return _trainer_step(model, batch, params, opt), sum(p.numel() for p in params), cleanup
 
 
 def only_groups(placement, keep: set[str]):
@@ -297,82 +284,52 @@ def only_groups(placement, keep: set[str]):
     return type(placement).model_validate(data)
 
 
-def setup_mrt_vision(model, batch, device, placement):
-    """MRT with ψ_V and ψ_c only: what the vision-side editors cost."""
-    return setup_mrt(model, batch, device, only_groups(placement, {"visual", "projector"}))
+def with_overrides(placement, overrides: dict[str, Any]):
+    """The placement with EditorParams `overrides` applied; ArmSkipped when this version's
+    EditorParams does not take one of the keys."""
+    from pydantic import ValidationError
 
-
-def setup_mrt_lm(model, batch, device, placement):
-    """MRT with ψ_P and ψ_S only: what the LM-side editors cost."""
-    return setup_mrt(model, batch, device, only_groups(placement, {"prefix", "suffix"}))
-
-
-def setup_mrt_nolaunch(model, batch, device, placement):
-    """MRT with every editor kernel launch skipped (kernels.launch and orthonormal_kernel.launch
-    stubbed; the outputs are whatever the allocator hands out): the editors' host work and their
-    few operator kernels without their Triton kernels' device time. Against `floor` and `mrt` it
-    says whether an editor kernel's device time or its host cost is what the step pays for."""
-    from components.editors import kernels, orthonormal_kernel
-
-    modules = (kernels, orthonormal_kernel)
-    saved = [m.launch for m in modules]
-    for m in modules:
-        m.launch = lambda *a, **k: None
     try:
-        step, n, cleanup = setup_mrt(model, batch, device, placement)
-    except BaseException:
-        for m, fn in zip(modules, saved):
-            m.launch = fn
-        raise
-
-    def restore():
-        try:
-            cleanup()
-        finally:
-            for m, fn in zip(modules, saved):
-                m.launch = fn
-
-    return step, n, restore
+        return type(placement).model_validate({**placement.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ArmSkipped(f"EditorParams does not take {sorted(overrides)}: {exc.errors()[0]['msg']}") from None
 
 
 def setup_floor_graphed(model, batch, device, placement):
-    """The floor with the vision layers replayed as CUDA graphs (components/editors/graphs.py,
-    `LayerGraphs` without editors): the floor of a pipeline that graphs its vision tower, against
-    which `mrt_graphed` is the editors' own cost."""
-    from components.editors.graphs import LayerGraphs
-    from components.editors.sites import llava_modules
+    """The floor with its vision layers replayed as CUDA graphs (an editor set with every group off,
+    graphed): against it, `mrt_graphed` is the editors' own cost in a graphed tower."""
+    from components.editors import attach
 
     step, n, _ = setup_floor(model, batch, device, placement)
-    graphs = LayerGraphs(llava_modules(model)[1]).install()
-    return step, n, graphs.remove
+    graphed = attach(model, only_groups(placement, set()))
+    graphed.use_cuda_graphs()
+    return step, n, graphed.detach
 
 
 def setup_mrt_graphed(model, batch, device, placement):
-    """MRT with `train.cuda_graphs` on: each vision layer, editor included, one graph replay forward
-    and one backward (`MRTEditors.use_cuda_graphs`)."""
-    from components.editors import attach
-
     if getattr(device, "type", str(device)) != "cuda":
         raise SystemExit("arm mrt_graphed needs a CUDA device")
-    editors = attach(model, placement)
-    editors.use_cuda_graphs()
-    params = [p for p in editors.parameters() if p.requires_grad]
-    opt = _optimizer(params, 6e-4, device)
-
-    def cleanup():
-        stats = dict(editors.graphs.stats)
-        editors.detach()
-        for p in params:
-            p.grad = None
-        print(json.dumps({"mrt_graphed_stats": stats}), flush=True)
-
-    return _trainer_step(model, batch, params, opt), sum(p.numel() for p in params), cleanup
+    return setup_mrt(model, batch, device, placement, graphs=True)
 
 
-SETUP = {"floor": setup_floor, "mrt": setup_mrt, "lora": setup_lora, "lora_fp32": setup_lora_fp32, "full": setup_full,
-         BASELINE_ARM: setup_mrt_before, "mrt_vision": setup_mrt_vision, "mrt_lm": setup_mrt_lm,
-         "mrt_nolaunch": setup_mrt_nolaunch, "floor_graphed": setup_floor_graphed, "mrt_graphed": setup_mrt_graphed}
-EXTRA_ARMS = (BASELINE_ARM, "mrt_vision", "mrt_lm", "mrt_nolaunch", "floor_graphed", "mrt_graphed")
+SETUP: dict[str, Callable] = {
+    "floor": setup_floor,
+    "mrt": setup_mrt,
+    "lora": setup_lora,
+    "lora_fp32": lambda m, b, d, p, r=128: setup_lora(m, b, d, p, r=r, fp32_adapters=True),
+    "full": setup_full,
+    "mrt_vision": lambda m, b, d, p: setup_mrt(m, b, d, only_groups(p, {"visual", "projector"})),
+    "mrt_lm": lambda m, b, d, p: setup_mrt(m, b, d, only_groups(p, {"prefix", "suffix"})),
+    "floor_graphed": setup_floor_graphed,
+    "mrt_graphed": setup_mrt_graphed,
+}
+
+
+def _implementation_arm(overrides: dict[str, Any]) -> Callable:
+    return lambda m, b, d, p: setup_mrt(m, b, d, with_overrides(p, overrides))
+
+
+SETUP.update({arm: _implementation_arm(overrides) for arm, overrides in IMPL_ARMS.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,22 +352,11 @@ def free_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def time_steps(step: Callable[[], Any], device, warmup: int, steps: int, gc_off: bool = False
-               ) -> tuple[list[float], list[float]]:
-    """(step times in ms, losses). CUDA events on GPU, perf_counter on CPU. `gc_off`: Python's cyclic
-    garbage collector disabled during warm-up and timed steps (re-enabled after), to see what its
-    collections cost a host-bound step."""
+def time_steps(step: Callable[[], Any], device, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """(step times in ms, losses): CUDA events on a GPU, perf_counter on CPU, after `warmup` steps."""
     import torch
 
-    if gc_off and gc.isenabled():
-        gc.disable()
-        try:
-            return time_steps(step, device, warmup, steps)
-        finally:
-            gc.enable()
-    losses = []
-    for _ in range(warmup):
-        losses.append(step())
+    losses = [step() for _ in range(warmup)]
     _sync(device)
     times = []
     if device.type == "cuda":
@@ -429,159 +375,31 @@ def time_steps(step: Callable[[], Any], device, warmup: int, steps: int, gc_off:
     return times, [float(x) for x in losses]
 
 
-_PROFILER_MARKERS = ("Command Buffer Full", "Buffer Flush", "Activity Buffer Request")
-
-
-def _device_time(evt) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(evt, name):
-            return float(getattr(evt, name))
-    return 0.0
-
-
-def _is_kernel(evt) -> bool:
-    """Device-side activity (kernels, memcpy/memset), not the host op that launched it: summing
-    both would count every kernel twice."""
-    from torch.autograd import DeviceType
-
-    return getattr(evt, "device_type", None) == DeviceType.CUDA and evt.key not in _PROFILER_MARKERS
-
-
-def profile_steps(step, device, steps: int, out_dir: Path, tag: str) -> dict[str, Any]:
-    """Profile `steps` steps and write two op tables (by device time, by host time). Returns per
-    step: device time per kernel name, host time per op, the device busy time (kernels only) and
-    the host↔device synchronisations (each one drains the launch queue and idles the GPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
-    t0 = time.perf_counter()
-    shapes = tag.startswith("mrt")  # which editor op costs what: group the MRT arms' ops by input shape
-    with profile(activities=activities, record_shapes=shapes) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
-    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    averages = prof.key_averages()
-    tables = []
-    for sort_key in ("self_cuda_time_total", "self_cpu_time_total"):
-        try:
-            tables.append(f"== sorted by {sort_key}\n" + averages.table(sort_by=sort_key, row_limit=45, max_name_column_width=90))
-        except Exception:  # pragma: no cover - sort keys renamed in some torch versions
-            tables.append(averages.table(sort_by="self_device_time_total", row_limit=45))
-    if shapes:
-        try:
-            by_shape = prof.key_averages(group_by_input_shape=True)
-            tables.append("== by input shape, sorted by self_cuda_time_total\n" + by_shape.table(
-                sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=60, max_shapes_column_width=80))
-        except Exception as exc:  # pragma: no cover - profiler API drift
-            tables.append(f"(no shape table: {exc})")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"profile_{tag}.txt").write_text("\n\n".join(tables))
-    kernels = {evt.key: _device_time(evt) / steps for evt in averages if _is_kernel(evt) and _device_time(evt) > 0}
-    host_ops = {evt.key: float(evt.self_cpu_time_total) / steps for evt in averages if not _is_kernel(evt)}
-    counts = {evt.key: evt.count / steps for evt in averages}
-    syncs = {k: c for k, c in counts.items() if "Synchronize" in k or "Memcpy DtoH" in k or k == "aten::_local_scalar_dense"}
-    kernel_ms = sum(kernels.values()) / 1e3
-    return {
-        "wall_ms_per_step": wall_ms,
-        "device_busy_ms_per_step": kernel_ms,
-        "device_busy_share": kernel_ms / wall_ms if wall_ms else None,
-        "kernel_launches_per_step": sum(counts[k] for k in kernels),
-        "syncs_per_step": syncs,
-        "per_kernel_device_us": kernels,
-        "per_op_host_us": host_ops,
-    }
-
-
-def cprofile_steps(step, device, steps: int, out_dir: Path, tag: str, top: int = 60) -> dict[str, Any]:
-    """`steps` steps under cProfile (Python's own profiler: host time per Python function,
-    backward hooks and autograd Functions included, the CUDA launches inside them too). Writes
-    the table sorted by own time and by cumulative time; returns the host ms per step."""
-    import cProfile
-    import io
-    import pstats
-
-    _sync(device)
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    prof.disable()
-    wall = (time.perf_counter() - t0) * 1e3 / steps
-    text = io.StringIO()
-    for key in ("tottime", "cumulative"):
-        text.write(f"== sorted by {key}, {steps} steps\n")
-        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"cprofile_{tag}.txt").write_text(text.getvalue())
-    return {"wall_ms_per_step": wall}
-
-
-def export_trace(step, device, path: Path) -> None:
-    """One profiled step as a gzipped Chrome trace: where the GPU waits for the host is visible only
-    on a timeline (kernel gaps against the host ops running meanwhile)."""
-    import gzip
-    import shutil as _shutil
-
-    from torch.profiler import ProfilerActivity, profile
-
-    _sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        _sync(device)
-    raw = path.with_suffix("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(raw))
-    with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
-        _shutil.copyfileobj(src, dst)
-    raw.unlink()
-
-
-def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=None, profile_steps_n=0, lora_r=128,
-            trace=False, gc_off=False, cprofile_dir=None):
-    """One arm at one batch size: setup, warm-up, timed steps, optional profile, cleanup."""
+def run_arm(arm, model, batch, device, placement, warmup, steps, lora_r=128) -> dict[str, Any]:
+    """One arm at one batch size: setup, warm-up, timed steps, cleanup. Status ok, oom or skipped."""
     import torch
 
     free_memory(device)
-    static = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     result: dict[str, Any] = {"arm": arm, "batch": int(batch["input_ids"].shape[0]), "seq": int(batch["input_ids"].shape[1])}
-    cleanup = lambda: None  # noqa: E731
+    cleanup = lambda: None
     try:
         kwargs = {"r": lora_r} if arm.startswith("lora") else {}
         step, trainable, cleanup = SETUP[arm](model, batch, device, placement, **kwargs)
-        times, losses = time_steps(step, device, warmup, steps, gc_off)
+        times, losses = time_steps(step, device, warmup, steps)
         median = statistics.median(times)
-        tokens = result["batch"] * result["seq"]
         result.update(
-            status="ok",
-            trainable_params=trainable,
-            step_ms=median,
-            step_ms_min=min(times),
-            step_ms_max=max(times),
-            tokens_per_s=tokens / (median / 1e3),
-            loss_first=losses[0],
-            loss_last=losses[-1],
+            status="ok", trainable_params=trainable, step_ms=median, step_ms_min=min(times), step_ms_max=max(times),
+            tokens_per_s=result["batch"] * result["seq"] / (median / 1e3), loss_first=losses[0], loss_last=losses[-1],
             finite=all(math.isfinite(x) for x in losses),
         )
         if device.type == "cuda":
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-            result["static_gib"] = static / 2**30
-        if cprofile_dir is not None:
-            result["cprofile"] = cprofile_steps(step, device, steps, Path(cprofile_dir), f"{arm}_b{result['batch']}")
-        if profile_dir is not None and profile_steps_n > 0:
-            result["profile"] = profile_steps(step, device, profile_steps_n, Path(profile_dir), f"{arm}_b{result['batch']}")
-            if trace:
-                export_trace(step, device, Path(profile_dir) / f"trace_{arm}_b{result['batch']}.json.gz")
+    except ArmSkipped as exc:
+        result.update(status="skipped", note=str(exc))
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=str(exc).splitlines()[0][:300])
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     finally:
-        step = None  # noqa: F841 - drop closures holding optimiser state before freeing
+        step = None
         try:
             cleanup()
         finally:
@@ -593,31 +411,18 @@ def run_arm(arm, model, batch, device, placement, warmup, steps, profile_dir=Non
 # ---------------------------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------------------------
-TARGETS = {
-    "mrt_step_vs_floor_max": 1.03,
-    "mrt_throughput_vs_lora_min": 1.45,
-    "mrt_peak_vs_floor_max": 1.02,
-}
-
-
 def combine_cycles(results: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
     """(batch, arm) → its result; an arm run in several cycles gets the median of its per-cycle
-    medians (and the per-cycle values in `step_ms_cycles`), the extremes over all steps, the
-    highest peak."""
+    medians (the per-cycle values in `step_ms_cycles`) and the highest peak."""
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in results:
         if r.get("status") == "ok":
             groups.setdefault((r["batch"], r["arm"]), []).append(r)
     by = {}
     for key, runs in groups.items():
-        if len(runs) == 1:
-            by[key] = runs[0]
-            continue
         merged = dict(runs[0])
         merged["step_ms_cycles"] = [r["step_ms"] for r in runs]
         merged["step_ms"] = statistics.median(merged["step_ms_cycles"])
-        merged["step_ms_min"] = min(r["step_ms_min"] for r in runs)
-        merged["step_ms_max"] = max(r["step_ms_max"] for r in runs)
         merged["tokens_per_s"] = runs[0]["tokens_per_s"] * runs[0]["step_ms"] / merged["step_ms"]
         if all("peak_gib" in r for r in runs):
             merged["peak_gib"] = max(r["peak_gib"] for r in runs)
@@ -625,127 +430,63 @@ def combine_cycles(results: list[dict[str, Any]]) -> dict[tuple[int, str], dict[
     return by
 
 
-def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per batch size: MRT / floor step time, MRT / LoRA throughput, MRT / floor and MRT / LoRA
-    peak memory, LoRA / floor step time, and whether each target holds."""
+def compare(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per batch size: every arm's step time and peak memory over the floor's (and per cycle),
+    `mrt_graphed` over `floor_graphed`, MRT's throughput and peak over each LoRA's, and the targets."""
     by = combine_cycles(results)
     out = {}
     for b in sorted({r["batch"] for r in results}):
-        floor, mrt, lora = by.get((b, "floor")), by.get((b, "mrt")), by.get((b, "lora"))
         row: dict[str, Any] = {}
-        if floor and mrt:
-            row["mrt_step_vs_floor"] = mrt["step_ms"] / floor["step_ms"]
-            if "step_ms_cycles" in mrt and "step_ms_cycles" in floor:
-                row["mrt_step_vs_floor_cycles"] = [m / f for m, f in zip(mrt["step_ms_cycles"], floor["step_ms_cycles"])]
-                before = by.get((b, BASELINE_ARM))
-                if before and "step_ms_cycles" in before:
-                    row["mrt_before_step_vs_floor_cycles"] = [
-                        m / f for m, f in zip(before["step_ms_cycles"], floor["step_ms_cycles"])]
-            row["met_step"] = row["mrt_step_vs_floor"] <= TARGETS["mrt_step_vs_floor_max"]
-            if "peak_gib" in mrt:
-                row["mrt_peak_vs_floor"] = mrt["peak_gib"] / floor["peak_gib"]
-                row["met_peak"] = row["mrt_peak_vs_floor"] <= TARGETS["mrt_peak_vs_floor_max"]
-        if mrt and lora:
-            row["mrt_throughput_vs_lora"] = mrt["tokens_per_s"] / lora["tokens_per_s"]
-            row["met_throughput"] = row["mrt_throughput_vs_lora"] >= TARGETS["mrt_throughput_vs_lora_min"]
-            if "peak_gib" in mrt:
-                row["mrt_peak_vs_lora"] = mrt["peak_gib"] / lora["peak_gib"]
-        if floor and lora:
-            row["lora_step_vs_floor"] = lora["step_ms"] / floor["step_ms"]
-        before = by.get((b, BASELINE_ARM))
-        if floor and before:
-            row["mrt_before_step_vs_floor"] = before["step_ms"] / floor["step_ms"]
-            if "peak_gib" in before:
-                row["mrt_before_peak_vs_floor"] = before["peak_gib"] / floor["peak_gib"]
-        if lora and before:
-            row["mrt_before_throughput_vs_lora"] = before["tokens_per_s"] / lora["tokens_per_s"]
-        lora32 = by.get((b, "lora_fp32"))
-        if mrt and lora32:
-            row["mrt_throughput_vs_lora_fp32"] = mrt["tokens_per_s"] / lora32["tokens_per_s"]
-            if "peak_gib" in mrt:
-                row["mrt_peak_vs_lora_fp32"] = mrt["peak_gib"] / lora32["peak_gib"]
-        if floor and lora32:
-            row["lora_fp32_step_vs_floor"] = lora32["step_ms"] / floor["step_ms"]
-        # CUDA graphs of the vision layers: the editors against the graphed floor (their own cost)
-        # and against the stock floor (what a user of train.cuda_graphs gets)
-        for arm, ref in (("mrt_graphed", "floor_graphed"), ("mrt_graphed", "floor"), ("floor_graphed", "floor")):
+        pairs = [(arm, "floor") for (bb, arm) in by if bb == b and arm != "floor"] + [("mrt_graphed", "floor_graphed")]
+        for arm, ref in pairs:
             a, f = by.get((b, arm)), by.get((b, ref))
-            if a and f:
-                row[f"{arm}_step_vs_{ref}"] = a["step_ms"] / f["step_ms"]
-                if "step_ms_cycles" in a and "step_ms_cycles" in f:
-                    row[f"{arm}_step_vs_{ref}_cycles"] = [x / y for x, y in zip(a["step_ms_cycles"], f["step_ms_cycles"])]
-                if "peak_gib" in a and "peak_gib" in f:
-                    row[f"{arm}_peak_vs_{ref}"] = a["peak_gib"] / f["peak_gib"]
+            if not (a and f):
+                continue
+            row[f"{arm}_step_vs_{ref}"] = a["step_ms"] / f["step_ms"]
+            if len(a["step_ms_cycles"]) > 1 and len(a["step_ms_cycles"]) == len(f["step_ms_cycles"]):
+                row[f"{arm}_step_vs_{ref}_cycles"] = [x / y for x, y in zip(a["step_ms_cycles"], f["step_ms_cycles"])]
+            if "peak_gib" in a and "peak_gib" in f:
+                row[f"{arm}_peak_vs_{ref}"] = a["peak_gib"] / f["peak_gib"]
+        mrt = by.get((b, "mrt"))
+        for lora_arm in ("lora", "lora_fp32"):
+            lora = by.get((b, lora_arm))
+            if mrt and lora:
+                row[f"mrt_throughput_vs_{lora_arm}"] = mrt["tokens_per_s"] / lora["tokens_per_s"]
+                if "peak_gib" in mrt and "peak_gib" in lora:
+                    row[f"mrt_peak_vs_{lora_arm}"] = mrt["peak_gib"] / lora["peak_gib"]
+        for target, bound in TARGETS.items():
+            key = target.rsplit("_", 1)[0]
+            if key in row:
+                row[f"met_{key}"] = row[key] <= bound if target.endswith("_max") else row[key] >= bound
         out[str(b)] = row
     return out
 
 
-def profile_diff(results: list[dict[str, Any]], top: int = 25) -> dict[str, Any]:
-    """Per batch size, floor → MRT: kernels whose device time per step grows most, host ops whose
-    host time grows most, and the change in device busy time, launches and synchronisations."""
-    out = {}
-    by = {(r["batch"], r["arm"]): r for r in results if "profile" in r}
-    for b in sorted({r["batch"] for r in results}):
-        floor, mrt = by.get((b, "floor")), by.get((b, "mrt"))
-        if not (floor and mrt):
-            continue
-        fp, mp = floor["profile"], mrt["profile"]
-        before = by.get((b, BASELINE_ARM))
-
-        def ranked(key):
-            f, m = fp[key], mp[key]
-            diff = {k: m.get(k, 0.0) - f.get(k, 0.0) for k in set(f) | set(m)}
-            return [[k[:120], round(v, 1)] for k, v in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]]
-
-        out[str(b)] = {
-            "device_busy_ms": [round(fp["device_busy_ms_per_step"], 2), round(mp["device_busy_ms_per_step"], 2)],
-            "kernel_launches": [fp["kernel_launches_per_step"], mp["kernel_launches_per_step"]],
-            "before_device_busy_ms_and_launches": [round(before["profile"]["device_busy_ms_per_step"], 2),
-                                                   before["profile"]["kernel_launches_per_step"]] if before else None,
-            "syncs": [fp["syncs_per_step"], mp["syncs_per_step"]],
-            "kernels_us": ranked("per_kernel_device_us"),
-            "host_ops_us": ranked("per_op_host_us"),
-        }
-    return out
-
-
 def markdown(summary: dict[str, Any]) -> str:
+    env = summary["env"]
     lines = [
-        f"Device: {summary['env'].get('device')}; torch {summary['env'].get('torch')}, "
-        f"transformers {summary['env'].get('transformers')}, peft {summary['env'].get('peft')}; "
-        f"L = {summary['seq']} tokens ({summary['image_tokens']} image + {summary['text_tokens']} text), "
-        f"median of {summary['steps']} steps after {summary['warmup']} warm-up.",
+        f"Device: {env.get('device')}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+        f"peft {env.get('peft')}; L = {summary['seq']} tokens ({summary['image_tokens']} image + "
+        f"{summary['text_tokens']} text), median of {summary['steps']} steps after {summary['warmup']} warm-up"
+        + (f", {summary['cycles']} cycles." if summary["cycles"] > 1 else "."),
         "",
         "| batch | arm | step ms (min–max) | tokens/s | peak GiB | trainable params |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for r in summary["results"]:
+        cycle = f" (cycle {r['cycle'] + 1})" if summary["cycles"] > 1 else ""
         if r.get("status") != "ok":
-            lines.append(f"| {r['batch']} | {r['arm']} | {r.get('status', '?').upper()} | – | "
-                         f"{r.get('peak_gib', float('nan')):.1f} at failure | – |")
+            lines.append(f"| {r['batch']} | {r['arm']}{cycle} | {r['status'].upper()}: {r.get('note', r.get('error', ''))} | – | – | – |")
             continue
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "–"
-        arm = r["arm"] + (f" (cycle {r['cycle'] + 1})" if summary.get("cycles", 1) > 1 else "")
-        lines.append(
-            f"| {r['batch']} | {arm} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | "
-            f"{r['tokens_per_s']:,.0f} | {peak} | {r['trainable_params']:,} |"
-        )
-    lines += ["", "| batch | MRT/floor step | MRT/LoRA throughput | MRT/floor peak | MRT/LoRA peak | LoRA/floor step "
-              "| MRT/LoRA-fp32 throughput | MRT/LoRA-fp32 peak | LoRA-fp32/floor step | before: MRT/floor step |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(f"| {r['batch']} | {r['arm']}{cycle} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | "
+                     f"{r['tokens_per_s']:,.0f} | {peak} | {r['trainable_params']:,} |")
+    lines += ["", "| batch | ratio | value (per cycle) |", "|---:|---|---|"]
     for b, row in summary["compare"].items():
-        def f(key, fmt="{:.3f}"):
-            return fmt.format(row[key]) if key in row else "–"
-
-        lines.append(f"| {b} | {f('mrt_step_vs_floor')} | {f('mrt_throughput_vs_lora')} | {f('mrt_peak_vs_floor')} | "
-                     f"{f('mrt_peak_vs_lora')} | {f('lora_step_vs_floor')} | {f('mrt_throughput_vs_lora_fp32')} | "
-                     f"{f('mrt_peak_vs_lora_fp32')} | {f('lora_fp32_step_vs_floor')} | {f('mrt_before_step_vs_floor')} |")
-    for b, row in summary["compare"].items():
-        if "mrt_step_vs_floor_cycles" in row:
-            cyc = ", ".join(f"{x:.3f}" for x in row["mrt_step_vs_floor_cycles"])
-            before = row.get("mrt_before_step_vs_floor_cycles")
-            lines.append(f"\nbatch {b}, MRT/floor per cycle: {cyc}"
-                         + (f"; before: {', '.join(f'{x:.3f}' for x in before)}" if before else ""))
+        for key, value in row.items():
+            if isinstance(value, float):
+                cycles = row.get(f"{key}_cycles")
+                lines.append(f"| {b} | {key} | {value:.3f}" + (f" ({', '.join(f'{x:.3f}' for x in cycles)})" if cycles else "") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -754,83 +495,32 @@ def environment(device) -> dict[str, Any]:
     import torch
     import transformers
 
-    env = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "device": "cpu",
-    }
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+           "python": platform.python_version(), "device": "cpu", "cpus": os.cpu_count()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, cuda=torch.version.cuda, memory_gib=props.total_memory / 2**30,
-                   sms=props.multi_processor_count)
+        env.update(device=props.name, cuda=torch.version.cuda, memory_gib=props.total_memory / 2**30)
     return env
 
 
-# ---------------------------------------------------------------------------------------------
-# entry point
-# ---------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (or GPU): a logic check, not a benchmark")
-    ap.add_argument("--host-bound", action="store_true",
-                    help="the 7B depth and placement at tiny widths (default batch 8): step time = host time")
-    ap.add_argument("--arms", nargs="+", default=None, choices=(*ARMS, *EXTRA_ARMS),
-                    help=f"default: all of {ARMS}, plus {BASELINE_ARM} after mrt when --baseline-editors is given")
-    ap.add_argument("--baseline-editors", type=Path, default=None,
-                    help=f"a copy of an earlier components/editors, timed as arm {BASELINE_ARM} in the same process")
-    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None)
-    ap.add_argument("--text-tokens", type=int, default=None, help="padded text length (default 128; smoke 24)")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--lora-r", type=int, default=128)
-    ap.add_argument("--profile", type=Path, default=None, help="folder for torch-profiler tables (floor and mrt arms)")
-    ap.add_argument("--profile-steps", type=int, default=3)
-    ap.add_argument("--cprofile", type=Path, default=None,
-                    help="folder for cProfile tables of each arm's host time (first cycle, after the timed steps)")
-    ap.add_argument("--cycles", type=int, default=1,
-                    help="run the arms this many times in turn per batch size (drift-robust ratios)")
-    ap.add_argument("--trace", action="store_true",
-                    help="with --profile: also write a gzipped Chrome trace of one step (first batch size, floor/mrt)")
-    ap.add_argument("--json", type=Path, default=None, help="write the summary here (rewritten after every arm)")
-    ap.add_argument("--markdown", type=Path, default=None, help="write the results tables here")
-    ap.add_argument("--gc", choices=("on", "off"), default="on",
-                    help="off: Python's garbage collector disabled during each arm's warm-up and timed steps")
-    ap.add_argument("--label", default="", help="free text recorded in the summary (e.g. 'before', 'after')")
-    return ap.parse_args(argv)
+def write_json(path: Path | None, summary: dict[str, Any]) -> None:
+    """Write `summary` atomically (a run rewrites it after every arm, so a cut-off run keeps its arms)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
-def main(argv=None) -> dict[str, Any]:
-    from components.core.offline import set_offline_env
-
-    set_offline_env()
-    args = parse_args(argv)
+def step_benchmark(args) -> dict[str, Any]:
+    """The arms at each batch size (the default mode)."""
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not (args.smoke or args.host_bound):
+    if device.type != "cuda" and not args.smoke:
         raise SystemExit("gpu_train_step.py: no CUDA device; use --smoke for a CPU logic check")
-    if args.baseline_editors is not None:
-        _BASELINE["attach"] = load_editors_package(args.baseline_editors).attach
-    if args.arms is None:
-        args.arms = list(ARMS)
-        if args.baseline_editors is not None:
-            args.arms.insert(args.arms.index("mrt") + 1, BASELINE_ARM)
-    if args.host_bound:
-        # The 7B model's depth (24 vision, 32 LM layers) and the paper's placement at tiny widths:
-        # every kernel is short, so a step's time is the host's, and MRT − floor is what the
-        # editors cost the host (launches included) on this machine.
-        from components.editors import paper_placement_7b
-
-        config, placement = tiny_config(), paper_placement_7b()
-        config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers = 24, 32
-        batch_sizes, text_tokens = args.batch_sizes or [8], args.text_tokens or 24
-        warmup, steps = args.warmup if args.warmup is not None else 3, args.steps or 10
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif args.smoke:
-        from components.editors import count  # noqa: F401 - import check only
-
+    if args.smoke:
         config, placement = tiny_config(), tiny_placement()
         batch_sizes, text_tokens = args.batch_sizes or [2, 4], args.text_tokens or 24
         warmup, steps = args.warmup if args.warmup is not None else 1, args.steps or 2
@@ -844,69 +534,422 @@ def main(argv=None) -> dict[str, Any]:
         dtype = torch.bfloat16
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32 (the editors compute in fp32)
+    arms = args.arms or list(ARMS)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = build_model(config, device, dtype)
     model.train()
-    build_s = time.perf_counter() - t0
     summary: dict[str, Any] = {
-        "label": args.label,
-        "baseline_editors": str(args.baseline_editors) if args.baseline_editors else None,
-        "env": environment(device),
-        "smoke": args.smoke,
-        "host_bound": args.host_bound,
-        "build_s": build_s,
-        "base_params": sum(p.numel() for p in model.parameters()),
-        "image_tokens": n_image_tokens(config),
-        "text_tokens": text_tokens,
-        "seq": n_image_tokens(config) + text_tokens,
-        "warmup": warmup,
-        "steps": steps,
-        "gradient_checkpointing": False,
-        "gc": args.gc,
-        "results": [],
+        "benchmark": "gpu_train_step", "command": shlex.join(["python", "benchmarks/gpu_train_step.py", *args.argv]),
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "env": environment(device),
+        "smoke": args.smoke, "build_s": time.perf_counter() - t0, "base_params": sum(p.numel() for p in model.parameters()),
+        "image_tokens": n_image_tokens(config), "text_tokens": text_tokens, "seq": n_image_tokens(config) + text_tokens,
+        "warmup": warmup, "steps": steps, "cycles": args.cycles, "gradient_checkpointing": False, "results": [],
     }
-    print(f"built {summary['base_params'] / 1e9:.2f} B params in {build_s:.1f} s on {summary['env']['device']}", flush=True)
-    summary["cycles"] = args.cycles
+    print(f"built {summary['base_params'] / 1e9:.2f} B params in {summary['build_s']:.1f} s on {summary['env']['device']}",
+          flush=True)
     for b in batch_sizes:
         batch = make_batch(config, b, text_tokens, device, dtype, seed=b)
-        # With --cycles N the arms run N times in turn (floor, mrt, …, floor, mrt, …): drift of the
-        # machine over minutes then hits every arm alike, and each cycle gives its own ratios.
-        for cycle, arm in ((c, a) for c in range(args.cycles) for a in args.arms):
-            prof = args.profile if arm in ("floor", "mrt", *EXTRA_ARMS) and cycle == 0 else None
-            trace = bool(args.trace and prof and b == batch_sizes[0] and arm in ("floor", "mrt"))
-            r = run_arm(arm, model, batch, device, placement, warmup, steps, prof, args.profile_steps, args.lora_r,
-                        trace=trace, gc_off=args.gc == "off", cprofile_dir=args.cprofile if cycle == 0 else None)
+        for cycle, arm in ((c, a) for c in range(args.cycles) for a in arms):
+            r = run_arm(arm, model, batch, device, placement, warmup, steps, args.lora_r)
             r["cycle"] = cycle
             summary["results"].append(r)
-            brief = {k: v for k, v in r.items() if k != "profile"}
-            if "profile" in r:
-                brief.update({k: r["profile"][k] for k in ("device_busy_share", "kernel_launches_per_step", "syncs_per_step")})
-            print(json.dumps(brief), flush=True)
+            print(json.dumps(r), flush=True)
             summary["compare"] = compare(summary["results"])
-            if args.json:
-                _write_json(args.json, summary)
+            write_json(args.json, summary)
         del batch
     summary["compare"] = compare(summary["results"])
-    summary["profile_diff_us_per_step"] = profile_diff(summary["results"])
-    if args.json:
-        _write_json(args.json, summary)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(summary))
+    write_json(args.json, summary)
     print(markdown(summary))
-    short = {k: v for k, v in summary.items() if k != "results"}
-    short["results"] = [{k: v for k, v in r.items() if k != "profile"} for r in summary["results"]]
-    print(json.dumps(short))
     return summary
 
 
-def _write_json(path: Path, summary: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------
+# --loop: `mrt train`'s own loop against the model-only step
+# ---------------------------------------------------------------------------------------------
+WORDS = ("red", "green", "blue", "yellow", "cat", "dog", "car", "tree", "house", "boat", "bird", "flower")
+
+
+def write_visionflan(root: Path, n_images: int, seed: int = 0, size_range=(320, 640)) -> tuple[Path, Path, list[str]]:
+    """A Vision-Flan-layout annotation + image folder: two training tasks, one held-out task; JPEGs of
+    mixed sizes with noisy content (a realistic decode cost). Returns (annotation, images, text corpus)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = root / "images_191task_1k"
+    records, corpus = [], []
+    tasks = ("scene+describe_object", "scene+object_color", "scene+heldout_kind")
+    for i in range(n_images):
+        task = tasks[0] if i % 8 < 4 else tasks[1] if i % 8 < 7 else tasks[2]
+        (images / task).mkdir(parents=True, exist_ok=True)
+        w, h = (int(x) for x in rng.integers(size_range[0], size_range[1], 2))
+        arr = np.clip(rng.integers(0, 255, 3) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(images / task / f"{i}.jpg", quality=90)
+        question = "Look at the picture. " + " ".join(rng.choice(WORDS, 6 + int(rng.integers(0, 10)))) + "? Answer with one word."
+        answer = str(rng.choice(WORDS))
+        records.append({"id": f"{task}_{i}", "task_name": task, "image": f"{task}/{i}.jpg",
+                        "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                          {"from": "gpt", "value": answer}]})
+        corpus += [question, answer]
+    ann = root / "annotation_191-task_1k.json"
+    ann.write_text(json.dumps(records), encoding="utf-8")
+    return ann, images, corpus
+
+
+def loop_benchmark(args) -> dict[str, Any]:
+    """Arms, one model, in this order: `model_only` (the `mrt` arm's step on one batch already on the
+    device), `loop_prefetch0` (`train.loader_prefetch=0`: every batch built inside the loop),
+    `loop_prefetch2` (the default: two steps ahead in a background thread), `model_only_again`. The
+    base is handed to `components.train.training.train` in place of `load_base` (a 14 GB folder would
+    only be written and read back). Loop tokens/s is train.json's `throughput` (first 2 steps untimed)."""
+    import torch
+    from llava_hf_layout import (
+        llama_style_tokenizer,
+        llava_hf_config,
+        llava_hf_processor,
+    )
+
+    from components.core.config import DataParams, TrainParams
+    from components.data.generate import write_dataset
+    from components.editors import llava_7b_config, paper_placement_7b
+    from components.model import backbone
+    from components.train import training
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        raise SystemExit("gpu_train_step.py --loop: no CUDA device; use --smoke for a CPU logic check")
+    device = torch.device("cuda" if cuda else "cpu")
+    batch_size = (args.batch_sizes or [4 if args.smoke else 16])[0]
+    steps = args.steps or (5 if args.smoke else 22)
+    n_images = 48 if args.smoke else 800  # more than steps × batch: no image is decoded twice
+    work = Path(tempfile.mkdtemp(prefix="mrt-train-loop-"))
+    t0 = time.time()
+    ann, images, corpus = write_visionflan(work / "vf", n_images, size_range=(64, 96) if args.smoke else (320, 640))
+    write_dataset(DataParams(source="visionflan", out_dir=str(work / "data"), visionflan_annotation=str(ann),
+                             visionflan_images=str(images), heldout_tasks=["scene+heldout_kind"]), progress=False)
+    data_s = time.time() - t0
+    tok = llama_style_tokenizer(corpus)
+    image_size = 56 if args.smoke else 336
+    processor = llava_hf_processor(tok, image_size=image_size, patch_size=14)
+    if args.smoke:
+        config = llava_hf_config(tok, image_size=image_size, max_positions=512)
+        placement = tiny_placement().model_validate({**tiny_placement().model_dump(), "visual": {"layers": "all", "rank": 6}})
+        dtype = torch.float32
+    else:
+        config = llava_7b_config()
+        config.image_token_id = tok.convert_tokens_to_ids("<image>")  # our tokenizer's ids; vocab stays 32064
+        config.text_config.pad_token_id = tok.pad_token_id
+        placement = paper_placement_7b()
+        dtype = torch.bfloat16
+    t1 = time.time()
+    model = build_model(config, device, dtype)
+    model.config.use_cache = True  # generation in the held-out check
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    build_s = time.time() - t1
+
+    load_base = backbone.load_base
+    backbone.load_base = lambda *a, **k: (model, processor)  # the in-memory base stands for the folder
+    made: dict[str, Any] = {}
+    prepare = training.prepare_method
+
+    def capture(m, p):
+        run_model, extra = prepare(m, p)
+        made["extra"] = extra
+        return run_model, extra
+
+    training.prepare_method = capture
+
+    def peak_gib() -> float | None:
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
+
+    def model_only(tag: str) -> dict:
+        from components.data.batching import ChatFormatter
+        from components.data.load import load_dataset_dir
+
+        loaded = load_dataset_dir(work / "data", splits=("train",))
+        rows = [r for r in loaded.rows if r.split == "train"][:batch_size]
+        fmt = ChatFormatter(processor, 128)
+        batch = training.batch_maker(processor, [training.encode_rows(fmt, rows, loaded.image_root)])(0, list(range(len(rows))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        free_memory(device)
+        step, n, cleanup = setup_mrt(model, batch, device, placement)
+        try:
+            times, losses = time_steps(step, device, warmup=2, steps=steps - 2)
+        finally:
+            cleanup()
+        peak = peak_gib()
+        free_memory(device)
+        med, tokens = statistics.median(times), int(batch["input_ids"].numel())
+        return {"arm": tag, "tokens_per_step": tokens, "step_ms_median": round(med, 2),
+                "tokens_per_s": round(tokens / (med / 1e3), 1), "peak_gib": peak, "trainable": n,
+                "loss_last": float(losses[-1])}
+
+    def loop(prefetch: int) -> dict:
+        out = work / f"editors-p{prefetch}"
+        p = TrainParams.model_validate({
+            "method": "mrt", "base_dir": "in-memory", "data_dir": str(work / "data"), "out_dir": str(out),
+            "report": str(out / "train.json"), "curve": str(out / "curve.csv"), "steps": steps,
+            "batch_size": batch_size, "save_every": 10**6, "max_length": 128, "eval_per_task": 2,
+            "eval_batch_size": 2, "eval_max_new_tokens": 2, "loader_prefetch": prefetch,
+            "editors": placement.model_dump(),
+        })
+        free_memory(device)  # also resets the peak
+        report = training.train(p)
+        peak = peak_gib()
+        made.pop("extra").detach()
+        free_memory(device)
+        return {"arm": f"loop_prefetch{prefetch}", **report["throughput"], "peak_gib": peak,
+                "train_wall_s": report["train_wall_s"], "trainable": report["trainable_params"],
+                "loss_final": report["loss_final"], "heldout_n": report["heldout_n"]}
+
+    def safely(tag: str, fn, *a) -> dict:
+        """One arm; a failure is recorded (its traceback printed) and the other arms still run."""
+        try:
+            result = fn(*a)
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports every arm it can
+            import traceback
+
+            traceback.print_exc()
+            result = {"arm": tag, "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(result), flush=True)
+        return result
+
+    try:
+        arms = [safely("model_only", model_only, "model_only")]
+        arms += [safely(f"loop_prefetch{k}", loop, k) for k in (0, 2)]
+        arms.append(safely("model_only_again", model_only, "model_only_again"))
+    finally:
+        training.prepare_method, backbone.load_base = prepare, load_base
+        shutil.rmtree(work, ignore_errors=True)
+    refs = [a["tokens_per_s"] for a in arms if a["arm"].startswith("model_only") and "tokens_per_s" in a]
+    ref = statistics.mean(refs) if refs else float("nan")
+    for a in arms:
+        if "tokens_per_s" in a:
+            a["vs_model_only"] = round(a["tokens_per_s"] / ref, 4)
+    summary = {
+        "benchmark": "gpu_train_step --loop", "command": shlex.join(["python", "benchmarks/gpu_train_step.py", *args.argv]),
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "env": environment(device),
+        "shape": "tiny (smoke)" if args.smoke else "LLaVA-1.5-7B (CLIP-L/14-336 + Llama-7B), bf16, random weights",
+        "batch": batch_size, "steps_per_arm": steps, "images": n_images, "data_write_s": round(data_s, 1),
+        "model_build_s": round(build_s, 1), "model_only_tokens_per_s": round(ref, 1), "arms": arms,
+    }
+    write_json(args.json, summary)
+    print("| arm | tokens/s | vs model-only |\n|---|---:|---:|")
+    for a in arms:
+        print(f"| {a['arm']} | {a.get('tokens_per_s', 'error')} | {a.get('vs_model_only', '–')} |")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# --ddp: 1 against N processes through the real CLI
+# ---------------------------------------------------------------------------------------------
+# Stage overrides (DVC -S syntax, on top of params.yaml). The base is larger than the default
+# (LM hidden 1024, 8 layers) so that a step is GPU work rather than Python overhead.
+DDP_SIZES = {
+    "data": ["data.train_per_task=120", "data.heldout_per_task=40", "data.align_size=1500", "data.text_per_type=40"],
+    "align": ["align.recipe=joint", "align.tiny.patch_size=8", "align.tiny.vision_hidden=256", "align.tiny.vision_layers=4",
+              "align.tiny.vision_heads=4", "align.tiny.lm_hidden=1024", "align.tiny.lm_layers=8", "align.tiny.lm_heads=16",
+              "align.tiny.lm_intermediate=2752", "align.steps=150", "align.batch_size=32", "align.eval_size=50",
+              "align.save_every=10000"],
+    "train": ["train.steps=60", "train.batch_size=128", "train.save_every=10000", "train.eval_per_task=20",
+              "train.eval_batch_size=64"],
+}
+DDP_SMOKE_SIZES = {
+    "data": ["data.train_per_task=8", "data.heldout_per_task=4", "data.align_size=60", "data.text_per_type=4",
+             "data.mme_images_per_subtask=1", "data.image_size=32"],
+    "align": ["align.recipe=joint", "align.tiny.patch_size=8", "align.tiny.vision_hidden=32", "align.tiny.vision_layers=3",
+              "align.tiny.vision_heads=2", "align.tiny.lm_hidden=64", "align.tiny.lm_layers=2", "align.tiny.lm_heads=2",
+              "align.tiny.lm_intermediate=128", "align.tiny.vocab_size=400", "align.steps=4", "align.batch_size=8",
+              "align.eval_size=8", "align.save_every=10000"],
+    "train": ["train.steps=6", "train.batch_size=8", "train.save_every=10000", "train.eval_per_task=2",
+              "train.eval_batch_size=8"],
+}
+
+
+def _ddp_env() -> dict[str, str]:
+    from components.core.offline import set_offline_env
+
+    set_offline_env()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (shared hosts); harmless elsewhere
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env.setdefault("NVIDIA_TF32_OVERRIDE", "0")  # fp32 stays fp32 in cuBLAS: the tolerances assume it
+    return env
+
+
+def _run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> float:
+    """Run `cmd` with its output in `log`; returns wall seconds; exits naming the log on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$", shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"gpu_train_step.py --ddp: {shlex.join(cmd)} failed (exit {proc.returncode}); log {log}:\n"
+                         + log.read_text(errors="replace")[-3000:])
+    return time.perf_counter() - t0
+
+
+def _mrt(stage: str, params: Path, sets: list[str]) -> list[str]:
+    return ["-m", "flows.cli", stage, "--params", str(params), *[x for s in sets for x in ("-S", s)]]
+
+
+def launch(nproc: int, cpu: bool, main_port: int) -> list[str]:
+    """`accelerate launch` on GPUs. On CPU accelerate's launcher runs several processes only through
+    MPI, so the smoke check uses torchrun, whose RANK/WORLD_SIZE accelerate reads the same way (gloo)."""
+    if cpu:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(main_port)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(main_port)]
+    return cmd + (["--multi_gpu"] if nproc > 1 else [])
+
+
+def read_curve(path: Path) -> list[float]:
+    with path.open(newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def editors_diff(a: Path, b: Path) -> dict[str, Any]:
+    """Max |Δ| over every tensor of two editors.safetensors, and the tensor where it is largest."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    if set(ta) != set(tb):
+        raise SystemExit(f"gpu_train_step.py --ddp: {a} and {b} hold different tensors: {sorted(set(ta) ^ set(tb))[:5]}")
+    diffs = {k: float((ta[k].double() - tb[k].double()).abs().max()) for k in ta}
+    worst = max(diffs, key=diffs.get)
+    return {"max_abs": diffs[worst], "worst_tensor": worst, "n_tensors": len(ta),
+            "max_abs_weight": max(float(t.double().abs().max()) for t in ta.values())}
+
+
+def compare_runs(one: dict, two: dict, c1: list[float], c2: list[float], loss_tol: float, acc_slack: float) -> dict:
+    """Per-step losses within `loss_tol` and every held-out task within `acc_slack` (one record)."""
+    step_diff = [abs(x - y) for x, y in zip(c1, c2)]
+    tasks = sorted(set(one["heldout"]) | set(two["heldout"]))
+    task_diff = {t: abs(one["heldout"].get(t, float("nan")) - two["heldout"].get(t, float("nan"))) for t in tasks}
+    return {
+        "steps_compared": min(len(c1), len(c2)),
+        "loss_max_abs_diff": max(step_diff) if step_diff else None,
+        "loss_max_abs_diff_step": (step_diff.index(max(step_diff)) + 1) if step_diff else None,
+        "loss_final": [one["loss_final"], two["loss_final"]],
+        "heldout_mean": [one["heldout_mean"], two["heldout_mean"]],
+        "heldout_task_max_abs_diff": max(task_diff.values()) if task_diff else 0.0,
+        "heldout_within_slack": all(v <= acc_slack + 1e-12 for v in task_diff.values()),
+        "losses_within_tol": bool(step_diff) and max(step_diff) <= loss_tol and len(c1) == len(c2),
+    }
+
+
+def ddp_benchmark(args) -> dict[str, Any]:
+    """`mrt data` and `mrt align` once, then `mrt train` (MRT, same params, global batch and seed) under
+    `accelerate launch --num_processes 1` and `--multi_gpu --num_processes N`. Both compute in fp32 (TF32
+    off), so they differ only in reduction order (~1e-7 relative per step, compounded by Adam); a
+    systematic difference, e.g. a loss averaged per process instead of per token of the global batch,
+    is far above the tolerances (every step's loss within --loss-tol, every editor weight within
+    --weight-tol, held-out accuracy within one record per task)."""
+    if args.work is None:
+        raise SystemExit("gpu_train_step.py --ddp needs --work (a folder for data, base, runs and logs)")
+    sizes = DDP_SMOKE_SIZES if args.smoke else DDP_SIZES
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = _ddp_env()
+    params = work / "params.yaml"  # one snapshot for every stage and both runs
+    shutil.copyfile(_ROOT / "params.yaml", params)
+    data, base = (args.data.resolve() if args.data else work / "data"), work / "base"
+    common = [f"data.out_dir={data}", f"align.data_dir={data}", f"align.out_dir={base}",
+              f"align.report={work / 'align.json'}", f"align.metrics={work / 'align.metrics.json'}",
+              f"train.data_dir={data}", f"train.base_dir={base}", "train.method=mrt"]
+    walls: dict[str, float] = {}
+    if args.data is None:
+        walls["data"] = _run_logged([sys.executable, *_mrt("data", params, common + sizes["data"])], work / "data.log", env)
+    elif not (data / "manifest.json").is_file():
+        raise SystemExit(f"gpu_train_step.py --ddp: --data {data}: no manifest.json (write it with `mrt data`)")
+    walls["align"] = _run_logged([sys.executable, *_mrt("align", params, common + sizes["align"])], work / "align.log", env)
+    if args.smoke:
+        env["MRT_NUM_THREADS"] = "1"  # two CPU processes on a small machine
+        env["ACCELERATE_USE_CPU"] = "1"  # with torchrun's RANK/WORLD_SIZE: accelerate's MULTI_CPU (gloo)
+    reports = {}
+    for n, port in ((1, 29511), (args.nproc, 29512)):
+        out = work / f"run_np{n}"
+        shutil.rmtree(out, ignore_errors=True)  # a checkpoint left there would be resumed from, not retrained
+        sets = common + sizes["train"] + [f"train.out_dir={out}", f"train.report={out}.json", f"train.curve={out}.csv",
+                                         f"train.metrics={out}.metrics.json"]
+        walls[f"train_np{n}"] = _run_logged(launch(n, args.smoke, port) + _mrt("train", params, sets),
+                                            work / f"train_np{n}.log", env)
+        reports[n] = json.loads(Path(f"{out}.json").read_text())
+    one, two = reports[1], reports[args.nproc]
+    per_task = max(1, one["heldout_n"] // max(1, len(one["heldout"])))
+    cmp = compare_runs(one, two, read_curve(work / "run_np1.csv"), read_curve(work / f"run_np{args.nproc}.csv"),
+                       args.loss_tol, acc_slack=1.0 / per_task)
+    cmp["editors"] = editors_diff(work / "run_np1" / "editors.safetensors",
+                                  work / f"run_np{args.nproc}" / "editors.safetensors")
+    cmp["weights_within_tol"] = cmp["editors"]["max_abs"] <= args.weight_tol
+    ms = [1e3 * r["train_wall_s"] / r["steps"] for r in (one, two)]
+    import torch
+
+    summary = {
+        "benchmark": "gpu_train_step --ddp", "command": shlex.join(["python", "benchmarks/gpu_train_step.py", *args.argv]),
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke, "nproc": args.nproc,
+        "env": {"torch": torch.__version__, "cuda_devices": torch.cuda.device_count(),
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
+        "overrides": sizes, "loss_tol": args.loss_tol, "weight_tol": args.weight_tol, "walls": walls, "compare": cmp,
+        "ms_per_step": ms, "speedup": one["train_wall_s"] / two["train_wall_s"] if two["train_wall_s"] else None,
+        "passed": bool(cmp["losses_within_tol"] and cmp["weights_within_tol"] and cmp["heldout_within_slack"]),
+    }
+    write_json(args.json, summary)
+    print(f"| processes | ms/step | final loss | held-out mean |\n|---:|---:|---:|---:|\n"
+          f"| 1 | {ms[0]:.1f} | {one['loss_final']:.5f} | {one['heldout_mean']:.4f} |\n"
+          f"| {args.nproc} | {ms[1]:.1f} | {two['loss_final']:.5f} | {two['heldout_mean']:.4f} |")
+    print(f"max |Δloss| {cmp['loss_max_abs_diff']:.2e}; max |Δw| {cmp['editors']['max_abs']:.2e}; passed={summary['passed']}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="Arms: " + ", ".join((*ARMS, *EXTRA_ARMS)) + ".")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (or GPU): a logic check, not a benchmark")
+    ap.add_argument("--json", type=Path, default=None, help="write the summary here")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--loop", action="store_true", help="`mrt train`'s loop against the model-only MRT step")
+    mode.add_argument("--ddp", action="store_true", help="1 against --nproc processes under accelerate launch")
+    ap.add_argument("--arms", nargs="+", default=None, choices=(*ARMS, *EXTRA_ARMS), metavar="ARM",
+                    help=f"default: {' '.join(ARMS)} (every arm: below)")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                    help="default 8 16 (smoke 2 4); --loop takes the first (default 16, smoke 4)")
+    ap.add_argument("--text-tokens", type=int, default=None, help="padded text length (default 128; smoke 24)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per arm (default 3; smoke 1)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 10, --loop 22; smoke 2, 5)")
+    ap.add_argument("--cycles", type=int, default=1, help="run the arms this many times in turn per batch size")
+    ap.add_argument("--lora-r", type=int, default=128)
+    ap.add_argument("--work", type=Path, default=None, help="--ddp: folder for data, base, runs and logs")
+    ap.add_argument("--data", type=Path, default=None, help="--ddp: an existing `mrt data` folder instead of a new one")
+    ap.add_argument("--nproc", type=int, default=2, help="--ddp: processes of the data-parallel run")
+    ap.add_argument("--loss-tol", type=float, default=1e-3, help="--ddp: max |Δ loss| at any step")
+    ap.add_argument("--weight-tol", type=float, default=1e-3, help="--ddp: max |Δ| of any editor weight")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv=None) -> dict[str, Any]:
+    from components.core.offline import set_offline_env
+
+    set_offline_env()
+    args = parse_args(argv)
+    if args.ddp:
+        return ddp_benchmark(args)
+    if args.loop:
+        return loop_benchmark(args)
+    return step_benchmark(args)
 
 
 if __name__ == "__main__":
-    main()
+    summary = main()
+    sys.exit(0 if summary.get("passed", True) else 1)

@@ -1,23 +1,22 @@
-"""How much of `mrt run` is orchestration? Runs the Prefect flow once and splits its wall time.
+"""How long does `mrt run` take, and how much of it is orchestration?
 
-    python benchmarks/pipeline_run.py                          # default profile (params.yaml), 16 min on 2 busy cores
-    python benchmarks/pipeline_run.py -p profiles/smoke.yaml   # about a minute
+Question: the wall time of the whole default pipeline on CPU (target ≤ 15 minutes on 2 cores) and the
+share that is not the components' own work (Prefect, MLflow, DVC bookkeeping; target ≤ 10%). Runs the
+Prefect flow once and splits its time.
 
-By default it runs in a fresh workspace (a temporary git + DVC checkout holding dvc.yaml, params,
-profiles and a copy of the code, like a fresh clone: nothing cached, the base comes from `mrt align`
-(the shipped staged base, checked and copied), its own MLflow database and Prefect home) so the number is what a first `mrt run` costs and the
-repository is not touched; `--in-place` runs in the current checkout instead (every stage is forced).
-
-Measured:
+Arms (parts of one run):
 - total_s: from before the Prefect server starts to the flow's return (what a user waits for);
 - prefect_start_s: starting the temporary Prefect server (none when PREFECT_API_URL names a running one);
-- stages: each stage's time as DVC ran it (`dvc repro --single-item <stage>`: the `mrt <stage>`
-  process, its imports included, plus DVC's hashing and dvc.lock), and each stage's report `wall_s`
-  (the components' own time) for cross-checking;
-- overhead = (total_s − Σ stages) / total_s: Prefect (server, task runs), the flow's MLflow parent
-  run and artifacts, `dvc status`, summary.
-  Target ≤ 10 % on the default profile. overhead_in_flow excludes the server start.
-Writes benchmarks/pipeline_run.json (or --json) and prints a table.
+- stages: each stage's time as DVC ran it (the `mrt <stage>` process, its imports, DVC's hashing and
+  dvc.lock), beside each stage's report `wall_s` (the components' own time) for cross-checking;
+- overhead = (total_s − Σ stages) / total_s; overhead_in_flow excludes the server start.
+
+By default it runs in a fresh workspace (a temporary git + DVC checkout of the code, dvc.yaml, params
+and profiles: nothing cached, its own MLflow database and Prefect home), so the number is what a first
+`mrt run` costs and this checkout is untouched; `--in-place` runs in this checkout (every stage forced).
+
+Run:   python benchmarks/pipeline_run.py --json out.json        (default profile, ~9 min on 2 idle cores)
+Check: python benchmarks/pipeline_run.py --smoke                (profiles/smoke.yaml, about a minute)
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.core.offline import set_offline_env  # noqa: E402
+from components.core.offline import set_offline_env
 
 REPORT_WALL = {  # stage → (params attribute path of its report, key holding its wall time)
     "align": ("align.report", "wall_s"),
@@ -77,15 +77,20 @@ def _report_walls(params) -> dict[str, float | None]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-p", "--params", default="params.yaml", help="params file (relative to the repo root)")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="section.key=value")
     ap.add_argument("--in-place", action="store_true", help="run in this checkout instead of a fresh workspace")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "pipeline_run.json"))
+    ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--smoke", action="store_true", help="the smoke profile in a fresh workspace: a logic check")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.params, args.in_place = "profiles/smoke.yaml", False
 
     set_offline_env()
+    if args.json:
+        args.json = str(Path(args.json).resolve())  # before a chdir into the workspace
     ws = None
     if not args.in_place:
         ws = _workspace(args.params)
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PREFECT_HOME"] = str(ws / ".prefect")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws}/mlflow.db"
     t0 = time.perf_counter()
-    from prefect.client.orchestration import get_client  # noqa: E402
+    from prefect.client.orchestration import get_client
 
     from components.core.config import load_params
     from flows.pipeline import mrt_pipeline
@@ -126,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_pct": round(100 * (total_s - stages_sum) / total_s, 1),
         "overhead_in_flow_pct": round(100 * (flow_s - stages_sum) / flow_s, 1),
         "target_overhead_pct": 10.0,
-        "command": "python benchmarks/pipeline_run.py"
-        + (f" -p {args.params}" if args.params != "params.yaml" else "")
-        + ("" if ws else " --in-place"),
+        "command": shlex.join(["python", "benchmarks/pipeline_run.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
     from rich.console import Console
     from rich.table import Table
@@ -147,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("overhead inside the flow", f"{flow_s - stages_sum:.1f}", f"{out['overhead_in_flow_pct']:.1f}%")
     table.add_row("total", f"{total_s:.1f}", "100%")
     Console().print(table)
-    print(f"wrote {args.json}")
     if ws:
+        os.chdir(ROOT)
         shutil.rmtree(ws, ignore_errors=True)
-    return 0
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -644,8 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "start":
             if args.host not in ("127.0.0.1", "localhost", "::1"):
-                print(f"WARNING: binding to {args.host}: the servers have no authentication here; see README "
-                      "'Deploying' before exposing them", file=sys.stderr)
+                print(f"WARNING: binding to {args.host}: the servers have no authentication here; see "
+                      "docs/infrastructure.md, 'Authentication for a shared MLflow server', before exposing them", file=sys.stderr)
             start(Plan(state=state, host=args.host, backend=args.backend, timeout=args.timeout, ui=not args.no_ui,
                        poll_seconds=args.poll_seconds))
         elif args.verb == "status":

@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
-    """One temporary Prefect server (SQLite) and PREFECT_HOME for the session (STACK.md: starting a
+    """One temporary Prefect server (SQLite) and PREFECT_HOME for the session (starting a
     server costs 8-20 s, so tests that need one share it). Not autouse: only flow tests pay for it.
     Yields the temporary PREFECT_HOME (task results are persisted under it)."""
     from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings

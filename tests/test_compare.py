@@ -178,3 +178,22 @@ def test_compare_two_methods_two_seeds_end_to_end(tmp_path):
     assert json.loads((Path(cmp.out_dir) / "lora" / "seed-1" / "train.json").read_text())["steps"] == cmp.steps
     assert "| MRT |" in Path(cmp.table).read_text() and Path(cmp.plot).read_bytes()[:4] == b"\x89PNG"
     assert s["methods"]["mrt"]["heldout_mean"] == saved["methods"]["mrt"]["heldout_mean"]
+
+
+def test_the_comparison_plot_draws_each_scores_floors(tmp_path):
+    from components.experiments.report import _floors, write_comparison_plot
+
+    summary = {"steps": 10, "seeds": [0, 1],
+               "methods": {"frozen": {"heldout_mean": {"mean": 0.5, "std": 0.0, "values": [0.5]},
+                                      "mme_total": {"mean": 300.0, "std": 0.0, "values": [300.0]}},
+                           "mrt": {"heldout_mean": {"mean": 0.6, "std": 0.01, "values": [0.59, 0.61]},
+                                   "heldin_mean": {"mean": 0.7, "std": 0.0, "values": [0.7, 0.7]},
+                                   "mme_total": {"mean": 320.0, "std": 5.0, "values": [315.0, 325.0]}}},
+               "baselines": {"heldout": {"chance_mean": 0.43, "majority_mean": 0.46},
+                             "heldin": {"chance_mean": 0.31},
+                             "mme": {"chance_total": 375.0, "majority_total": 250.0}}}
+    assert _floors(summary, "heldout_mean") == [("chance", 0.43, ":"), ("best constant answer", 0.46, "--")]
+    assert _floors(summary, "heldin_mean") == [("chance", 0.31, ":")]  # a floor that was not measured is not drawn
+    assert [v for _, v, _ in _floors(summary, "mme_total")] == [375.0, 250.0]
+    out = write_comparison_plot(tmp_path / "c.png", summary)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -124,7 +124,7 @@ def capture(module: torch.nn.Module, store: list):
 
 
 def reference_psi(h, U, W, b):
-    """METHOD.md's formula written independently, in float64: h + Uᵀ(W h + b − U h)."""
+    """The paper's formula written independently, in float64: h + Uᵀ(W h + b − U h)."""
     h64, U64, W64, b64 = h.double(), U.double(), W.double(), b.double()
     return h64 + ((h64 @ W64.T + b64) - h64 @ U64.T) @ U64
 

@@ -97,6 +97,9 @@ def test_llava_hf_checkpoint_visionflan_and_mme_through_the_cli(tmp_path, monkey
     mrt("align")
     align = json.loads(Path("reports/llava-1.5-7b/align.json").read_text())
     assert align["backbone"] == "llava" and align["dtype"] == "float32"
+    # The base folder links to the checkpoint instead of copying it (a 7B checkpoint is ~14 GB).
+    assert sorted(f.name for f in Path(BASE).iterdir()) == ["base_link.json", "base_meta.json"]
+    assert json.loads(Path(BASE, "base_link.json").read_text())["source_dir"] == str(hf.resolve())
 
     # --- MRT: the editors where the paper puts them -----------------------------------------------
     # LLaVA reads the vision tower's second-to-last layer (vision_feature_layer -2): ψ_V on the layers

@@ -1,6 +1,6 @@
 """Metrics: answer normalisation, option letters, the MME yes/no reading and the MME scorer.
 
-The MME numbers are computed by hand in the comments, from the official tool's rules (METHOD.md):
+The MME numbers are computed by hand in the comments, from the official tool's rules (docs/method.md, "Evaluation"):
 acc = % questions right, acc+ = % images with both right, score = acc + acc+, perception/cognition =
 sums over the subtasks present.
 """

@@ -150,6 +150,32 @@ def test_align_dtype_is_validated_and_applied(hf_folder, tmp_path):
     assert load_base(hf_folder, dtype="bf16")[0].dtype == torch.bfloat16
 
 
+def test_align_links_the_checkpoint_unless_asked_to_copy_it(hf_folder, tmp_path):
+    from components.align.run import align
+    from components.core.config import load_params
+    from components.model.backbone import BaseModelError, load_base
+
+    src = _copy(hf_folder, tmp_path / "ckpt")
+    link = load_params("params.yaml", ["align.backbone=llava", f"align.model={src}", "align.dtype=fp32",
+                                       f"align.out_dir={tmp_path / 'link'}", f"align.report={tmp_path / 'l.json'}"])
+    report = align(link.align)
+    assert report["copied"] is False
+    held = sorted(f.name for f in (tmp_path / "link").iterdir())
+    assert held == ["base_link.json", "base_meta.json"]  # no weights: nothing of 14 GB is copied or cached twice
+    linked, _ = load_base(tmp_path / "link")
+    copy = load_params("params.yaml", ["align.backbone=llava", f"align.model={src}", "align.dtype=fp32",
+                                       "align.copy_base=true", f"align.out_dir={tmp_path / 'copy'}",
+                                       f"align.report={tmp_path / 'c.json'}"])
+    align(copy.align)
+    copied, _ = load_base(tmp_path / "copy")
+    assert list((tmp_path / "copy").glob("*.safetensors"))
+    for (name, a), (_, b) in zip(linked.state_dict().items(), copied.state_dict().items()):
+        assert a.dtype == b.dtype and bool((a == b).all()), name  # the same base either way
+    shutil.rmtree(src)  # the checkpoint moves away: the link says so and what to do
+    with pytest.raises(BaseModelError, match=r"base_link.json: links to .*ckpt, which no longer exists.*mrt align"):
+        load_base(tmp_path / "link")
+
+
 # --- max_length in text tokens, EOS-terminated answers ---------------------------------------------
 @pytest.fixture(scope="module")
 def processor_336():

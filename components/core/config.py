@@ -175,6 +175,9 @@ class AlignParams(_Section):
     # llava: the dtype the base is loaded in and saved as (auto = the checkpoint's own, e.g. fp16 for
     # llava-hf/llava-1.5-7b-hf). Later stages load the saved base as it is.
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # llava: false = out_dir holds a link to the checkpoint's folder (base_link.json), not a copy (a 7B
+    # checkpoint is ~14 GB, and DVC would cache a second copy); true = a full copy in `dtype`.
+    copy_base: bool = False
 
     @model_validator(mode="after")
     def _sources_named(self) -> "AlignParams":
@@ -233,7 +236,7 @@ class PositionGroupParams(LayerGroupParams):
 
 
 class EditorParams(_Section):
-    """Where the editors sit (METHOD.md's four groups). `layers: none` switches a group off."""
+    """Where the editors sit (docs/method.md's four groups). `layers: none` switches a group off."""
 
     visual: LayerGroupParams = Field(default_factory=lambda: LayerGroupParams(layers="all", rank=6))
     projector: ProjectorGroupParams = Field(default_factory=ProjectorGroupParams)
@@ -286,7 +289,7 @@ class TrainParams(_Section):
     eval_batch_size: int = Field(32, ge=1)
     eval_max_new_tokens: int = Field(8, ge=1)
     # Replay the vision encoder's layers as CUDA graphs in training (components/editors/fast/graphs.py):
-    # a speed knob for GPUs whose step is bound by the host (benchmarks/RESULTS.md, "Eighth pass");
+    # a speed knob for GPUs whose step is bound by the host (docs/performance.md, batch 8);
     # CPU runs ignore it. Not part of a run's checkpoint fingerprint: it changes no result.
     cuda_graphs: bool = False
     editors: EditorParams = Field(default_factory=EditorParams)
@@ -375,7 +378,7 @@ class PredictParams(_Section):
 
 
 class TrackParams(_Section):
-    """MLflow tracking and the registry (DESIGN.md's contracts). MLFLOW_TRACKING_URI overrides tracking_uri."""
+    """MLflow tracking and the registry (docs/orchestration.md). MLFLOW_TRACKING_URI overrides tracking_uri."""
 
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "mrt"

@@ -118,7 +118,9 @@ def count_report(model: str, params: EditorParams) -> dict[str, Any]:
 
         from transformers import AutoConfig
 
-        folder = Path(model)
+        from components.model.backbone import follow_base_link
+
+        folder = follow_base_link(Path(model)) if Path(model).is_dir() else Path(model)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no config.json (expected '{LLAVA_7B}' or a base model folder)")
         config, placement, source = AutoConfig.from_pretrained(str(folder)), params, "params"

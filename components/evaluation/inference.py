@@ -3,7 +3,7 @@
 Greedy (do_sample False) and left padding: evaluation must be deterministic (the reference code
 sampled), and with left padding every row's next token sits at the last position, so a batch
 answers exactly what each prompt answers alone. Only the prompt pass goes through the editors'
-hooks; generated tokens are not edited (the KV cache carries the effect), as in METHOD.md.
+hooks; generated tokens are not edited (the KV cache carries the effect), as in the paper (docs/method.md).
 """
 
 from __future__ import annotations

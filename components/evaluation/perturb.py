@@ -1,7 +1,7 @@
 """Image perturbations for the robustness passes of `mrt benchmark`: noise, blur, colour jitter.
 
 Why these three: they are the cheap, label-preserving corruptions a deployed model meets (sensor
-noise, defocus/resampling, lighting and white balance), and METHOD.md leaves open whether editing a
+noise, defocus/resampling, lighting and white balance), and the paper leaves open whether editing a
 handful of representation dimensions makes a frozen model more or less brittle under them than LoRA
 or full fine-tuning. Strengths are moderate on purpose: a person still answers every held-out
 question correctly, so a score drop measures the model, not a destroyed image.

@@ -40,7 +40,7 @@ LAYERED = ("visual", "prefix", "suffix")  # groups with a depth (layer spec)
 POSITIONAL = ("prefix", "suffix")  # groups with a token length
 
 # The grids. Default: sized for 2 CPU cores (~16 arms x 300 steps in about 5 minutes with 2 workers).
-# Full: every variant of the paper's ablations (METHOD.md: rank grid, group removal, length 2-10, depth).
+# Full: every variant of the paper's ablations (docs/method.md: rank grid, group removal, length 2-10, depth).
 DEFAULT_DEPTHS = ("odd", "first_half", "second_half")
 FULL_DEPTHS = ("odd", "even", "first_half", "second_half")
 DEFAULT_LENGTHS = (2, 6)

@@ -403,12 +403,31 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(parts) + _failures(failed) + "\n"
 
 
+def _floors(summary: dict[str, Any], key: str) -> list[tuple[str, float, str]]:
+    """The floors drawn across a panel: chance and the best constant answer of that split."""
+    b = summary.get("baselines") or {}
+    split, chance, constant = {"heldout_mean": ("heldout", "chance_mean", "majority_mean"),
+                               "heldin_mean": ("heldin", "chance_mean", "majority_mean"),
+                               "mme_total": ("mme", "chance_total", "majority_total")}[key]
+    out = []
+    for field, label, style in ((chance, "chance", ":"), (constant, "best constant answer", "--")):
+        value = (b.get(split) or {}).get(field)
+        if isinstance(value, (int, float)):
+            out.append((label, float(value), style))
+    return out
+
+
 def write_comparison_plot(path: str | Path, summary: dict[str, Any]) -> Path:
-    """Two panels: held-out mean and MME total per method, bars ± std, seeds as dots."""
+    """One panel per score (held-out mean, held-in mean when measured, MME total): bars ± std, seeds
+    as dots, and the floors no score means anything below — chance and the best constant answer."""
     methods = list(summary["methods"])
-    fig = _figure(9.0, 3.6)
-    for k, (key, title) in enumerate((("heldout_mean", "held-out mean (zero-shot)"), ("mme_total", "MME total"))):
-        ax = fig.add_subplot(1, 2, k + 1)
+    panels = [("heldout_mean", "held-out mean (zero-shot)")]
+    if any((summary["methods"][m].get("heldin_mean") or {}).get("mean") is not None for m in methods):
+        panels.append(("heldin_mean", "held-in mean (training tasks, new images)"))
+    panels.append(("mme_total", "MME total"))
+    fig = _figure(4.4 * len(panels), 3.8)
+    for k, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
         stats = [summary["methods"][m].get(key) or {} for m in methods]
         means = [s.get("mean") or 0.0 for s in stats]
         stds = [s.get("std") or 0.0 for s in stats]
@@ -419,12 +438,18 @@ def write_comparison_plot(path: str | Path, summary: dict[str, Any]) -> Path:
             vals = st.get("values") or []
             ax.plot([xi] * len(vals), vals, "k.", markersize=4)
             if st.get("mean") is not None:
-                ax.text(xi, mean + sd, f"{mean:.3f}" if key == "heldout_mean" else f"{mean:.0f}", ha="center",
+                ax.text(xi, mean + sd, f"{mean:.0f}" if key == "mme_total" else f"{mean:.3f}", ha="center",
                         va="bottom", fontsize=8)
-        ax.set_ylim(0, max([m + sd for m, sd in zip(means, stds)] + [1e-3]) * 1.2)
+        floors = _floors(summary, key)
+        for label, value, style in floors:
+            ax.axhline(value, color="#444444", linestyle=style, linewidth=1, label=f"{label} {value:.3g}")
+        top = max([m + sd for m, sd in zip(means, stds)] + [v for _, v, _ in floors] + [1e-3])
+        ax.set_ylim(0, top * 1.25)
         ax.set_xticks(x, [METHOD_LABELS.get(m, m) for m in methods], rotation=15)
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"{summary.get('steps')} steps, seeds {summary.get('seeds')}", fontsize=10)
+        if floors:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{summary.get('steps')} steps, seeds {summary.get('seeds')}", fontsize=10, y=1.04)
     return _save_png(fig, path)
 
 

@@ -134,7 +134,7 @@ def resolve_base_dir(source: str | os.PathLike) -> Path:
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        return path
+        return follow_base_link(path)
     if not _looks_like_hub_id(text):
         raise FileNotFoundError(f"{text}: base model folder not found (the base `mrt align` writes: run `mrt align` first)")
     from huggingface_hub import constants, snapshot_download
@@ -224,6 +224,63 @@ def check_llava_folder(folder: Path) -> dict:
     return config
 
 
+BASE_LINK = "base_link.json"
+
+
+def checkpoint_files(folder: Path) -> dict[str, str]:
+    """What identifies a checkpoint's content without reading its weights: each file's size and, in a
+    Hugging Face cache entry (files are links to content-addressed blobs), the blob's name."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            blob = os.path.basename(os.readlink(f)) if f.is_symlink() else ""
+            out[f.name] = f"{f.stat().st_size}" + (f" {blob}" if blob else "")
+    return out
+
+
+def write_base_link(out_dir: str | os.PathLike, source: str, source_dir: Path, dtype: str, meta: dict) -> Path:
+    """`out_dir` as a link to a checkpoint folder instead of a copy: base_link.json (the folder, the dtype
+    to load it in, its files) and base_meta.json. `load_base(out_dir)` follows it."""
+    from components.core.files import write_json
+
+    out = Path(out_dir)
+    if out.exists():
+        for f in out.iterdir():  # a previous copy or link: the folder holds one base only
+            if f.is_file() or f.is_symlink():
+                f.unlink()
+    write_json(out / BASE_LINK, {"source": source, "source_dir": str(Path(source_dir).resolve()), "dtype": dtype,
+                                 "files": checkpoint_files(Path(source_dir))})
+    write_json(out / "base_meta.json", meta)
+    return out
+
+
+def read_base_link(folder: Path) -> dict | None:
+    """The link `write_base_link` left in `folder`, or None when the folder holds a model itself."""
+    link = folder / BASE_LINK
+    if not link.is_file() or (folder / "config.json").is_file():
+        return None
+    try:
+        data = json.loads(link.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BaseModelError(f"{link}: not readable JSON ({exc}); run `mrt align` again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("source_dir"), str):
+        raise BaseModelError(f"{link}: field 'source_dir' missing; run `mrt align` again")
+    return data
+
+
+def follow_base_link(folder: Path) -> Path:
+    """`folder`, or the checkpoint folder its base_link.json names (which must still exist)."""
+    data = read_base_link(folder)
+    if data is None:
+        return folder
+    target = Path(data["source_dir"])
+    if not target.is_dir():
+        raise BaseModelError(
+            f"{folder / BASE_LINK}: links to {target}, which no longer exists (the checkpoint moved or the "
+            f"cache was cleared); run `mrt align` again, or set align.copy_base=true to keep a copy")
+    return target
+
+
 def torch_dtype(name: str | None):
     """align.dtype → what from_pretrained takes: None/'auto' = the checkpoint's own dtype."""
     if name in (None, "auto"):
@@ -241,6 +298,9 @@ def load_base(path: str | os.PathLike, dtype: Any = None):
     built. `dtype`: None/'auto' (the checkpoint's), 'bf16', 'fp16', 'fp32' or a torch dtype."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    link = read_base_link(Path(path)) if Path(path).is_dir() else None
+    if dtype is None and link is not None:
+        dtype = {v: k for k, v in DTYPES.items()}.get(link.get("dtype"), "auto")  # the dtype align chose
     folder = resolve_base_dir(path)
     check_llava_folder(folder)
     kw = {"dtype": dtype if not (dtype is None or isinstance(dtype, str)) else torch_dtype(dtype)}

@@ -4,7 +4,7 @@ Sources (params `align.vision_model`, `align.language_model`, `align.language_mo
 `align.language_model_cache`):
 - vision: a CLIPVisionModel folder/id, or a LLaVA folder whose vision tower is taken (e.g. the
   embedded tiny base in models/base: a real transformers CLIP tower already trained on these images —
-  no CLIP/ViT weights install offline, see STACK.md);
+  no CLIP/ViT weights install offline, so the tests build one);
 - language model: a folder/id, `pkg:<module>` for a model shipped inside an installed package, and
   optionally a GGUF file in it, converted once into a standard folder (components/model/gguf_cache.py).
 

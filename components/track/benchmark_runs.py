@@ -91,7 +91,7 @@ def _summary_metrics(prefix: str, summary: dict[str, Any] | None) -> dict[str, A
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The report as MLflow metrics (DESIGN.md names): heldout/<task>, heldout/mean, mme/<subtask>,
+    """The report as MLflow metrics (the names docs/orchestration.md lists): heldout/<task>, heldout/mean, mme/<subtask>,
     mme/perception, mme/total, robustness/<kind>/mean, real_image/mean, trainable_params, trainable_pct;
     beside them the baselines: heldout/chance_mean, heldout/majority_mean, heldout/train_majority_mean,
     heldout/chance_corrected_mean, heldout/majority_chance_corrected_mean, heldout/collapsed_tasks (a

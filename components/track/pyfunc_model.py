@@ -245,15 +245,17 @@ def resolve_base(ref: dict[str, Any], adapter_dir: str | os.PathLike | None = No
         return str(adapter_dir)
     override = os.environ.get(BASE_DIR_ENV)
     tried = [override] if override else [ref.get("base_dir"), ref.get("abs_path")]
+    from components.model.backbone import BASE_LINK
+
     for cand in tried:
-        if cand and (Path(cand) / "config.json").is_file():
+        if cand and ((Path(cand) / "config.json").is_file() or (Path(cand) / BASE_LINK).is_file()):
             return str(cand)
     source = f", originally {ref['source']}" if ref.get("source") else ""
     raise BaseModelError(
         f"the base model this version was trained on is missing: expected base {ref.get('base_dir')!r}"
         f"{source} with fingerprint {ref.get('fingerprint')}; looked in "
         + ", ".join(repr(t) for t in tried if t)
-        + f" (no folder with config.json). Set {BASE_DIR_ENV} to a folder holding that base "
+        + f" (no folder with config.json or {BASE_LINK}). Set {BASE_DIR_ENV} to a folder holding that base "
         "(the `mrt align` output it was trained on)."
     )
 
@@ -301,9 +303,12 @@ def log_pyfunc(run_id: str, base_dir: str | os.PathLike, adapter_dir: str | os.P
 
     from mlflow.models import Model
 
+    from components.model.backbone import BASE_LINK
+
     base = Path(base_dir)
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"{base}: base model folder not found or has no config.json (run `mrt align`)")
+    if not ((base / "config.json").is_file() or (base / BASE_LINK).is_file()):
+        raise FileNotFoundError(f"{base}: base model folder not found, or it holds neither a model (config.json) "
+                                f"nor a link to one ({BASE_LINK}); run `mrt align`")
     with tempfile.TemporaryDirectory(prefix="mrt-pyfunc-") as tmp:
         artifacts = {}
         fp = base_fingerprint

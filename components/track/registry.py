@@ -1,7 +1,7 @@
 """The model registry and the promotion gate: candidate → (gate) → champion.
 
 Every evaluated model becomes a new version of track.registered_model with alias `candidate`; the
-alias `champion` moves only when the pure :func:`gate` says so (DESIGN.md: validation passed, held-out
+alias `champion` moves only when the pure :func:`gate` says so (validation passed, held-out
 mean beats the champion's by at least `margin`, no held-out task drops by more than `max_task_drop`)
 and the candidate is not noise: its held-out mean beats the best constant answer (the benchmark
 report's `heldout/majority_mean`) and the frozen base (the comparison report) by more than the seed
@@ -275,7 +275,7 @@ def gate(
     promote: "PromoteParams",
     reference: Reference | None = None,
 ) -> Decision:
-    """DESIGN.md's promotion rule plus the noise guard, as a pure function of the numbers.
+    """The promotion rule plus the noise guard, as a pure function of the numbers.
 
     - failed validation never promotes;
     - a candidate without held-out scores never promotes;

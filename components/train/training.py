@@ -438,7 +438,7 @@ def _answer_tokens(micro_batches: list[dict], acc, device):
     sum over this, so after DDP averages the gradients over N processes the step minimises the mean
     over every answer token of the global batch — as one process with the whole batch does. (Averaging
     per-process means instead weights a token by 1/its process's count: 2 processes then train other
-    editors than 1, found by benchmarks/gpu_ddp.py.) Labels are shifted by one inside the loss."""
+    editors than 1; `benchmarks/gpu_train_step.py --ddp` checks it.) Labels are shifted by one inside the loss."""
     import torch
 
     n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
@@ -792,7 +792,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
         import torch
 
         # The new weights' init (editors, LoRA) belongs to the run's seed: without it every run —
-        # and every DDP rank count — started from different editors (found by benchmarks/gpu_ddp.py).
+        # and every DDP rank count — started from different editors (`gpu_train_step.py --ddp` checks it).
         torch.manual_seed(p.seed)
         run_model, extra = prepare_method(model, p)
         trainable, total = _count(run_model, extra)

@@ -1,6 +1,6 @@
 """Save and load editors: `editors.safetensors` + `editor_config.json`, never pickle.
 
-The config travels with the weights (DESIGN.md: never weights without their config) and pins the
+The config travels with the weights (never weights without their config) and pins the
 base model by fingerprint, because editors are meaningless on any other base: they edit hidden
 states whose geometry the base defines. Loading checks, in order, and refuses with a message that
 names the file and what differs: format version, base fingerprint (expected vs found), placement,

@@ -1,6 +1,6 @@
 """Prefix and suffix token positions, from token ids — one code path for training and generation.
 
-METHOD.md: ψ_P edits the first p instruction tokens after the image, ψ_S the last s tokens of the
+The paper: ψ_P edits the first p instruction tokens after the image, ψ_S the last s tokens of the
 prompt. The reference code used hard-coded offsets, and its training "suffix" covered the last
 *answer* tokens while inference covered the last *prompt* tokens. Here both come from the same
 function and the same definition:
@@ -10,7 +10,7 @@ function and the same definition:
 - the instruction: prompt tokens strictly after the sample's last image token, or strictly after
   its first attended token (BOS) when it has no image token;
 - prefix: its first p tokens; suffix: its last s tokens. When it has n < p + s tokens, each is
-  capped at n // 2 (p → min(p, n//2), s → min(s, n//2); METHOD.md: "clamps p and s to half its
+  capped at n // 2 (p → min(p, n//2), s → min(s, n//2); the paper's code "clamps p and s to half its
   length", where p = s), so they never overlap.
 
 Everything is batched tensor arithmetic (no per-sample Python loop), so left and right padding,

@@ -3,7 +3,7 @@
 Why: a LLaVA-7B placement has 87 editors (261 parameter tensors). On a GPU the cost of MRT is not
 arithmetic but host work per tensor: stacking the 87 bases into batched tensors every pass (and
 unstacking their gradients), 261 `AccumulateGrad` nodes, and clipping plus AdamW looping over 261
-tensors at the end of every step, while the GPU waits (benchmarks/RESULTS.md). A bank
+tensors at the end of every step, while the GPU waits (docs/performance.md). A bank
 holds `U` [n, r, d], `W` [n, r, d] and `b` [n, r] for n editors of one shape and device as three
 Parameters, so a step has nine trainable tensors in all and a pass orthonormalises a bank in place
 of a stack.

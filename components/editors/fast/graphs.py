@@ -1,7 +1,7 @@
 """CUDA graphs for the vision encoder's layers in training (opt-in: `train.cuda_graphs: true`, or
 `MRTEditors.use_cuda_graphs()`; `LayerGraphs` on its own graphs any stack of layers).
 
-Why (benchmarks/RESULTS.md "Eighth pass"): at batch 8 a LLaVA-7B step's vision tower is
+Why (docs/performance.md): at batch 8 a LLaVA-7B step's vision tower is
 bound by the host, not the GPU. A CLIP layer is ~20 kernel launches forward and ~30 backward, its
 editor adds a hook, an autograd node and 1 + 2 launches, and the device's host spends ~50 µs per
 launch. With graphs each layer, editor included, is one replay forward and one backward: a few

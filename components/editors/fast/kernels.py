@@ -1,8 +1,8 @@
 """Fused kernels for the editors (Triton): one launch per edit site, one for the positions.
 
-Why (benchmarks/RESULTS.md): at generation time a LLaVA-7B prompt pass is bound by the
+Why (docs/performance.md): at generation time a LLaVA-7B prompt pass is bound by the
 host, not the GPU — on the H200 host every PyTorch operator costs ~5–12 µs of CPU before its kernel
-starts (benchmarks/gpu_host_overhead.py), and a prompt pass has 56 edit sites. With plain operators
+starts, and a prompt pass has 56 edit sites. With plain operators
 a site is 8–12 dispatcher calls (casts, two GEMMs, mask, gather/scatter) and the positions ~45
 more: +451 kernel launches per b1 generate(). With these kernels it is +56 (one per site and one
 for the positions), measured by the profiler:
@@ -46,15 +46,15 @@ import os
 import torch
 
 
-# Launch configurations, chosen by benchmarks/gpu_kernel_tuning.py on an H200 (fastest correct at
+# Launch configurations, chosen by timing each candidate on an H200 (fastest correct at
 # both b1 and b8 of the 7B shapes; device µs per call whole 48.7/77.3 → 32.7/35.2, rows 31.5/32.2 →
-# 17.3/19.4 against the first configuration; benchmarks/RESULTS.md). PRECISION "tf32x3": each fp32
+# 17.3/19.4 against the first configuration). PRECISION "tf32x3": each fp32
 # product as three TF32 tensor-core products (hi·hi + hi·lo + lo·hi) — error of the order of fp32
 # rounding (measured ≤ 0.3 fp32 roundings of Σ|terms| beyond one bf16 step; "ieee" 0.4–1.2), where
 # plain "tf32" is 2^13 times coarser. The GPU test checks the configured kernels against float64.
 # BACKWARD_CONFIG (EditWhole's backward): BLOCK_D 64 fastest correct at b8 of 48 configurations (73.9 →
 # 57.5 µs; at b16 85.2 against 83.0 for BLOCK_D 128). ROWS_TRAIN_CONFIG and ROWS_GRAD_CONFIG: untuned
-# (`gpu_kernel_tuning.py --kernels rows_backward` times the latter); per call in a profiled b8 step
+# per call in a profiled b8 step
 # rows_partial_kernel ~3.8 µs, rows_apply_kernel ~2.8, rows_param_grad_kernel ~6.0 — against ~29 µs
 # for one program per slot walking d (rows_kernel's design, which inference keeps).
 WHOLE_CONFIG = {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "PRECISION": "tf32x3"}

@@ -1,6 +1,6 @@
 """ψ with fewer launches and no host synchronisation: the operator path of the fast editors.
 
-The same function as `loreft.LoReFT` (docs/method.md), organised for speed (benchmarks/RESULTS.md:
+The same function as `loreft.LoReFT` (docs/method.md), organised for speed (docs/performance.md:
 on a GPU the editors cost host work and small launches, not arithmetic):
 - `orthonormal_rows_stacked`: a bank of same-shape U's [n, r, d] orthonormalised in one batched,
   sync-free shifted Cholesky-QR3 with a closed-form backward (one Triton launch each way on CUDA,

@@ -10,7 +10,7 @@ GPU's work on that layer instead of delaying the launch-bound vision tower. An L
 suffix editors are stacked by rows and applied in one gather → two addmm → scatter
 (`ops.edit_rows_stacked_`: in place, no copy of the layer output in forward, one in backward, no
 host synchronisation anywhere in a step). Launches and per-tensor host work, not arithmetic, are what
-the editors cost on a GPU (benchmarks/RESULTS.md). Without gradients the per-site parameters are kept
+the editors cost on a GPU (docs/performance.md). Without gradients the per-site parameters are kept
 across passes until a parameter changes, and on a GPU each site is one Triton kernel and the
 positions another; in training a GPU's visual/projector sites take the Triton `kernels.EditWhole`
 (kernels.py).

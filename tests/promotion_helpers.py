@@ -18,10 +18,11 @@ def fast_track(**kw) -> TrackParams:
 
 
 def registered_versions(track: TrackParams) -> list:
-    """Every version of `track.registered_model` as MLflow's registry lists it ([] before the first)."""
-    from mlflow.tracking import MlflowClient
+    """Every version of `track.registered_model` as the registry `track` resolves to lists it ([] before
+    the first)."""
+    from components.track.tracking import client
 
-    return list(MlflowClient().search_model_versions(f"name='{track.registered_model}'"))
+    return list(client(track).search_model_versions(f"name='{track.registered_model}'"))
 
 
 def build_model(root: Path, seed: int = 1) -> tuple[Path, Path, Path]:

@@ -1,10 +1,11 @@
-"""The tiny LLaVA every test builds, and the hand-made rows and images it learns its tokenizer from.
+"""The tiny LLaVA the tests build, and the hand-made rows and images it learns its tokenizer from.
 
 One builder, `build_tiny_llava`: the model `align.backbone: tiny` makes (components/model/backbone.py)
 at the sizes of `TINY` — far below the embedded default (2-layer towers, 16 px images → 4 image
 tokens) so it builds in well under a second. `tiny_model` is the in-memory case (hand-made rows and
 images), `write_tiny_data` + `save_tiny_base` the on-disk one (a generated data set and a saved base
-folder); tests/conftest.py shares the common on-disk setups as session fixtures.
+folder); tests/conftest.py shares the common on-disk setups as session fixtures. (A folder in
+the published llava-hf layout — another tokenizer, fp16 shards — comes from tests/llava_hf_layout.py.)
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""Shared setup for the tracking / registry / promotion tests: a private MLflow store per test, a tiny
-base + editors on disk, and benchmark/validation reports with chosen scores."""
+"""Shared setup for the tracking / registry / promotion tests: fast tracking params, a tiny base +
+editors on disk, and benchmark/validation reports with chosen scores. The fixtures built on these
+(`migrated_db`, `store`, `tiny_artifacts`) live in tests/conftest.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 from components.core.config import Params, TrackParams
 
@@ -18,33 +17,12 @@ def fast_track(**kw) -> TrackParams:
     return TrackParams(**{"system_metrics": False, "retries": 1, "retry_delay_s": 0.05, **kw})
 
 
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty, fully migrated MLflow SQLite database. Creating one runs every schema migration
-    (~6 s on a busy 2-core machine), so tests copy this file instead."""
-    from mlflow.tracking import MlflowClient
+def registered_versions(track: TrackParams) -> list:
+    """Every version of `track.registered_model` as the registry `track` resolves to lists it ([] before
+    the first)."""
+    from components.track.tracking import client
 
-    import os
-
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    cwd = os.getcwd()
-    os.chdir(path.parent)  # the Default experiment's artifact root (./mlruns) is fixed at creation
-    try:
-        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    finally:
-        os.chdir(cwd)
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, migrated_db) -> TrackParams:
-    """A SQLite store of this test's own; cwd moves to tmp so ./mlruns artifacts land there too."""
-    import shutil
-
-    shutil.copyfile(migrated_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    return fast_track()
+    return list(client(track).search_model_versions(f"name='{track.registered_model}'"))
 
 
 def build_model(root: Path, seed: int = 1) -> tuple[Path, Path, Path]:
@@ -56,13 +34,11 @@ def build_model(root: Path, seed: int = 1) -> tuple[Path, Path, Path]:
     from components.core.config import EditorParams
     from components.editors import attach
     from components.editors.io import model_fingerprint, save_editors
-    from tiny_llava import tiny_model
+    from tiny_llava import nudge, tiny_model
 
     model, processor, _, images = tiny_model(root, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    gen = torch.Generator().manual_seed(seed)  # nudges the base, then draws the editors
+    nudge(model, gen)
     base = root / "base"
     save_base(model, processor, base)
     editors = attach(model, EditorParams())
@@ -73,11 +49,6 @@ def build_model(root: Path, seed: int = 1) -> tuple[Path, Path, Path]:
     (root / "editors" / "checkpoints").mkdir()  # resumable state that must not travel with the model
     (root / "editors" / "checkpoints" / "state.pt").write_bytes(b"x" * 10)
     return base, root / "editors", images / "red.png"
-
-
-@pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory) -> tuple[Path, Path, Path]:
-    return build_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def bench_report(heldout: dict[str, float], majority: float | None = None) -> dict:

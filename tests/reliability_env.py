@@ -21,7 +21,6 @@ import yaml
 
 from components.core.hashing import dir_hash
 
-IMAGE_SIZE = 32
 REGISTERED_MODEL = "mrt-editors"
 _GOLDEN: dict[str, Path] = {}
 
@@ -107,27 +106,16 @@ def write_params(ws: Workspace, extra: dict[str, Any] | None = None) -> Path:
 
 
 def _build_golden(root: Path) -> Path:
-    import torch
-
-    from components.model.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
-    from components.core.config import DataParams, TrainParams
-    from components.data.generate import write_dataset
-    from components.data.load import load_dataset_dir
+    from components.core.config import TrainParams
     from components.train.training import train
-    from tiny_llava import TINY
+    from tiny_llava import save_tiny_base, write_tiny_data
 
     ws = Workspace(root)
-    write_dataset(DataParams(out_dir=str(ws.data), image_size=IMAGE_SIZE, train_per_task=2, heldout_per_task=2, heldin_per_task=1,
-                             align_size=4, text_per_type=1, mme_images_per_subtask=1), progress=False)
-    rows = load_dataset_dir(ws.data).rows
-    processor = build_tiny_processor(tiny_corpus(rows), IMAGE_SIZE, TINY)
+    write_tiny_data(ws.data, train_per_task=2, heldout_per_task=2, heldin_per_task=1, align_size=4, text_per_type=1,
+                    mme_images_per_subtask=1)
     for seed, out in ((0, ws.base), (1, ws.other_base)):
-        model = build_tiny_model(processor, TINY, IMAGE_SIZE, max_length=512, seed=seed)
-        with torch.no_grad():  # off the init, so that greedy answers are not all the same token
-            gen = torch.Generator().manual_seed(seed + 10)
-            for prm in model.parameters():
-                prm.add_(torch.randn(prm.shape, generator=gen) * 0.05)
-        save_base(model, processor, out)
+        # nudged off the init, so that greedy answers are not all the same token
+        save_tiny_base(ws.data, out, seed=seed, nudge_seed=seed + 10)
     tp = TrainParams.model_validate({**params_for(ws)["train"], "out_dir": str(ws.editors)})
     train(tp)
     _make_mlflow_store(ws)

@@ -200,15 +200,6 @@ def test_describe_placement_resolves_layers_against_the_model():
 # ---------------------------------------------------------------------------------------------
 # end to end on a tiny base
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_sweep import build_tiny_setup
-
-    root = tmp_path_factory.mktemp("sweep")
-    data, base = build_tiny_setup(root)
-    return root, data, base
-
-
 def _check_outputs(ab: AblateParams, rows, names):
     assert [r["arm"] for r in rows] == names
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
@@ -228,10 +219,10 @@ def _check_outputs(ab: AblateParams, rows, names):
     assert Path(ab.plot).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_two_arms_end_to_end_in_process(tiny, tmp_path):
+def test_two_arms_end_to_end_in_process(tiny_setup, tmp_path):
     from tiny_sweep import ablate_params, bench_params, train_params
 
-    root, data, base = tiny
+    data, base = tiny_setup
     ab = ablate_params(tmp_path, arms=["only-visual", "all"], workers=1)
     seen = []
     rows = run_ablation(ab, train_params(tmp_path, data, base), bench_params(tmp_path, data, base),
@@ -242,10 +233,10 @@ def test_two_arms_end_to_end_in_process(tiny, tmp_path):
     assert '"robustness": {}' in bench  # perturbation passes are skipped in a sweep
 
 
-def test_two_arms_end_to_end_in_a_process_pool(tiny, tmp_path):
+def test_two_arms_end_to_end_in_a_process_pool(tiny_setup, tmp_path):
     from tiny_sweep import ablate_params, bench_params, train_params
 
-    root, data, base = tiny
+    data, base = tiny_setup
     ab = ablate_params(tmp_path, arms=["all", "only-visual"], workers=2)
     pids = []
     rows = run_ablation(ab, train_params(tmp_path, data, base), bench_params(tmp_path, data, base),
@@ -254,10 +245,10 @@ def test_two_arms_end_to_end_in_a_process_pool(tiny, tmp_path):
     assert len(pids) == 2 and os.getpid() not in pids  # the arms really ran in worker processes
 
 
-def test_a_failing_arm_is_recorded_and_the_others_finish(tiny, tmp_path):
+def test_a_failing_arm_is_recorded_and_the_others_finish(tiny_setup, tmp_path):
     from tiny_sweep import SMALL_EDITORS, ablate_params, bench_params, train_params
 
-    root, data, base = tiny
+    data, base = tiny_setup
     tp = train_params(tmp_path, data, base)
     # Visual layer 7 does not exist in the 2-layer tiny tower: every arm with visual editors fails.
     tp = tp.model_copy(update={"editors": SMALL_EDITORS.model_copy(update={"visual": SMALL_EDITORS.visual.model_copy(

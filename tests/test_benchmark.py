@@ -38,26 +38,12 @@ def one_thread():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(root, data_dir, base_dir): a generated data set and a saved tiny base nudged off its init."""
-    import torch
-
-    from components.model.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
-    from components.core.config import DataParams
-    from components.data.generate import write_dataset
-    from components.data.load import load_dataset_dir
-    from tiny_llava import TINY
+    from tiny_llava import save_tiny_base, write_tiny_data
 
     root = tmp_path_factory.mktemp("bench")
-    data = root / "data"
-    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=2, heldout_per_task=3, heldin_per_task=2, align_size=4,
-                             text_per_type=2, mme_images_per_subtask=2), progress=False)
-    rows = load_dataset_dir(data).rows
-    processor = build_tiny_processor(tiny_corpus(rows), 32, TINY)
-    model = build_tiny_model(processor, TINY, 32, max_length=512, seed=3)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(3)
-        for prm in model.parameters():
-            prm.add_(torch.randn(prm.shape, generator=gen) * 0.05)
-    save_base(model, processor, root / "base")
+    data = write_tiny_data(root / "data", train_per_task=2, heldout_per_task=3, heldin_per_task=2, align_size=4,
+                           text_per_type=2, mme_images_per_subtask=2)
+    save_tiny_base(data, root / "base", seed=3, nudge_seed=3)
     return root, data, root / "base"
 
 

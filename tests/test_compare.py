@@ -158,10 +158,10 @@ def test_readme_writer_names_a_bad_comparison_report(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # smoke: two methods x two seeds on a tiny base
 # ---------------------------------------------------------------------------------------------
-def test_compare_two_methods_two_seeds_end_to_end(tmp_path):
-    from tiny_sweep import bench_params, build_tiny_setup, compare_params, train_params
+def test_compare_two_methods_two_seeds_end_to_end(tiny_setup, tmp_path):
+    from tiny_sweep import bench_params, compare_params, train_params
 
-    data, base = build_tiny_setup(tmp_path / "setup")
+    data, base = tiny_setup
     cmp = compare_params(tmp_path, methods=["mrt", "lora"], seeds=[0, 1])
     s = run_compare(cmp, train_params(tmp_path, data, base, steps=3), bench_params(tmp_path, data, base), report=None)
     saved = json.loads(Path(cmp.report).read_text())

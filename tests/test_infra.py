@@ -284,21 +284,15 @@ def test_ddp_config_launches_data_parallel_bf16():
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
 
 
-def test_fsdp_config_shards_the_backbone_blocks_that_exist():
+def test_fsdp_config_shards_the_backbone_blocks_that_exist(tmp_path):
     args, env = _launch_env(INFRA / "accelerate" / "fsdp.yaml")
     assert args.use_fsdp and env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
     classes = env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")
     # The blocks of the backbones components/model/backbone.py builds (LLaVA = CLIP vision tower + Llama LM).
     assert set(classes) == {"LlamaDecoderLayer", "CLIPEncoderLayer"}
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from tiny_llava import tiny_model
 
-    small = LlavaConfig(  # LLaVA-1.5's classes at a size that builds instantly
-        vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-        text_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 128})
-    with __import__("torch").device("meta"):
-        model = LlavaForConditionalGeneration(small)
+    model = tiny_model(tmp_path)[0]  # LLaVA-1.5's classes at a size that builds instantly
     present = {type(m).__name__ for m in model.modules()}
     assert set(classes) <= present

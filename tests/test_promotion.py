@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from promotion_helpers import fast_track, migrated_db, promote_params, store, tiny_artifacts  # noqa: F401
+from promotion_helpers import fast_track, promote_params, registered_versions
 
 from components.track import registry, tracking
 
@@ -91,7 +91,7 @@ def test_concurrent_promotions_end_with_one_consistent_champion(store, tiny_arti
     assert second["champion_version_after"] == champ["version"]  # what the later one saw is what stayed
     if decisions["worse"]["candidate_version"] > decisions["better"]["candidate_version"]:
         assert not decisions["worse"]["promote"]  # came second: gated against the better champion
-    versions = registry._versions(store)
+    versions = registered_versions(store)
     assert len(versions) == 2
     assert all(v.tags[registry.STATE_TAG] == "complete" for v in versions)
     assert registry.aliases(store)[registry.CHAMPION] == champ["version"]
@@ -166,7 +166,7 @@ def _versions_in(db: Path, monkeypatch) -> dict[int, dict]:
     local = fast_track()
     named = registry.aliases(local)
     return {int(v.version): {"tags": dict(v.tags), "aliases": sorted(a for a, n in named.items() if n == int(v.version))}
-            for v in registry._versions(local)}
+            for v in registered_versions(local)}
 
 
 @pytest.mark.slow
@@ -226,7 +226,7 @@ def test_outage_before_anything_is_registered_creates_no_version(store, tiny_art
     monkeypatch.setattr("components.track.pyfunc_model.log_pyfunc", down)
     with pytest.raises(tracking.TrackingError, match="log the editor model of run .* failed after 2 attempt"):
         registry.promote(params)
-    assert registry._versions(store) == []
+    assert registered_versions(store) == []
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient().search_runs([tracking.experiment_id(store)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from promotion_helpers import migrated_db, promote_params, store, tiny_artifacts  # noqa: F401  (fixtures)
+from promotion_helpers import promote_params
 
 from components.track import registry
 from components.core.config import PromoteParams
@@ -109,7 +109,7 @@ def test_reference_is_read_from_the_comparison_report(tmp_path):
         registry.reference_from_comparison(path, "mrt")
 
 
-def test_promote_refuses_noise_end_to_end_and_records_the_conditions(store, tiny_artifacts, tmp_path):  # noqa: F811
+def test_promote_refuses_noise_end_to_end_and_records_the_conditions(store, tiny_artifacts, tmp_path):
     from mlflow.tracking import MlflowClient
 
     comparison = tmp_path / "comparison.json"

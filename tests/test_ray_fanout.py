@@ -62,14 +62,14 @@ def prefect_api():
 
 
 @pytest.fixture(scope="module")
-def two_arms(tmp_path_factory):
-    """Two smoke arms (different placements) on a tiny data set and base: (jobs for ray, jobs for local)."""
-    from tiny_sweep import SMALL_EDITORS, bench_params, build_tiny_setup, train_params
+def two_arms(tiny_setup, tmp_path_factory):
+    """Two smoke arms (different placements) on the tiny data set and base: (jobs for ray, jobs for local)."""
+    from tiny_sweep import SMALL_EDITORS, bench_params, train_params
 
     from components.experiments.ablation import make_job
 
     root = tmp_path_factory.mktemp("ray_arms")
-    data, base = build_tiny_setup(root)
+    data, base = tiny_setup
     tp, bp = train_params(root, data, base), bench_params(root, data, base)
     only_proj = SMALL_EDITORS.model_copy(update={
         "visual": SMALL_EDITORS.visual.model_copy(update={"layers": "none"}),

@@ -8,13 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from promotion_helpers import (  # noqa: F401  (fixtures)
-    fast_track,
-    migrated_db,
-    promote_params,
-    store,
-    tiny_artifacts,
-)
+from promotion_helpers import promote_params, registered_versions
 
 from components.track import registry, store_init, tracking
 from components.core.config import PromoteParams
@@ -165,7 +159,7 @@ def test_failed_registration_leaves_no_version(store, tiny_artifacts, monkeypatc
     monkeypatch.setattr(registry, "set_alias", boom)
     with pytest.raises(tracking.TrackingError):
         registry.register_candidate(store, uri, run_id, {"heldout/mean": 0.5})
-    assert registry._versions(store) == []
+    assert registered_versions(store) == []
 
 
 def test_cleanup_deletes_only_pending_versions_without_aliases(store, tiny_artifacts):
@@ -176,7 +170,7 @@ def test_cleanup_deletes_only_pending_versions_without_aliases(store, tiny_artif
     good = registry.register_candidate(store, uri, run_id, {})
     orphan = registry._create_version(store, uri, run_id, {registry.STATE_TAG: "pending", registry.PROMOTION_ID_TAG: "p"})
     assert registry.cleanup_pending(store) == [orphan]
-    assert [int(v.version) for v in registry._versions(store)] == [good]
+    assert [int(v.version) for v in registered_versions(store)] == [good]
 
 
 def test_cleanup_deletes_a_pending_version_holding_only_candidate(store, tiny_artifacts):
@@ -191,7 +185,7 @@ def test_cleanup_deletes_a_pending_version_holding_only_candidate(store, tiny_ar
     cut = registry._create_version(store, uri, run_id, {registry.STATE_TAG: "pending", registry.PROMOTION_ID_TAG: "b"})
     registry.set_alias(store, registry.CANDIDATE, cut)
     assert registry.cleanup_pending(store) == [cut]
-    assert [int(v.version) for v in registry._versions(store)] == [champ]
+    assert [int(v.version) for v in registered_versions(store)] == [champ]
     assert registry.aliases(store) == {registry.CHAMPION: champ}
 
 
@@ -224,7 +218,7 @@ def test_promote_first_then_worse_then_better(store, tiny_artifacts, tmp_path):
     assert run.data.metrics["promotion/promoted"] == 1.0
     assert {a.path for a in MlflowClient().list_artifacts(better.run_id, "promotion")} == {
         "promotion/promotion.json", "promotion/promotion.md"}
-    tags = {int(v.version): v.tags for v in registry._versions(store)}
+    tags = {int(v.version): v.tags for v in registered_versions(store)}
     assert [tags[v][registry.DECISION_TAG] for v in (1, 2, 3)] == ["promoted", "rejected", "promoted"]
 
 
@@ -345,5 +339,5 @@ def test_champion_update_with_a_lost_response_is_rolled_back(store, tiny_artifac
         registry.promote(promote_params(tmp_path, tiny_artifacts, {"a": 0.9}, "r2"))
     assert failed == [2]
     assert registry.champion(store)["version"] == 1
-    assert [int(v.version) for v in registry._versions(store)] == [1]
+    assert [int(v.version) for v in registered_versions(store)] == [1]
     assert not (tmp_path / "r2" / "promotion.json").exists()

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from promotion_helpers import build_model, migrated_db, promote_params, store, tiny_artifacts  # noqa: F401
+from promotion_helpers import build_model, promote_params
 
 from components.track import registry, tracking
 from components.track.pyfunc_model import BASE_DIR_ENV, BaseModelError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from promotion_helpers import fast_track, migrated_db, store  # noqa: F401  (fixtures)
+from promotion_helpers import fast_track
 from typer.testing import CliRunner
 
 from components.track import tracking
@@ -19,15 +19,6 @@ from components.core.config import Params
 from components.core.hashing import dir_hash
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_sweep import build_tiny_setup
-
-    root = tmp_path_factory.mktemp("stage_runs")
-    data, base = build_tiny_setup(root)
-    return root, data, base
 
 
 def _client():
@@ -56,10 +47,10 @@ def _runs(role: str | None = None) -> list:
     return [r for r in runs if role is None or r.data.tags.get("mrt.role") == role]
 
 
-def test_mrt_train_logs_live_and_mrt_benchmark_scores_the_same_run(store, tiny, tmp_path):
+def test_mrt_train_logs_live_and_mrt_benchmark_scores_the_same_run(store, tiny_setup, tmp_path):
     from flows.cli import app
 
-    _, data, base = tiny
+    data, base = tiny_setup
     pfile, params = _params_file(tmp_path, data, base, steps=8, batch_size=2)
     res = CliRunner().invoke(app, ["train", "-p", str(pfile)])
     assert res.exit_code == 0, res.output
@@ -91,14 +82,14 @@ def test_mrt_train_logs_live_and_mrt_benchmark_scores_the_same_run(store, tiny, 
     assert metrics["quick_heldout/mean"] == pytest.approx(report["heldout_mean"])  # two evaluations, two keys
 
 
-def test_candidate_baselines_and_arms_share_one_param_schema(store, tiny, tmp_path, monkeypatch):
+def test_candidate_baselines_and_arms_share_one_param_schema(store, tiny_setup, tmp_path, monkeypatch):
     from tiny_sweep import ablate_params, bench_params, compare_params, train_params
 
     from components.experiments.ablation import run_ablation
     from components.experiments.compare import run_compare
     from components.track.stage_runs import tracked_train
 
-    _, data, base = tiny
+    data, base = tiny_setup
     tracking.configure(store)
     pipeline = tracking.start_run(store, "mrt-pipeline")
     monkeypatch.setenv(tracking.PARENT_RUN_ENV, pipeline)  # what the pipeline flow sets for its stages
@@ -153,10 +144,10 @@ def test_runs_carry_mlflow_source_tags_with_the_commit(monkeypatch, tmp_path):
     assert "mlflow.source.git.commit" not in tracking.source_tags()
 
 
-def test_mrt_train_without_a_reachable_tracking_server_trains_untracked(tiny, tmp_path, monkeypatch):
+def test_mrt_train_without_a_reachable_tracking_server_trains_untracked(tiny_setup, tmp_path, monkeypatch):
     from flows.cli import app
 
-    _, data, base = tiny
+    data, base = tiny_setup
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from promotion_helpers import bench_report, fast_track, migrated_db, store  # noqa: F401  (fixtures)
+from promotion_helpers import bench_report, fast_track
 
 from components.track import benchmark_runs, tracking
 from components.core.config import Params

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from components.data.batching import ChatFormatter
-from components.core.config import EditorParams, LoraParams, TrainParams
+from components.core.config import LoraParams, TrainParams
 from components.train.training import (
     LoopSpec,
     StepSampler,
@@ -19,11 +19,7 @@ from components.train.training import (
     run_loop,
 )
 from tiny_llava import tiny_model
-
-SMALL_EDITORS = EditorParams.model_validate(
-    {"visual": {"layers": "all", "rank": 2}, "projector": {"rank": 2},
-     "prefix": {"layers": "all", "rank": 2, "length": 2}, "suffix": {"layers": "all", "rank": 2, "length": 2}}
-)
+from tiny_sweep import SMALL_EDITORS
 
 
 def _setup(tmp_path, method: str, seed: int = 0, **train_kw):

@@ -1,7 +1,11 @@
-"""Hand-made rows, images and a very small LLaVA for the backbone/training/inference tests.
+"""The tiny LLaVA the tests build, and the hand-made rows and images it learns its tokenizer from.
 
-Shapes are far below the embedded default (16 px images → 4 image tokens, 2-layer towers) so every
-test builds its model in well under a second.
+One builder, `build_tiny_llava`: the model `align.backbone: tiny` makes (components/model/backbone.py)
+at the sizes of `TINY` — far below the embedded default (2-layer towers, 16 px images → 4 image
+tokens) so it builds in well under a second. `tiny_model` is the in-memory case (hand-made rows and
+images), `write_tiny_data` + `save_tiny_base` the on-disk one (a generated data set and a saved base
+folder); tests/conftest.py shares the common on-disk setups as session fixtures. (A folder in
+the published llava-hf layout — another tokenizer, fp16 shards — comes from tests/llava_hf_layout.py.)
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from components.core.config import TinyModelParams
+from components.core.config import DataParams, TinyModelParams
 from components.data.records import Row
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
@@ -19,6 +23,8 @@ TINY = TinyModelParams(
     lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64, vocab_size=300,
 )
 IMAGE_SIZE = 16
+# Image size of the generated data sets of the on-disk setups (16 image tokens at TINY's patch size).
+DATA_IMAGE_SIZE = 32
 
 
 def write_images(root: Path, size: int = IMAGE_SIZE) -> dict[str, str]:
@@ -46,15 +52,61 @@ def make_rows(image_root: Path, n: int = 24) -> list[Row]:
     return rows
 
 
-def tiny_model(tmp_path: Path, seed: int = 0):
-    """(model, processor, rows, image_root) for a freshly initialised tiny LLaVA."""
+def nudge(model, generator, scale: float = 0.05) -> None:
+    """Add seeded noise to every weight: a fresh init answers every prompt alike, a nudged one
+    answers according to image and prompt."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def build_tiny_llava(rows, image_size: int = IMAGE_SIZE, *, max_length: int = 64, seed: int = 0,
+                     nudge_seed: int | None = None, sizes: TinyModelParams = TINY):
+    """(model, processor): a tiny LLaVA sized by `sizes`, its tokenizer learned from `rows`' texts,
+    its weights initialised from `seed` and, with `nudge_seed`, nudged off that init (`nudge`)."""
+    import torch
+
     from components.model.backbone import build_tiny_model, build_tiny_processor, tiny_corpus
 
+    processor = build_tiny_processor(tiny_corpus(rows), image_size, sizes)
+    model = build_tiny_model(processor, sizes, image_size, max_length=max_length, seed=seed)
+    if nudge_seed is not None:
+        nudge(model, torch.Generator().manual_seed(nudge_seed))
+    return model, processor
+
+
+def tiny_model(tmp_path: Path, seed: int = 0, nudge_seed: int | None = None):
+    """(model, processor, rows, image_root): a tiny LLaVA on hand-made rows whose images are written
+    under tmp_path/images."""
     root = tmp_path / "images"
     rows = make_rows(root)
-    processor = build_tiny_processor(tiny_corpus(rows), IMAGE_SIZE, TINY)
-    model = build_tiny_model(processor, TINY, IMAGE_SIZE, max_length=64, seed=seed)
+    model, processor = build_tiny_llava(rows, seed=seed, nudge_seed=nudge_seed)
     return model, processor, rows, root
+
+
+def write_tiny_data(out: Path, **counts) -> Path:
+    """A generated data set (`mrt data`) of DATA_IMAGE_SIZE px images in `out`, `counts` setting its
+    sizes (DataParams fields: train_per_task, heldout_per_task, ...); returns `out`."""
+    from components.data.generate import write_dataset
+
+    write_dataset(DataParams(out_dir=str(out), image_size=DATA_IMAGE_SIZE, **counts), progress=False)
+    return out
+
+
+def save_tiny_base(data_dir: Path, out: Path, *, max_length: int = 512, seed: int = 0,
+                   nudge_seed: int | None = None) -> Path:
+    """A saved base folder (`save_base`) holding a tiny LLaVA whose tokenizer is learned from the data
+    set in `data_dir`, at that set's image size, built untrained as by `build_tiny_llava`; returns `out`."""
+    from components.data.load import load_dataset_dir
+    from components.model.backbone import save_base
+
+    data = load_dataset_dir(data_dir)
+    model, processor = build_tiny_llava(data.rows, data.manifest["image_size"], max_length=max_length, seed=seed,
+                                        nudge_seed=nudge_seed)
+    save_base(model, processor, out)
+    return out
 
 
 def write_clip_and_llama(tmp_path: Path):

@@ -1,37 +1,20 @@
-"""A tiny data set and an untrained tiny base for the ablation/compare smoke tests.
+"""Params and editors for the ablation/compare/stage-run smoke tests on the `tiny_setup` fixture
+(tests/conftest.py: a small generated data set and an untrained tiny base).
 
-The base is built, not aligned: the sweep machinery (grid → train → benchmark → reports) is under
-test, not the scores, so a randomly initialised tiny LLaVA with a tokenizer learned from the data
-is enough and costs about a second.
+The sweep machinery (grid → train → benchmark → reports) is under test, not the scores, so every
+size here is the smallest that still exercises it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from components.core.config import AblateParams, BenchmarkParams, CompareParams, DataParams, EditorParams, TrainParams
-from tiny_llava import TINY
+from components.core.config import AblateParams, BenchmarkParams, CompareParams, EditorParams, TrainParams
 
 SMALL_EDITORS = EditorParams.model_validate(
     {"visual": {"layers": "all", "rank": 2}, "projector": {"rank": 2},
      "prefix": {"layers": "all", "rank": 2, "length": 2}, "suffix": {"layers": "all", "rank": 2, "length": 2}}
 )
-
-
-def build_tiny_setup(root: Path) -> tuple[Path, Path]:
-    """(data_dir, base_dir) under root: a small generated set and a freshly built tiny base."""
-    from components.model.backbone import build_tiny_model, build_tiny_processor, save_base, tiny_corpus
-    from components.data.generate import write_dataset
-    from components.data.load import load_dataset_dir
-
-    data, base = root / "data", root / "base"
-    write_dataset(DataParams(out_dir=str(data), image_size=32, train_per_task=4, heldout_per_task=2, heldin_per_task=1, align_size=8,
-                             text_per_type=2, mme_images_per_subtask=1), progress=False)
-    rows = load_dataset_dir(data).rows
-    processor = build_tiny_processor(tiny_corpus(rows), 32, TINY)
-    model = build_tiny_model(processor, TINY, 32, max_length=256, seed=0)
-    save_base(model, processor, base)
-    return data, base
 
 
 def train_params(root: Path, data: Path, base: Path, **kw) -> TrainParams:

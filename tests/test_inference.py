@@ -9,8 +9,6 @@ import torch
 
 from components.model.backbone import save_base
 from components.evaluation.inference import (
-    FROZEN_MARKER,
-    detect_kind,
     evaluate_exact_match,
     exact_match,
     generate,
@@ -19,6 +17,7 @@ from components.evaluation.inference import (
     pick_per_task,
     predict,
 )
+from components.evaluation.outputs import KINDS, detect_kind
 from tiny_llava import tiny_model
 
 
@@ -112,7 +111,7 @@ def test_detect_kind_and_load(tmp_path):
 
     frozen = tmp_path / "frozen"
     frozen.mkdir()
-    (frozen / FROZEN_MARKER).write_text(json.dumps({"method": "frozen", "base_dir": str(base)}))
+    (frozen / KINDS["frozen"].marker).write_text(json.dumps({"method": "frozen", "base_dir": str(base)}))
     loaded = load_model(base, frozen)
     assert loaded.kind == "frozen" and loaded.info["method"] == "frozen"
     want = generate(model, processor, [root / "red.png"], ["What color?"], max_new_tokens=4)

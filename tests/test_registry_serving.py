@@ -88,7 +88,7 @@ def test_version_holds_editors_and_a_base_reference_not_the_base(store, tiny_art
     ref = json.loads((got / "artifacts" / "base_ref.json").read_text())
     editor_fp = json.loads((editors / "editor_config.json").read_text())["base_fingerprint"]
     assert ref["fingerprint"] == editor_fp and ref["base_dir"] == str(base)
-    assert "code/components/pyfunc_model.py" in files and not [f for f in files if "__pycache__" in f]
+    assert "code/components/track/pyfunc_model.py" in files and not [f for f in files if "__pycache__" in f]
     reqs = (got / "requirements.txt").read_text().split()
     assert not [r for r in reqs if r.startswith("mrt-pipeline")]
     assert {r.split("==")[0] for r in reqs} >= {"mlflow", "torch", "transformers", "safetensors", "pandas", "pydantic"}

@@ -249,8 +249,12 @@ class LoraParams(_Section):
     target_modules: str = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 
 
+# The training methods (components/train/methods.py: METHODS, which checks that it names the same).
+MethodName = Literal["mrt", "lora", "full", "frozen"]
+
+
 class TrainParams(_Section):
-    method: Literal["mrt", "lora", "full", "frozen"] = "mrt"
+    method: MethodName = "mrt"
     base_dir: str = "models/base"
     data_dir: str = "data/visionflan-mini"
     out_dir: str = "models/editors"
@@ -345,7 +349,7 @@ class AblateParams(_Section):
 class CompareParams(_Section):
     """mrt compare: MRT against LoRA, full fine-tuning and the frozen base on identical data, steps and seeds."""
 
-    methods: list[Literal["mrt", "lora", "full", "frozen"]] = Field(
+    methods: list[MethodName] = Field(
         default_factory=lambda: ["frozen", "mrt", "lora", "full"], min_length=1
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 from components.core.config import BenchmarkParams
 from components.data.records import DataError, RecordError, Row
+from components.evaluation.outputs import count_params, detect_kind, kind_named
 
 CLEAN = "none"  # the `perturbation` of unperturbed records in the predictions file
 LETTER_METRIC = "vf_option_letter"
@@ -244,36 +245,9 @@ def cap_mme(rows: Sequence[Row], per_task: int | None) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
-def _count(*modules: Any) -> int:
-    seen = {}
-    for m in modules:
-        if m is not None:
-            for prm in m.parameters():
-                seen[id(prm)] = prm
-    return sum(p.numel() for p in seen.values())
-
-
-def trainable_params(loaded: Any) -> int | None:
-    """What the method trained: editors (mrt), LoRA matrices (lora), the LM, projector and lm_head
-    (full — what `training.prepare_method` unfreezes), nothing (frozen, base). None if unknowable."""
-    kind = loaded.kind
-    if kind in ("base", "frozen"):
-        return 0
-    if kind == "mrt":
-        return _count(loaded.extra) if loaded.extra is not None else None
-    if kind == "lora":
-        return sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" in n)
-    if kind == "full":
-        inner = getattr(loaded.model, "model", None)
-        parts = [getattr(inner, "language_model", None), getattr(inner, "multi_modal_projector", None),
-                 getattr(loaded.model, "lm_head", None)]
-        return _count(*parts) if all(x is not None for x in parts) else None
-    return None
-
-
 def _resolve_model(p: BenchmarkParams, model: Any, processor: Any):
     """A LoadedModel: loaded from p.base_dir / p.model_dir, or wrapped around what the caller passed."""
-    from components.evaluation.inference import LoadedModel, detect_kind, load_model
+    from components.evaluation.inference import LoadedModel, load_model
 
     if model is None:
         if processor is not None:
@@ -288,8 +262,11 @@ def _resolve_model(p: BenchmarkParams, model: Any, processor: Any):
 
 
 def model_info(p: BenchmarkParams, loaded: Any, label: str | None) -> dict[str, Any]:
-    trainable = trainable_params(loaded)
-    total = _count(loaded.model, loaded.extra)
+    """What was benchmarked. `trainable_params`: what the method trained, counted on the loaded
+    model by its kind (outputs.py): editors, LoRA matrices, what full fine-tuning unfreezes, 0 for
+    the frozen or bare base; None if unknowable."""
+    trainable = kind_named(loaded.kind).trained_params(loaded.model, loaded.extra)
+    total = count_params(loaded.model, loaded.extra)
     return {
         "label": label,
         "base_dir": str(p.base_dir),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from functools import lru_cache
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from components.core.config import BenchmarkParams
+from components.core.files import write_text
 from components.data.records import DataError, RecordError, Row
 from components.evaluation.outputs import count_params, detect_kind, kind_named
 
@@ -347,19 +347,6 @@ def _answer(loaded, formatter, data, rows: Sequence[Row], perturbation: str, p: 
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-def _atomic_write(path: str | Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _prediction_lines(rows: Sequence[Row], preds: Sequence[str], correct: Sequence[bool], perturbation: str):
     for r, pred, hit in zip(rows, preds, correct):
         yield json.dumps(
@@ -483,8 +470,8 @@ def run_benchmark(
         "real_image_mean": sum(real.values()) / len(real) if real else None,
         "wall_s": round(time.time() - t0, 2),
     }
-    _atomic_write(p.predictions, "".join(line + "\n" for line in lines))
-    _atomic_write(p.report, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(p.predictions, "".join(line + "\n" for line in lines))
+    write_text(p.report, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 

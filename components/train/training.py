@@ -36,6 +36,7 @@ from components.train import checkpoints as ckpts
 from components.train.methods import method_of
 from components.data.batching import ChatFormatter, Encoded, collate, pad_token_id
 from components.core.config import TrainParams
+from components.core.files import write_json
 from components.core.threads import set_threads
 
 CHECKPOINTS = "checkpoints"
@@ -660,12 +661,6 @@ def data_image_size(loaded, override: int | None = None) -> int:
     return int(size) if size else TINY_IMAGE_SIZE_FALLBACK
 
 
-def _write_json(path, obj) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-
-
 def _count(model, extra=None) -> tuple[int, int]:
     seen = {}
     for mod in (model, extra):
@@ -819,7 +814,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
         "heldout_n": ev["n"],
         "heldout_examples": ev["examples"][:10],
     }
-    _write_json(p.report, report)
+    write_json(p.report, report)
     return report
 
 

@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from components.core.files import write_bytes, write_text
-from components.train.methods import METHODS
 from components.core.markdown import ReportError, check_markers, fmt_int, fmt_pm, mean_std, md_table, produced_by, replace_marked_block, utc_now
 
 RESULTS_START = "<!-- results:start -->"
 RESULTS_END = "<!-- results:end -->"
+METHOD_LABELS = {"frozen": "frozen base", "mrt": "MRT", "lora": "LoRA", "full": "full fine-tuning"}
 # Fixed leading columns of ablation.csv; per-task columns `heldout/<task>` and `heldin/<task>` follow,
 # then the tail. The baseline columns are the same on every row (one set of evaluated records).
 ABLATION_HEAD = ["arm", "seed", "family", "groups", "layers", "ranks", "lengths", "trainable_params",
@@ -34,15 +34,8 @@ _FLOAT_FIELDS = {"heldout_mean", "heldout_chance_corrected_mean", "heldin_mean",
                  "train_wall_s", "wall_s", *ABLATION_BASELINES}
 COLLAPSE_MARK = "†"  # beside a score: the model gave one answer to every record of that task
 METHOD_COLORS = {"frozen": "#7f7f7f", "mrt": "#1f77b4", "lora": "#ff7f0e", "full": "#2ca02c"}
-
-
 FAMILY_COLORS = {"reference": "#1f77b4", "only": "#ff7f0e", "leave-one-out": "#2ca02c", "depth": "#9467bd",
                  "length": "#8c564b", "rank": "#e377c2"}
-
-
-def _method_label(name: str) -> str:
-    """How tables and plots name a method (its registry label; an unknown name as it is)."""
-    return METHODS[name].label if name in METHODS else name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +322,7 @@ def comparison_table(summary: dict[str, Any]) -> str:
     body = []
     for name, m in summary["methods"].items():
         ok = len(m.get("heldout_mean", {}).get("values") or [])
-        body.append([_method_label(name), _trainable(m), fmt_pm(m.get("heldout_mean"), 3),
+        body.append([METHOD_LABELS.get(name, name), _trainable(m), fmt_pm(m.get("heldout_mean"), 3),
                      fmt_pm(m.get("heldout_chance_corrected_mean"), 3), fmt_pm(m.get("heldin_mean"), 3),
                      fmt_pm(m.get("mme_total"), 1), _method_collapsed(m), fmt_pm(m.get("wall_s"), 0),
                      f"{ok}/{len(m.get('runs', []))}"])
@@ -376,7 +369,7 @@ def per_task_table(summary: dict[str, Any], split: str = "heldout") -> str:
                                     seeds))
         body.append([t, *baseline(t), *cells])
     label = {"heldout": "held-out task", "heldin": "held-in task"}.get(split, f"{split} task")
-    return md_table([label, "chance", "majority (answer)"] + [_method_label(m) for m in methods], body,
+    return md_table([label, "chance", "majority (answer)"] + [METHOD_LABELS.get(m, m) for m in methods], body,
                     "lrr" + "r" * len(methods))
 
 
@@ -429,7 +422,7 @@ def write_comparison_plot(path: str | Path, summary: dict[str, Any]) -> Path:
                 ax.text(xi, mean + sd, f"{mean:.3f}" if key == "heldout_mean" else f"{mean:.0f}", ha="center",
                         va="bottom", fontsize=8)
         ax.set_ylim(0, max([m + sd for m, sd in zip(means, stds)] + [1e-3]) * 1.2)
-        ax.set_xticks(x, [_method_label(m) for m in methods], rotation=15)
+        ax.set_xticks(x, [METHOD_LABELS.get(m, m) for m in methods], rotation=15)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"{summary.get('steps')} steps, seeds {summary.get('seeds')}", fontsize=10)
     return _save_png(fig, path)

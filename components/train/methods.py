@@ -25,7 +25,6 @@ class Method:
     """One training method. Subclasses set the class attributes and override `prepare`/`write`."""
 
     name: str = ""
-    label: str = ""  # how reports and plots name it
     output: OutputKind  # the kind of folder it saves
     trains: bool = True  # False: nothing is optimised, the output only records the base
     warm_imports: tuple[str, ...] = ()  # heavy modules a sweep worker imports before running it
@@ -50,7 +49,7 @@ class Method:
 class MRT(Method):
     """Representation editors on the frozen base: only the editors train."""
 
-    name, label, output = "mrt", "MRT", KINDS["mrt"]
+    name, output = "mrt", KINDS["mrt"]
 
     def prepare(self, model, p):
         from components.editors import attach
@@ -70,7 +69,7 @@ class MRT(Method):
 class LoRA(Method):
     """peft LoRA matrices on the language model's projections (`train.lora`); the base stays frozen."""
 
-    name, label, output = "lora", "LoRA", KINDS["lora"]
+    name, output = "lora", KINDS["lora"]
     warm_imports = ("peft",)
 
     def prepare(self, model, p):
@@ -92,7 +91,7 @@ class Full(Method):
     """Full fine-tuning of what FullOutput.trained_modules names (language model, projector,
     lm_head); the vision tower stays frozen, in eval mode."""
 
-    name, label, output = "full", "full fine-tuning", KINDS["full"]
+    name, output = "full", KINDS["full"]
 
     def prepare(self, model, p):
         modules = FullOutput.trained_modules(model)
@@ -113,7 +112,7 @@ class Full(Method):
 class Frozen(Method):
     """The base as it is: nothing trains; the output is a marker naming the base and its fingerprint."""
 
-    name, label, output = "frozen", "frozen base", KINDS["frozen"]
+    name, output = "frozen", KINDS["frozen"]
     trains = False
 
     def prepare(self, model, p):

@@ -83,6 +83,8 @@ def params_cmd(
     params: str = ParamsOpt,
     set_: Optional[List[str]] = SetOpt,
     count: bool = typer.Option(False, "--count", help="count editor parameters instead of printing params"),
+    defaults: bool = typer.Option(False, "--defaults",
+                                  help="print the defaults (what params.yaml holds) instead of the params file"),
     model: str = typer.Option(
         "llava-1.5-7b",
         "--model",
@@ -90,9 +92,15 @@ def params_cmd(
         "(the placement in params)",
     ),
 ) -> None:
-    """Print the resolved params (after -S overrides), or count editor parameters with --count."""
+    """Print the resolved params (after -S overrides), the defaults with --defaults, or count editor
+    parameters with --count."""
     import yaml
 
+    if defaults:
+        from components.core.config import Params
+
+        typer.echo(yaml.safe_dump(Params().to_dict(), sort_keys=False), nl=False)
+        return
     cfg = _load(params, set_)
     if not count:
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,6 +1,7 @@
-"""Typed models of params.yaml.
+"""Typed models of params.yaml, and its defaults.
 
-Every stage reads exactly one section. Unknown keys and bad values are errors that name the key
+The defaults here are the only ones: params.yaml is them written out (`mrt params --defaults`
+prints them; tests/test_config.py fails when the two differ). Every stage reads exactly one section. Unknown keys and bad values are errors that name the key
 (``train.editors.prefix.rank``) and the type that was expected, so a typo in params.yaml can never
 silently fall back to a default. Nothing happens at import time: call :func:`load_params`.
 """
@@ -316,7 +317,8 @@ class BenchmarkParams(_Section):
     per_task: int | None = Field(None, ge=1)  # cap records per held-out task; null = all
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(8, ge=1)
-    perturbations: list[Perturbation] = Field(default_factory=list)  # robustness passes on top of the clean one
+    # robustness passes on top of the clean one (held-out tasks only)
+    perturbations: list[Perturbation] = Field(default_factory=lambda: ["noise", "blur", "jitter"])
     perturb_seed: int = 0
 
 

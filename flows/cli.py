@@ -247,8 +247,7 @@ def report_cmd(
     ),
 ) -> None:
     """Write README's results table from the comparison (and ablation) reports — never by hand."""
-    from components.core.files import write_text
-    from components.core.markdown import ReportError, check_markers, replace_marked_block
+    from components.core.markdown import ReportError
     from components.experiments import report as rep
 
     cfg = _load(params, set_)
@@ -257,15 +256,7 @@ def report_cmd(
     target = readme if readme is not None else cfg.report.readme
     if results:
         ablation_csv = cfg.ablate.report_csv if Path(cfg.ablate.report_csv).exists() else None
-        if target:
-            check_markers(target, rep.RESULTS_START, rep.RESULTS_END)  # before anything is written
-        comparison = rep.read_comparison(cfg.compare.report)
-        rows = rep.read_ablation_csv(ablation_csv) if ablation_csv else None
-        sources = [cfg.compare.report] + ([ablation_csv] if ablation_csv else [])
-        block = rep.results_block(comparison, rows, sources)
-        write_text(cfg.report.results, block + "\n")
-        if target:
-            replace_marked_block(target, rep.RESULTS_START, rep.RESULTS_END, block)
+        _, sources = rep.write_results(cfg.report.results, cfg.compare.report, ablation_csv, target or None)
         typer.echo(f"wrote {cfg.report.results}" + (f" and {target}'s results block" if target else "")
                    + f" from {', '.join(sources)}")
     if reliability:

@@ -10,13 +10,12 @@ import torch
 from components.model.backbone import save_base
 from components.evaluation.inference import (
     evaluate_exact_match,
-    exact_match,
     generate,
     load_model,
-    normalize_answer,
     pick_per_task,
     predict,
 )
+from components.evaluation.metrics.text import exact_match, normalize_answer
 from components.evaluation.outputs import KINDS, detect_kind
 from tiny_llava import tiny_model
 

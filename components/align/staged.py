@@ -554,7 +554,7 @@ def text_eval_rows(spec: StagedSpec) -> list[tuple[str, str, str]]:
     return rows
 
 
-def greedy(model, tok, prompts: list[str], device, max_new: int, batch: int = 128, embeds_fn=None) -> list[str]:
+def greedy(model, tok, prompts: list[str], device, max_new: int, batch: int = 128) -> list[str]:
     """Greedy decoding of causal-LM prompts (left-padded)."""
     import torch
 
@@ -779,7 +779,6 @@ def build(spec: StagedSpec, out_dir: str | os.PathLike, device: str | None = Non
 # ---------------------------------------------------------------------------------------------
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_llava_staged"
 MANIFEST = "manifest.json"
-MAX_SHIPPED_BYTES = 10 * 1024 * 1024
 # Spec keys that decide the weights (evaluation sizes do not): a shipped base is used only if these match.
 EVAL_KEYS = {"eval_retrieval", "eval_probe_train", "eval_probe_test", "eval_text_per_type", "eval_captions",
              "eval_image_per_type"}

@@ -466,10 +466,6 @@ class Params(_Section):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    @property
-    def validate_section(self) -> ValidateParams:
-        return self.validate_
-
     def section(self, name: str) -> _Section:
         return self.validate_ if name == "validate" else getattr(self, name)
 

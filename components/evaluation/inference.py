@@ -18,7 +18,7 @@ from components.data.images import load_image
 from components.evaluation.outputs import output_kind
 
 # One normalisation for the whole project: the benchmark's metric modules use the same functions.
-from components.evaluation.metrics.text import exact_match, normalize_answer  # noqa: F401  (re-exported)
+from components.evaluation.metrics.text import exact_match
 
 
 @dataclass

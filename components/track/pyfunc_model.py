@@ -167,13 +167,6 @@ def signature():
     )
 
 
-def input_example():
-    """A one-row request (for docs and serving checks; not logged, see log_pyfunc)."""
-    import pandas as pd
-
-    return pd.DataFrame({"prompt": ["What color is the image?"], "image": [""]})
-
-
 def pip_requirements() -> list[str]:
     """REQUIREMENTS pinned to the versions installed here, as an index knows them: the local build
     label is dropped (a CPU wheel's `2.13.0+cpu` is `torch==2.13.0` on the index). Explicit

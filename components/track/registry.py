@@ -984,12 +984,6 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
 
 
-def resolve_model(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> tuple[str, str | None]:
-    """(base_dir, adapter_dir) of a registered version for `components.evaluation.inference` (see resolve_version)."""
-    found = resolve_version(uri, cache_dir, track)
-    return found["base_dir"], found["adapter_dir"]
-
-
 def resolve_version(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> dict[str, Any]:
     """Download a registered version (editors/adapter + base reference; once per version) and find
     its base: {version, base_dir, adapter_dir, fingerprint}. The alias is resolved to a version

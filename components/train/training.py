@@ -40,7 +40,6 @@ from components.core.files import write_json
 from components.core.threads import set_threads
 
 CHECKPOINTS = "checkpoints"
-KEEP_CHECKPOINTS = ckpts.KEEP
 # The code whose change changes what training produces (a checkpoint of other code is not resumed).
 TRAINING_CODE = ("train/training.py", "data/batching.py", "model/backbone.py", "model/tokenizer.py", "editors")
 TEXT_EVAL_MAX_NEW_TOKENS = 8  # text-only answers are a word, a number, yes/no or a letter
@@ -169,13 +168,9 @@ def _fingerprint_hash(fp: dict) -> str:
     return ckpts.fingerprint_hash(fp)
 
 
-def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    return ckpts.listed(ckpt_dir)
-
-
 def save_checkpoint(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler, fp_hash: str, losses,
                     parts: dict | None = None) -> Path:
-    """Write step-N atomically and durably and prune to the last KEEP_CHECKPOINTS (checkpoints.save)."""
+    """Write step-N atomically and durably and prune to the last checkpoints.KEEP (checkpoints.save)."""
     return ckpts.save(ckpt_dir, step, named, optimizer, scheduler, fp_hash, losses, parts)
 
 

@@ -320,11 +320,3 @@ def write_mme_results(rows_with_predictions: Iterable[Any], out_dir: str | Path)
                 lines.append("\t".join((name, _clean(it.question), gt, _clean(it.prediction))) + "\n")
         written[sub] = write_text(out / f"{sub}.txt", "".join(lines))
     return written
-
-
-def flat_mme_metrics(result: Mapping[str, Any], prefix: str = "mme/") -> dict[str, float]:
-    """``mme/perception``, ``mme/cognition``, ``mme/total`` and ``mme/<subtask>`` (score), for MLflow."""
-    flat = {f"{prefix}{k}": float(result[k]) for k in ("perception", "cognition", "total")}
-    for name, scores in result["subtasks"].items():
-        flat[f"{prefix}{name}"] = float(scores["score"])
-    return flat

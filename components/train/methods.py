@@ -43,6 +43,7 @@ class Method:
 
     def write(self, out: Path, run_model: Any, extra: Any, processor: Any, p: TrainParams,
               base_fingerprint: str) -> None:
+        """Write what the method saves into the existing folder `out` (its output kind's marker included)."""
         raise NotImplementedError
 
 

@@ -83,6 +83,8 @@ def params_cmd(
     params: str = ParamsOpt,
     set_: Optional[List[str]] = SetOpt,
     count: bool = typer.Option(False, "--count", help="count editor parameters instead of printing params"),
+    defaults: bool = typer.Option(False, "--defaults",
+                                  help="print the defaults (what params.yaml holds) instead of the params file"),
     model: str = typer.Option(
         "llava-1.5-7b",
         "--model",
@@ -90,9 +92,15 @@ def params_cmd(
         "(the placement in params)",
     ),
 ) -> None:
-    """Print the resolved params (after -S overrides), or count editor parameters with --count."""
+    """Print the resolved params (after -S overrides), the defaults with --defaults, or count editor
+    parameters with --count."""
     import yaml
 
+    if defaults:
+        from components.core.config import Params
+
+        typer.echo(yaml.safe_dump(Params().to_dict(), sort_keys=False), nl=False)
+        return
     cfg = _load(params, set_)
     if not count:
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -239,8 +247,7 @@ def report_cmd(
     ),
 ) -> None:
     """Write README's results table from the comparison (and ablation) reports — never by hand."""
-    from components.core.files import write_text
-    from components.core.markdown import ReportError, check_markers, replace_marked_block
+    from components.core.markdown import ReportError
     from components.experiments import report as rep
 
     cfg = _load(params, set_)
@@ -249,15 +256,7 @@ def report_cmd(
     target = readme if readme is not None else cfg.report.readme
     if results:
         ablation_csv = cfg.ablate.report_csv if Path(cfg.ablate.report_csv).exists() else None
-        if target:
-            check_markers(target, rep.RESULTS_START, rep.RESULTS_END)  # before anything is written
-        comparison = rep.read_comparison(cfg.compare.report)
-        rows = rep.read_ablation_csv(ablation_csv) if ablation_csv else None
-        sources = [cfg.compare.report] + ([ablation_csv] if ablation_csv else [])
-        block = rep.results_block(comparison, rows, sources)
-        write_text(cfg.report.results, block + "\n")
-        if target:
-            replace_marked_block(target, rep.RESULTS_START, rep.RESULTS_END, block)
+        _, sources = rep.write_results(cfg.report.results, cfg.compare.report, ablation_csv, target or None)
         typer.echo(f"wrote {cfg.report.results}" + (f" and {target}'s results block" if target else "")
                    + f" from {', '.join(sources)}")
     if reliability:

@@ -39,7 +39,6 @@ from flows import repro
 from flows.tasks import load, stage_task
 
 UP_TO_DATE = "up to date"
-ARTIFACT_KEYS = ("validation-report", "benchmark-table", "ablation-table", "promotion-decision")
 
 
 class PipelineStopped(RuntimeError):

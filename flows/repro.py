@@ -23,11 +23,12 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from components.core.files import write_text
 
 # The flow's stages, in the order `mrt run` runs them (dvc.yaml's graph allows this order).
 PIPELINE = ("data", "validate", "align", "train", "benchmark", "ablate", "compare", "promote", "report")
@@ -138,20 +139,8 @@ def write_params(params_file: str, overrides: list[str] | None, root: str | Path
     _set_changed(doc, wanted)
     buf = io.StringIO()
     rt.dump(doc, buf)
-    _write_atomic(target, buf.getvalue())
+    write_text(target, buf.getvalue())
     return changed
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

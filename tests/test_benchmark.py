@@ -50,6 +50,7 @@ def setup(tmp_path_factory):
 def _params(setup, out: Path, **kw) -> BenchmarkParams:
     root, data, base = setup
     kw.setdefault("model_dir", None)
+    kw.setdefault("perturbations", [])  # the clean pass only, unless a test asks for more
     return BenchmarkParams(data_dir=str(data), base_dir=str(base), report=str(out / "bench.json"),
                            predictions=str(out / "pred.jsonl"), mme_results_dir=str(out / "mme"),
                            batch_size=8, max_new_tokens=4, **kw)

@@ -10,7 +10,7 @@ import pytest
 
 from components.experiments.compare import compare_runs, run_compare, summarize
 from components.core.config import CompareParams
-from components.experiments.report import RESULTS_END, RESULTS_START, comparison_markdown, write_readme_results
+from components.experiments.report import RESULTS_END, RESULTS_START, comparison_markdown, write_results
 from components.core.markdown import ReportError
 
 
@@ -114,13 +114,14 @@ def test_readme_block_is_replaced_between_markers_only(tmp_path):
         {"arm": "all", "seed": 0, "groups": "visual", "trainable_params": 10, "heldout_mean": 0.5, "status": "ok"},
         {"arm": "no-visual", "seed": 0, "groups": "prefix", "trainable_params": 4, "heldout_mean": 0.25,
          "status": "ok"}])
-    block = write_readme_results(readme, _comparison_file(tmp_path), csv_path)
+    block, _ = write_results(tmp_path / "results.md", _comparison_file(tmp_path), csv_path, readme)
+    assert (tmp_path / "results.md").read_text() == block + "\n"
     text = readme.read_text()
     assert text.startswith(before + RESULTS_START + "\n") and text.endswith(RESULTS_END + after)
     assert "old table" not in text and block in text
     assert "Produced by `mrt compare`" in block and "| MRT | 700" in block and "0.400 ± 0.141" in block
     assert "| no-visual | prefix | 4 | 0.250 | -0.250 |" in block
-    write_readme_results(readme, _comparison_file(tmp_path), csv_path)
+    write_results(tmp_path / "results.md", _comparison_file(tmp_path), csv_path, readme)
     assert readme.read_text().count(RESULTS_START) == 1  # idempotent: one block, still between the markers
 
 
@@ -136,9 +137,9 @@ def test_readme_marker_problems_are_clear_and_change_nothing(tmp_path, content, 
     readme = tmp_path / "README.md"
     readme.write_text(content)
     with pytest.raises(ReportError) as err:
-        write_readme_results(readme, _comparison_file(tmp_path))
+        write_results(tmp_path / "results.md", _comparison_file(tmp_path), readme_path=readme)
     assert expect in str(err.value) and str(readme) in str(err.value)
-    assert readme.read_text() == content
+    assert readme.read_text() == content and not (tmp_path / "results.md").exists()
 
 
 def test_readme_writer_names_a_bad_comparison_report(tmp_path):
@@ -147,12 +148,12 @@ def test_readme_writer_names_a_bad_comparison_report(tmp_path):
     bad = tmp_path / "comparison.json"
     bad.write_text(json.dumps({"methods": {"mrt": {"heldout_mean": {}}}}))
     with pytest.raises(ReportError, match=r"comparison.json: methods.mrt: field 'mme_total' missing"):
-        write_readme_results(readme, bad)
+        write_results(tmp_path / "results.md", bad, readme_path=readme)
     bad.write_text("{not json")
     with pytest.raises(ReportError, match="not valid JSON"):
-        write_readme_results(readme, bad)
+        write_results(tmp_path / "results.md", bad, readme_path=readme)
     with pytest.raises(ReportError, match="not found"):
-        write_readme_results(readme, tmp_path / "missing.json")
+        write_results(tmp_path / "results.md", tmp_path / "missing.json", readme_path=readme)
 
 
 # ---------------------------------------------------------------------------------------------

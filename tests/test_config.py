@@ -97,3 +97,33 @@ def test_params_yaml_spells_out_every_key():
         return out
 
     assert keys(cfg.to_dict()) == keys(raw)
+
+
+def _first_difference(a, b, prefix=""):
+    """The first dotted key where `a` and `b` differ, with both values; None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if k not in a or k not in b:
+                return prefix + k, a.get(k, "<absent>"), b.get(k, "<absent>")
+            found = _first_difference(a[k], b[k], prefix + k + ".")
+            if found:
+                return found
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def test_params_yaml_equals_the_defaults():
+    """config.py's defaults are the only ones: params.yaml is them written out (`mrt params --defaults`)."""
+    from components.core.config import Params
+
+    found = _first_difference(Params().to_dict(), load_params("params.yaml").to_dict())
+    assert found is None, "params.yaml differs from the defaults in components/core/config.py at {}: default {!r}, params.yaml {!r}".format(*found)
+
+
+def test_cli_params_defaults_prints_what_params_yaml_resolves_to(tmp_path):
+    res = runner.invoke(app, ["params", "--defaults", "-p", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 0, res.output
+    fresh = tmp_path / "params.yaml"
+    fresh.write_text(res.output)
+    assert load_params(fresh).to_dict() == load_params("params.yaml").to_dict()
+    assert yaml.safe_load(res.output) == load_params("params.yaml").to_dict()

@@ -11,7 +11,7 @@ import pytest
 from components.core.config import DataParams
 from components.data.generate import write_dataset
 from components.data.load import load_dataset_dir, resolve_image
-from components.data.mme import MMEItem, write_mme_subtask
+from components.data.mme import MMEItem, write_mme_item
 from components.data.records import DataError
 from components.data.visionflan import make_record, write_visionflan
 
@@ -120,7 +120,7 @@ def real_source(tmp_path):
     recs.append(bad)
     annotation = write_visionflan(recs, tmp_path / "annotation_191-task_1k.json")
     mme = tmp_path / "MME_Benchmark_release_version"
-    write_mme_subtask(mme, "existence", [MMEItem("1", b"\xff\xd8", [("Is there a dog?", "Yes"), ("A cat?", "No")], ".jpg")])
+    write_mme_item(mme, "existence", MMEItem("1", b"\xff\xd8", [("Is there a dog?", "Yes"), ("A cat?", "No")], ".jpg"))
     return tmp_path, annotation, images, mme
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from components.data.mme import MMEItem, read_mme, write_mme_item, write_mme_subtask
+from components.data.mme import MMEItem, read_mme, write_mme_item
 from components.data.records import DataError
 
 JPEG_STUB = b"\xff\xd8\xff\xe0fake"  # the reader never decodes images
@@ -22,10 +22,15 @@ def _item(name: str, what: str = "dog") -> MMEItem:
     )
 
 
+def _write_subtask(root, subtask: str, items: list[MMEItem], layout: str = "flat") -> None:
+    for item in items:
+        write_mme_item(root, subtask, item, layout)
+
+
 def test_flat_and_split_layouts(tmp_path):
     root = tmp_path / "MME_Benchmark_release_version"
-    write_mme_subtask(root, "existence", [_item("000000006040"), _item("000000007281", "car")], layout="flat")
-    write_mme_subtask(root, "artwork", [_item("10002", "painting")], layout="split")
+    _write_subtask(root, "existence", [_item("000000006040"), _item("000000007281", "car")], layout="flat")
+    _write_subtask(root, "artwork", [_item("10002", "painting")], layout="split")
     (root / "eval_tool").mkdir()  # not a subtask: no question files
     (root / "eval_tool" / "calculation.py").write_text("print()\n")
     assert (root / "existence" / "000000006040.jpg").is_file()
@@ -56,7 +61,7 @@ def test_txt_format_is_the_release_format(tmp_path):
 
 def test_round_trip(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    write_mme_subtask(a, "OCR", [_item("x1"), _item("x2", "fox")])
+    _write_subtask(a, "OCR", [_item("x1"), _item("x2", "fox")])
     rows, errors = read_mme(a)
     assert errors == [] and len(rows) == 4
     # rebuild the items from the rows and write them again
@@ -64,7 +69,7 @@ def test_round_trip(tmp_path):
     for r in rows:
         name = r.id.split("/")[1].split("#")[0]
         items.setdefault(name, []).append((r.instruction, r.answer))
-    write_mme_subtask(b, "OCR", [MMEItem(n, JPEG_STUB, qs, ".jpg") for n, qs in items.items()])
+    _write_subtask(b, "OCR", [MMEItem(n, JPEG_STUB, qs, ".jpg") for n, qs in items.items()])
     again, errors = read_mme(b)
     assert errors == []
     assert [replace(r, source="") for r in again] == [replace(r, source="") for r in rows]
@@ -81,7 +86,7 @@ def test_round_trip(tmp_path):
 )
 def test_bad_lines_are_reported_and_good_ones_kept(tmp_path, line, field, message):
     root = tmp_path / "mme"
-    write_mme_subtask(root, "color", [_item("good")])
+    _write_subtask(root, "color", [_item("good")])
     sub = root / "color"
     (sub / "bad.jpg").write_bytes(JPEG_STUB)
     (sub / "bad.txt").write_text(f"Is the dog brown? Please answer yes or no.\tYes\n{line}\n", encoding="utf-8")
@@ -97,7 +102,7 @@ def test_bad_lines_are_reported_and_good_ones_kept(tmp_path, line, field, messag
 
 def test_images_need_exactly_two_questions(tmp_path):
     root = tmp_path / "mme"
-    write_mme_subtask(root, "position", [_item("ok"), MMEItem("one", JPEG_STUB, [("Is it up?", "Yes")], ".jpg")])
+    _write_subtask(root, "position", [_item("ok"), MMEItem("one", JPEG_STUB, [("Is it up?", "Yes")], ".jpg")])
     rows, errors = read_mme(root)
     assert len(rows) == 3  # the questions themselves are fine
     (err,) = errors
@@ -106,7 +111,7 @@ def test_images_need_exactly_two_questions(tmp_path):
 
 def test_missing_image_and_missing_root(tmp_path):
     root = tmp_path / "mme"
-    write_mme_subtask(root, "scene", [_item("a"), _item("b")], layout="split")
+    _write_subtask(root, "scene", [_item("a"), _item("b")], layout="split")
     (root / "scene" / "images" / "b.jpg").unlink()
     rows, errors = read_mme(root)
     assert {r.id.split("#")[0] for r in rows} == {"scene/a"}

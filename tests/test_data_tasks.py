@@ -21,11 +21,14 @@ from components.data.tasks import (
     caption_example,
     make_example,
     mme_example,
-    task_by_name,
 )
 
 PLURAL_TO_SHAPE = {v: k for k, v in SHAPE_PLURALS.items()}
 N_PER_TYPE = 60
+
+
+def _task(task_name: str):
+    return next(t for t in ALL_TYPES if t.task_name == task_name)
 
 
 def _letter(options: str, truth: str) -> str:
@@ -138,7 +141,7 @@ def test_enough_disjoint_types():
     assert any(t.real_images for t in HELDOUT_TYPES)
     assert all(t.task_name.startswith("vf_") for t in TRAIN_TYPES)
     assert all(t.task_name.startswith("hx_") for t in HELDOUT_TYPES)
-    assert task_by_name("hx_mnist_choice_digit").real_images
+    assert _task("hx_mnist_choice_digit").real_images
 
 
 @pytest.mark.parametrize("task", ALL_TYPES, ids=lambda t: t.task_name)
@@ -211,7 +214,7 @@ def _nearest(rgb, table) -> str:
 def test_rendered_objects_match_spec(ctx_factory):
     rng = np.random.default_rng(11)
     ctx = ctx_factory()
-    task = task_by_name("vf_count_all")
+    task = _task("vf_count_all")
     size = 64
     fg_area = {"small": [], "large": []}
     for _ in range(60):
@@ -243,7 +246,7 @@ def test_text_scenes_render_in_their_color(ctx_factory):
     ctx = ctx_factory()
     for name in ("vf_read_digit", "vf_read_word"):
         for _ in range(20):
-            scene = make_example(task_by_name(name), rng, None, ctx).scene
+            scene = make_example(_task(name), rng, None, ctx).scene
             px = np.asarray(render(scene, 64), dtype=np.int64)
             corner = px[0, 0]
             core = np.abs(px - corner).sum(axis=2) > 120

@@ -21,15 +21,15 @@ def _umask_022():
 
 
 def test_atomic_writers_make_readable_files(tmp_path):
-    from components.data.visionflan import atomic_write_text
     from components.experiments.headline import write_headline
-    from components.core.files import write_bytes, write_text
+    from components.core.files import replace_folder, write_bytes, write_text
 
     assert _mode(write_text(tmp_path / "a" / "r.md", "x")) == 0o644
     assert _mode(write_bytes(tmp_path / "b.bin", b"x")) == 0o644
     assert _mode(write_headline(tmp_path / "m.json", {"a": 1})) == 0o644
-    atomic_write_text(tmp_path / "v.json", "[]")
-    assert _mode(tmp_path / "v.json") == 0o644
+    with replace_folder(tmp_path / "folder") as stage:
+        (stage / "f").write_text("x")
+    assert _mode(tmp_path / "folder") == 0o755
 
 
 def test_validation_report_is_readable(tmp_path):
@@ -66,3 +66,20 @@ def test_the_saved_base_is_readable(tmp_path):
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name.endswith(".safetensors") for p in files)
     assert {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}
+
+
+def test_replace_folder_swaps_in_whole_or_not_at_all(tmp_path):
+    from components.core.files import replace_folder
+
+    target = tmp_path / "data"
+    with replace_folder(target) as stage:
+        (stage / "old.txt").write_text("1")
+    with replace_folder(target) as stage:
+        (stage / "new.txt").write_text("2")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]  # replaced, not merged
+    with pytest.raises(RuntimeError, match="boom"):
+        with replace_folder(target) as stage:
+            (stage / "half.txt").write_text("3")
+            raise RuntimeError("boom")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left behind

@@ -9,16 +9,14 @@ import torch
 
 from components.model.backbone import save_base
 from components.evaluation.inference import (
-    FROZEN_MARKER,
-    detect_kind,
     evaluate_exact_match,
-    exact_match,
     generate,
     load_model,
-    normalize_answer,
     pick_per_task,
     predict,
 )
+from components.evaluation.metrics.text import exact_match, normalize_answer
+from components.evaluation.outputs import KINDS, detect_kind
 from tiny_llava import tiny_model
 
 
@@ -109,7 +107,7 @@ def test_detect_kind_and_load(tmp_path):
 
     frozen = tmp_path / "frozen"
     frozen.mkdir()
-    (frozen / FROZEN_MARKER).write_text(json.dumps({"method": "frozen", "base_dir": str(base)}))
+    (frozen / KINDS["frozen"].marker).write_text(json.dumps({"method": "frozen", "base_dir": str(base)}))
     loaded = load_model(base, frozen)
     assert loaded.kind == "frozen" and loaded.info["method"] == "frozen"
     want = generate(model, processor, [root / "red.png"], ["What color?"], max_new_tokens=4)

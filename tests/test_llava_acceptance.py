@@ -44,7 +44,7 @@ def _write_visionflan(root: Path) -> tuple[Path, Path]:
 
 def _write_mme(root: Path) -> Path:
     """MME_Benchmark_release_version/color/{images, questions_answer_YES_NO} (the split layout)."""
-    from components.data.mme import MMEItem, write_mme_subtask
+    from components.data.mme import MMEItem, write_mme_item
 
     items = []
     for i, (name, rgb) in enumerate(list(COLORS.items())[:2]):
@@ -57,7 +57,8 @@ def _write_mme(root: Path) -> Path:
             (f"Is the image {name}? Please answer yes or no.", "Yes"),
             (f"Is the image {other}? Please answer yes or no.", "No")]))
     mme = root / "MME_Benchmark_release_version"
-    write_mme_subtask(mme, "color", items, layout="split")
+    for item in items:
+        write_mme_item(mme, "color", item, layout="split")
     return mme
 
 

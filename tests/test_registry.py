@@ -123,7 +123,8 @@ def test_registry_round_trip_answers_like_inference(store, tiny_artifacts, tmp_p
     assert list(got) == want
     assert len(set(want)) > 1  # the check would be empty if every answer were the same
 
-    base_dir, adapter_dir = registry.resolve_model("models:/mrt-editors@champion", cache_dir=str(tmp_path / "cache"))
+    found = registry.resolve_version("models:/mrt-editors@champion", cache_dir=str(tmp_path / "cache"))
+    base_dir, adapter_dir = found["base_dir"], found["adapter_dir"]
     assert (tmp_path / "cache" / "mrt-editors" / f"v{version}" / ".complete").is_file()
     assert not (Path(adapter_dir) / "checkpoints").exists()  # resumable state did not travel
     assert predict(base_dir, adapter_dir, [image], prompts[:1]) == want[:1]

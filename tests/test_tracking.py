@@ -6,9 +6,9 @@ import json
 import time
 
 import pytest
-from promotion_helpers import bench_report, fast_track
+from promotion_helpers import fast_track
 
-from components.track import benchmark_runs, tracking
+from components.track import tracking
 from components.core.config import Params
 from components.core.hashing import dir_hash, params_hash
 
@@ -95,54 +95,6 @@ def test_parent_child_runs_params_and_status(store):
     assert _client().get_run(parent).info.status == "FINISHED"
     with pytest.raises(ValueError, match="status"):
         tracking.end_run(parent, "DONE")
-
-
-def test_log_training_metrics_curve_and_artifacts(store, tmp_path):
-    tracking.configure(store)
-    run_id = tracking.start_run(store, "train")
-    report = tmp_path / "train.json"
-    report.write_text(json.dumps({
-        "trainable_params": 13240, "trainable_pct": 0.82, "loss_final": 0.7, "train_wall_s": 15.0,
-        "heldout": {"hx_a": 0.4, "hx_b": 0.6}, "heldout_mean": 0.5, "method": "mrt",
-    }))
-    curve = tmp_path / "curve.csv"
-    curve.write_text("step,loss,lr\n" + "".join(f"{s},{5.0 / s},{1e-4 * s}\n" for s in range(1, 1501)))
-    out = tmp_path / "editors"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "state.pt").write_bytes(b"big")
-    (out / "editors.safetensors").write_bytes(b"w")
-    (out / "editor_config.json").write_text("{}")
-    logged = tracking.log_training(run_id, report, curve, out)
-    assert logged["quick_heldout/mean"] == 0.5 and logged["trainable_params"] == 13240
-    run = _client().get_run(run_id)
-    assert run.data.metrics["quick_heldout/hx_b"] == 0.6 and run.data.metrics["loss_final"] == 0.7
-    assert not [k for k in run.data.metrics if k.startswith("heldout/")]  # the benchmark's keys
-    # a finished training's curve is an artifact, not metrics replayed with one timestamp
-    assert _client().get_metric_history(run_id, "train/loss") == []
-    names = {a.path for a in _client().list_artifacts(run_id, "editors")}
-    assert names == {"editors/editors.safetensors", "editors/editor_config.json"}  # no checkpoints
-    assert {a.path for a in _client().list_artifacts(run_id, "reports")} == {"reports/train.json", "reports/curve.csv"}
-
-
-def test_log_training_needs_its_report(store, tmp_path):
-    tracking.configure(store)
-    run_id = tracking.start_run(store, "train")
-    with pytest.raises(FileNotFoundError, match="training report not found"):
-        tracking.log_training(run_id, tmp_path / "none.json")
-
-
-def test_log_benchmark_uses_flat_metric_names(store, tmp_path):
-    tracking.configure(store)
-    run_id = tracking.start_run(store, "benchmark")
-    report = tmp_path / "benchmark.json"
-    report.write_text(json.dumps(bench_report({"hx_a": 0.25, "hx_b": 0.75})))
-    benchmark_runs.log_benchmark(run_id, report)
-    metrics = _client().get_run(run_id).data.metrics
-    assert metrics["heldout/mean"] == 0.5 and metrics["mme/total"] == 50.0 and metrics["heldout/hx_a"] == 0.25
-    assert "real_image/mean" not in metrics  # None values are left out
-    report.write_text(json.dumps({"heldout": {}}))
-    with pytest.raises(ValueError, match="benchmark report lacks field"):
-        benchmark_runs.log_benchmark(run_id, report)
 
 
 def test_call_retries_transient_errors_then_names_uri_and_operation(store):

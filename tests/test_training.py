@@ -10,6 +10,7 @@ import torch
 
 from components.data.batching import ChatFormatter
 from components.core.config import LoraParams, TrainParams
+from components.train.methods import METHODS
 from components.train.training import (
     LoopSpec,
     StepSampler,
@@ -117,6 +118,37 @@ def test_full_keeps_vision_tower_frozen(tmp_path):
     run_loop(run_model, batch_maker(processor, sources), StepSampler([len(sources[0])], [1.0], 4, 0), _spec(tmp_path))
     assert all(torch.equal(vis[k], v) for k, v in model.model.vision_tower.state_dict().items())
     assert any(not torch.equal(proj[k], v) for k, v in model.model.multi_modal_projector.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_saves_what_its_output_kind_loads_and_counts(tmp_path, name):
+    """A method's saved folder is recognised as its output kind and loads back onto the base; the
+    parameters the kind counts on the loaded model are exactly those the method set to train."""
+    from components.model.backbone import save_base
+    from components.editors import model_fingerprint
+    from components.evaluation.inference import load_model
+    from components.evaluation.outputs import detect_kind, kind_named
+
+    method = METHODS[name]
+    model, processor, _, _ = tiny_model(tmp_path)
+    save_base(model, processor, tmp_path / "base")
+    fingerprint = model_fingerprint(model)
+    p = TrainParams(method=name, editors=SMALL_EDITORS, base_dir=str(tmp_path / "base"), out_dir=str(tmp_path / "out"))
+    run_model, extra = method.prepare(model, p)
+    trained = sum(prm.numel() for m in (run_model, extra) if m is not None for prm in m.parameters() if prm.requires_grad)
+    assert (trained > 0) == method.trains
+    method.save(run_model, extra, processor, p, fingerprint)
+    assert detect_kind(tmp_path / "out") == method.output.name
+    loaded = load_model(tmp_path / "base", tmp_path / "out")
+    assert loaded.kind == method.output.name
+    assert kind_named(loaded.kind).trained_params(loaded.model, loaded.extra) == trained
+
+
+def test_an_unknown_method_is_refused_by_the_params():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="method"):
+        TrainParams(method="dora")
 
 
 class _Crash(RuntimeError):

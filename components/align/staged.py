@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from components.core.files import replace_folder, write_json
+
 # OpenAI CLIP normalisation, as CLIPImageProcessor applies it (the saved processor does the same).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -552,7 +554,7 @@ def text_eval_rows(spec: StagedSpec) -> list[tuple[str, str, str]]:
     return rows
 
 
-def greedy(model, tok, prompts: list[str], device, max_new: int, batch: int = 128, embeds_fn=None) -> list[str]:
+def greedy(model, tok, prompts: list[str], device, max_new: int, batch: int = 128) -> list[str]:
     """Greedy decoding of causal-LM prompts (left-padded)."""
     import torch
 
@@ -777,7 +779,6 @@ def build(spec: StagedSpec, out_dir: str | os.PathLike, device: str | None = Non
 # ---------------------------------------------------------------------------------------------
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_llava_staged"
 MANIFEST = "manifest.json"
-MAX_SHIPPED_BYTES = 10 * 1024 * 1024
 # Spec keys that decide the weights (evaluation sizes do not): a shipped base is used only if these match.
 EVAL_KEYS = {"eval_retrieval", "eval_probe_train", "eval_probe_test", "eval_text_per_type", "eval_captions",
              "eval_image_per_type"}
@@ -857,28 +858,18 @@ def write_manifest(folder: Path, spec: StagedSpec, report: dict, command: str, e
             files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     manifest = {"name": "tiny-llava-staged", "format": 1, "files": files, "spec": asdict(spec), "command": command,
                 "report": report, **(extra or {})}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(folder / MANIFEST)
+    write_json(folder / MANIFEST, manifest)
     return manifest
 
 
 def _copy_atomic(src: Path, names: list[str], out: Path) -> None:
+    """The files `names` of `src` as the folder `out`, swapped in whole."""
     import shutil
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    for n in names:
-        shutil.copyfile(src / n, stage / n)
-        os.chmod(stage / n, 0o644)  # readable by all, whatever the source checkout's modes
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    stage.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with replace_folder(out) as stage:
+        for n in names:
+            shutil.copyfile(src / n, stage / n)
+            os.chmod(stage / n, 0o644)  # readable by all, whatever the source checkout's modes
 
 
 def align_staged(p) -> dict:
@@ -920,7 +911,7 @@ def align_staged(p) -> dict:
                   "sha256": manifest["files"].get("model.safetensors", {}).get("sha256")}
     model, processor = load_base(out)
     meta = {"backbone": "tiny", "recipe": "staged", "align": p.model_dump(mode="json"), **source}
-    (out / "base_meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(out / "base_meta.json", meta)
 
     # this data directory's own rows: caption exact match on align images, text-only accuracy
     rng = np.random.default_rng(p.seed)
@@ -951,8 +942,7 @@ def align_staged(p) -> dict:
         "text_per_task": txt["per_task"] if txt else {},
         "text_eval_n": len(t_eval),
     }
-    Path(p.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(p.report).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(p.report, report)
     return report
 
 
@@ -979,8 +969,7 @@ def main(argv=None) -> None:
     spec = StagedSpec(**{f.name: getattr(a, f.name) for f in fields(StagedSpec)})
     report = build(spec, a.out, a.device, a.stages, a.work_dir)
     if a.report:
-        Path(a.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(a.report, report)
 
 
 if __name__ == "__main__":

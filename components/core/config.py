@@ -1,6 +1,7 @@
-"""Typed models of params.yaml.
+"""Typed models of params.yaml, and its defaults.
 
-Every stage reads exactly one section. Unknown keys and bad values are errors that name the key
+The defaults here are the only ones: params.yaml is them written out (`mrt params --defaults`
+prints them; tests/test_config.py fails when the two differ). Every stage reads exactly one section. Unknown keys and bad values are errors that name the key
 (``train.editors.prefix.rank``) and the type that was expected, so a typo in params.yaml can never
 silently fall back to a default. Nothing happens at import time: call :func:`load_params`.
 """
@@ -255,8 +256,12 @@ class LoraParams(_Section):
     target_modules: str = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 
 
+# The training methods (components/train/methods.py: METHODS, which checks that it names the same).
+MethodName = Literal["mrt", "lora", "full", "frozen"]
+
+
 class TrainParams(_Section):
-    method: Literal["mrt", "lora", "full", "frozen"] = "mrt"
+    method: MethodName = "mrt"
     base_dir: str = "models/base"
     data_dir: str = "data/visionflan-mini"
     out_dir: str = "models/editors"
@@ -318,7 +323,8 @@ class BenchmarkParams(_Section):
     per_task: int | None = Field(None, ge=1)  # cap records per held-out task; null = all
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(8, ge=1)
-    perturbations: list[Perturbation] = Field(default_factory=list)  # robustness passes on top of the clean one
+    # robustness passes on top of the clean one (held-out tasks only)
+    perturbations: list[Perturbation] = Field(default_factory=lambda: ["noise", "blur", "jitter"])
     perturb_seed: int = 0
 
 
@@ -351,7 +357,7 @@ class AblateParams(_Section):
 class CompareParams(_Section):
     """mrt compare: MRT against LoRA, full fine-tuning and the frozen base on identical data, steps and seeds."""
 
-    methods: list[Literal["mrt", "lora", "full", "frozen"]] = Field(
+    methods: list[MethodName] = Field(
         default_factory=lambda: ["frozen", "mrt", "lora", "full"], min_length=1
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
@@ -465,10 +471,6 @@ class Params(_Section):
     report: ReportParams = Field(default_factory=ReportParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @property
-    def validate_section(self) -> ValidateParams:
-        return self.validate_
 
     def section(self, name: str) -> _Section:
         return self.validate_ if name == "validate" else getattr(self, name)

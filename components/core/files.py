@@ -2,17 +2,21 @@
 
 A file is written to a temporary name beside its target, flushed to disk and renamed into place, so a
 reader (DVC, MLflow, a second process) never sees half a file and a crash leaves the old one intact.
+A folder (a data set, a copied base, a downloaded model) is filled under a temporary name beside it
+and swapped in whole (`replace_folder`).
 What the project writes holds no secret: files are 0644 and folders 0755 (`make_readable`), also where
 a library (safetensors, mkstemp) would leave 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 FILE_MODE = 0o644  # what the project writes (reports, models) is readable by all; nothing it writes is a secret
 
@@ -56,7 +60,28 @@ def make_readable(path: str | Path) -> Path:
     return path
 
 
-
 def write_json(path: str | Path, obj: Any) -> Path:
     """`obj` as indented JSON (non-JSON values via str), atomically."""
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def replace_folder(folder: str | Path) -> Iterator[Path]:
+    """A fresh, empty folder beside `folder` for the body to fill; when the body succeeds it takes
+    `folder`'s place (the previous one is moved aside, then removed), when it raises it is removed and
+    `folder` is left as it was. Readers never see a half-filled folder under the name. The staging
+    names are unique, so two processes filling the same folder do not write into each other's."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    try:
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700; what the project writes is for everyone to read
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = stage.with_name(stage.name.removesuffix(".partial") + ".old")
+    if folder.exists():
+        folder.rename(old)
+    stage.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)

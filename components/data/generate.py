@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from components.core.config import DataParams
+from components.core.files import replace_folder, write_text
 
 from .load import FORMAT_VERSION, MANIFEST
 from .mme import MMEItem, read_mme, write_mme_item
@@ -48,7 +48,7 @@ from .tasks import (
     mme_example,
     text_instruction,
 )
-from .visionflan import atomic_write_text, dumps_json, make_record, read_visionflan, row_to_record, write_visionflan
+from .visionflan import dumps_json, make_record, read_visionflan, row_to_record, write_visionflan
 
 DATASET_NAME = "visionflan-mini"
 SPLIT_FILES = {
@@ -67,28 +67,6 @@ MAX_LISTED_ERRORS = 200  # real source: record errors listed in the manifest (al
 def stream(seed: int, key: str) -> np.random.Generator:
     """The random stream of one task: independent of every other task and of Python's hash()."""
     return np.random.default_rng([seed % 2**64, zlib.crc32(key.encode("utf-8"))])
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: Path) -> Iterator[Path]:
-    """A fresh directory beside `out_dir` that replaces it only if the body succeeds."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.partial"
-    old = out_dir.parent / f".{out_dir.name}.old"
-    for p in (stage, old):
-        if p.exists():
-            shutil.rmtree(p)
-    stage.mkdir()
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        out_dir.rename(old)
-    stage.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -402,8 +380,8 @@ def _write_visionflan(p: DataParams, stage: Path, progress: bool) -> dict:
 def write_dataset(p: DataParams, *, progress: bool = True) -> Path:
     """Write the data directory `p.out_dir` (see the module docstring); returns its manifest path."""
     out_dir = Path(p.out_dir)
-    with staged_dir(out_dir) as stage:
+    with replace_folder(out_dir) as stage:
         writer = _write_embedded if p.source == "embedded" else _write_visionflan
         manifest = writer(p, stage, progress)
-        atomic_write_text(stage / MANIFEST, dumps_json(manifest))
+        write_text(stage / MANIFEST, dumps_json(manifest))
     return out_dir / MANIFEST

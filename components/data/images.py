@@ -32,10 +32,6 @@ class ImageLimits:
     max_bytes: int = 20_000_000
     max_side: int = 4096
 
-    @property
-    def max_pixels(self) -> int:
-        return self.max_side * self.max_side
-
     @classmethod
     def from_validate(cls, vp: Any) -> "ImageLimits":
         return cls(max_bytes=int(vp.max_image_bytes), max_side=int(vp.max_image_side))
@@ -81,10 +77,6 @@ def configure(limits: ImageLimits) -> None:
     """The limits every door of this process applies (the CLI calls it with the params' validate section)."""
     global _LIMITS
     _LIMITS = limits
-
-
-def current_limits() -> ImageLimits:
-    return _LIMITS
 
 
 def _check_opened(im, n_bytes: int, limits: ImageLimits) -> None:

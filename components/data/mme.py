@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from .records import DataError, RecordError, Row
 
@@ -64,11 +63,6 @@ def write_mme_item(root: str | Path, subtask: str, item: MMEItem, layout: str = 
     image_path.write_bytes(item.image)
     txt_path.write_text("".join(f"{q}\t{a}\n" for q, a in item.questions), encoding="utf-8", newline="\n")
     return image_path, txt_path
-
-
-def write_mme_subtask(root: str | Path, subtask: str, items: Iterable[MMEItem], layout: str = "flat") -> list[Path]:
-    """Write a whole subtask folder in the release layout; returns the .txt paths."""
-    return [write_mme_item(root, subtask, item, layout)[1] for item in items]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ digits and ~20 short words): a tiny model can learn it, and yet the question typ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,20 +66,6 @@ class Scene:
         return sum(
             1 for o in self.objects if (shape is None or o.shape == shape) and (color is None or o.color == color)
         )
-
-    def only(self, *, shape: str | None = None, color: str | None = None) -> Obj:
-        """The one object with this shape/colour (questions about "the <shape>" need it unique)."""
-        found = [o for o in self.objects if (shape is None or o.shape == shape) and (color is None or o.color == color)]
-        if len(found) != 1:
-            raise ValueError(f"expected exactly one object with shape={shape} color={color}, found {len(found)}")
-        return found[0]
-
-    def largest(self) -> Obj:
-        """The one large object of a scene whose other objects are small."""
-        large = [o for o in self.objects if o.size == "large"]
-        if len(large) != 1:
-            raise ValueError(f"expected exactly one large object, found {len(large)}")
-        return large[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +146,6 @@ def mnist_scene(index: int, label: int) -> Scene:
     return Scene(
         kind="mnist", background=MNIST_BACKGROUND, text=str(int(label)), text_color=MNIST_COLOR, mnist_index=int(index)
     )
-
-
-def reseed(scene: Scene, rng: np.random.Generator) -> Scene:
-    """Same content, new jitter: how a held-out image that collides with a training image is redrawn."""
-    return replace(scene, render_seed=new_render_seed(rng))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ from .scenes import (
 
 YES, NO = "yes", "no"
 LETTERS = ("A", "B", "C", "D")
-ANSWER_KINDS = ("word", "number", "yesno", "letter")
 
 CAPTION_TASK = "caption"
 CAPTION_PHRASINGS = (
@@ -82,7 +81,7 @@ Maker = Callable[[np.random.Generator, "str | None", TaskContext], tuple[Scene, 
 class TaskType:
     name: str  # the question type, e.g. "count_shape"
     split: str  # "train" | "heldout"
-    answer_kind: str  # one of ANSWER_KINDS
+    answer_kind: str  # word | number | yesno | letter (the benchmark scores each kind its own way)
     phrasings: tuple[str, ...]
     make: Maker
     outcomes: tuple[str, ...] | None = None  # balanced targets; None = answers follow the scene sampler
@@ -547,14 +546,6 @@ HELDOUT_TYPES: tuple[TaskType, ...] = (
 )
 
 ALL_TYPES: tuple[TaskType, ...] = TRAIN_TYPES + HELDOUT_TYPES
-
-
-def task_by_name(name: str) -> TaskType:
-    """Look a type up by type name ("count_all"), task name ("vf_count_all") or text task name."""
-    for t in ALL_TYPES:
-        if name in (t.name, t.task_name, t.text_task_name):
-            return t
-    raise KeyError(f"unknown task {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,13 +31,13 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from components.core.files import write_text
 from components.data.records import SPLITS, DataError, RecordError, Row
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -245,19 +245,7 @@ def _finish(p: "ValidateParams", checks: dict[str, CheckResult], stats: dict, st
 
 def write_report(report: ValidationReport, path: Path) -> None:
     """Write the JSON report atomically, so a crash never leaves a half-written 'passed' file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the report is for everyone to read
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ records (Vision-Flan, ours) keep their id.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
+
+from components.core.files import write_text
 
 from .paths import normalize_image_path
 from .records import DataError, RecordError, Row
@@ -63,25 +63,10 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; data files are for everyone to read
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_visionflan(records: Iterable[dict], path: str | Path) -> Path:
     """Write records as a Vision-Flan JSON list, keys in the canonical order; returns the path."""
     path = Path(path)
-    atomic_write_text(path, dumps_json([_ordered(r) for r in records]))
+    write_text(path, dumps_json([_ordered(r) for r in records]))
     return path
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from functools import lru_cache
@@ -40,7 +39,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from components.core.config import BenchmarkParams
+from components.core.files import write_text
 from components.data.records import DataError, RecordError, Row
+from components.evaluation.outputs import count_params, detect_kind, kind_named
 
 CLEAN = "none"  # the `perturbation` of unperturbed records in the predictions file
 LETTER_METRIC = "vf_option_letter"
@@ -244,36 +245,9 @@ def cap_mme(rows: Sequence[Row], per_task: int | None) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
-def _count(*modules: Any) -> int:
-    seen = {}
-    for m in modules:
-        if m is not None:
-            for prm in m.parameters():
-                seen[id(prm)] = prm
-    return sum(p.numel() for p in seen.values())
-
-
-def trainable_params(loaded: Any) -> int | None:
-    """What the method trained: editors (mrt), LoRA matrices (lora), the LM, projector and lm_head
-    (full — what `training.prepare_method` unfreezes), nothing (frozen, base). None if unknowable."""
-    kind = loaded.kind
-    if kind in ("base", "frozen"):
-        return 0
-    if kind == "mrt":
-        return _count(loaded.extra) if loaded.extra is not None else None
-    if kind == "lora":
-        return sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" in n)
-    if kind == "full":
-        inner = getattr(loaded.model, "model", None)
-        parts = [getattr(inner, "language_model", None), getattr(inner, "multi_modal_projector", None),
-                 getattr(loaded.model, "lm_head", None)]
-        return _count(*parts) if all(x is not None for x in parts) else None
-    return None
-
-
 def _resolve_model(p: BenchmarkParams, model: Any, processor: Any):
     """A LoadedModel: loaded from p.base_dir / p.model_dir, or wrapped around what the caller passed."""
-    from components.evaluation.inference import LoadedModel, detect_kind, load_model
+    from components.evaluation.inference import LoadedModel, load_model
 
     if model is None:
         if processor is not None:
@@ -288,8 +262,11 @@ def _resolve_model(p: BenchmarkParams, model: Any, processor: Any):
 
 
 def model_info(p: BenchmarkParams, loaded: Any, label: str | None) -> dict[str, Any]:
-    trainable = trainable_params(loaded)
-    total = _count(loaded.model, loaded.extra)
+    """What was benchmarked. `trainable_params`: what the method trained, counted on the loaded
+    model by its kind (outputs.py): editors, LoRA matrices, what full fine-tuning unfreezes, 0 for
+    the frozen or bare base; None if unknowable."""
+    trainable = kind_named(loaded.kind).trained_params(loaded.model, loaded.extra)
+    total = count_params(loaded.model, loaded.extra)
     return {
         "label": label,
         "base_dir": str(p.base_dir),
@@ -370,19 +347,6 @@ def _answer(loaded, formatter, data, rows: Sequence[Row], perturbation: str, p: 
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-def _atomic_write(path: str | Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _prediction_lines(rows: Sequence[Row], preds: Sequence[str], correct: Sequence[bool], perturbation: str):
     for r, pred, hit in zip(rows, preds, correct):
         yield json.dumps(
@@ -506,8 +470,8 @@ def run_benchmark(
         "real_image_mean": sum(real.values()) / len(real) if real else None,
         "wall_s": round(time.time() - t0, 2),
     }
-    _atomic_write(p.predictions, "".join(line + "\n" for line in lines))
-    _atomic_write(p.report, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(p.predictions, "".join(line + "\n" for line in lines))
+    write_text(p.report, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 

@@ -8,7 +8,6 @@ hooks; generated tokens are not edited (the KV cache carries the effect), as in 
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,43 +15,22 @@ from typing import Any, Iterable, Sequence
 
 from components.data.batching import ChatFormatter, Encoded, collate, pad_token_id
 from components.data.images import load_image
+from components.evaluation.outputs import output_kind
 
 # One normalisation for the whole project: the benchmark's metric modules use the same functions.
-from components.evaluation.metrics.text import exact_match, normalize_answer  # noqa: F401  (re-exported)
-
-FROZEN_MARKER = "frozen.json"
+from components.evaluation.metrics.text import exact_match
 
 
 @dataclass
 class LoadedModel:
-    """A base plus what was trained on it. `kind`: base | mrt | lora | full | frozen."""
+    """A base plus what was trained on it. `kind`: base | mrt | lora | full | frozen
+    (components/evaluation/outputs.py)."""
 
     model: Any
     processor: Any
     kind: str
     extra: Any = None  # the MRTEditors module for mrt (keeps its hooks alive)
     info: dict = field(default_factory=dict)
-
-
-def detect_kind(adapter_dir: str | Path | None) -> str:
-    """What a training output folder holds, from its marker files."""
-    if adapter_dir is None:
-        return "base"
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: editors/adapter folder not found (run `mrt train` first, or pass 'none')")
-    if (d / "editor_config.json").is_file():
-        return "mrt"
-    if (d / "adapter_config.json").is_file():
-        return "lora"
-    if (d / FROZEN_MARKER).is_file():
-        return "frozen"
-    if (d / "config.json").is_file():
-        return "full"
-    raise ValueError(
-        f"{d}: none of editor_config.json (mrt), adapter_config.json (lora), {FROZEN_MARKER} (frozen) "
-        "or config.json (full model) — not a training output"
-    )
 
 
 class BaseMismatchError(ValueError):
@@ -66,34 +44,26 @@ def load_model(base_dir: str | Path, adapter_dir: str | Path | None = None,
     it); a different base raises BaseMismatchError before anything is applied to it."""
     from components.model.backbone import load_base
 
-    kind = detect_kind(adapter_dir)
-    if kind == "full":
+    kind = output_kind(adapter_dir)
+    if kind.whole_model:
         model, processor = load_base(adapter_dir)
-        loaded = LoadedModel(model, processor, kind)
+        loaded = LoadedModel(model, processor, kind.name)
     else:
         model, processor = load_base(base_dir)
-        loaded = LoadedModel(model, processor, kind)
         fingerprint = None
-        if expect_fingerprint is not None or kind == "mrt":
+        if expect_fingerprint is not None or kind.checks_base:
             from components.editors import model_fingerprint
 
             fingerprint = model_fingerprint(model)
         if expect_fingerprint is not None and fingerprint != expect_fingerprint:
             raise BaseMismatchError(
                 f"{base_dir}: base fingerprint {fingerprint} is not the {expect_fingerprint} this model was "
-                f"trained on — its {kind} weights are meaningless on another base; point it at the base it "
+                f"trained on — its {kind.name} weights are meaningless on another base; point it at the base it "
                 "was trained on (MRT_BASE_DIR for a registered version)"
             )
-        if kind == "mrt":
-            from components.editors import load_editors
-
-            loaded.extra = load_editors(model, adapter_dir, fingerprint)
-        elif kind == "lora":
-            from peft import PeftModel
-
-            loaded.model = PeftModel.from_pretrained(model, str(adapter_dir))
-        elif kind == "frozen":
-            loaded.info = json.loads((Path(adapter_dir) / FROZEN_MARKER).read_text(encoding="utf-8"))
+        folder = None if adapter_dir is None else Path(adapter_dir)
+        run_model, extra, info = kind.apply(model, folder, fingerprint)
+        loaded = LoadedModel(run_model, processor, kind.name, extra, info)
     loaded.model.eval()
     if loaded.extra is not None:
         loaded.extra.eval()

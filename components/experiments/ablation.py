@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from components.train.methods import METHODS
 from components.core.config import AblateParams, BenchmarkParams, EditorParams, ParamsError, TrackParams, TrainParams
 
 GROUPS = ("visual", "projector", "prefix", "suffix")
@@ -229,8 +230,8 @@ def _warm_modules(jobs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
     """Heavy modules every job will import: loaded once per worker up front, so that the first job
     of each worker is not charged their import time and arms' wall times stay comparable."""
     mods = ["torch", "transformers", "components.train.training", "components.evaluation.benchmark", "components.evaluation.inference"]
-    if any(j["train"].get("method") == "lora" for j in jobs):
-        mods.append("peft")
+    for name in dict.fromkeys(j["train"].get("method", "mrt") for j in jobs):
+        mods += [m for m in METHODS[name].warm_imports if m not in mods]
     if any(j.get("tracking") for j in jobs):
         mods += ["mlflow", "mlflow.tracking", "components.track.stage_runs"]
     return tuple(mods)

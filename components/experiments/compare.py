@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from components.experiments.ablation import Reporter, print_progress, make_job, run_jobs
 from components.core.config import BenchmarkParams, CompareParams, TrackParams, TrainParams
 from components.core.markdown import mean_std, produced_by, utc_now
+from components.train.methods import METHODS
 
 
 def run_dir(out_dir: str | Path, method: str, seed: int) -> Path:
@@ -28,10 +29,11 @@ def run_dir(out_dir: str | Path, method: str, seed: int) -> Path:
 
 
 def compare_runs(cmp: CompareParams) -> list[tuple[str, int]]:
-    """(method, seed) pairs to run, methods in `cmp.methods` order; the frozen base once."""
+    """(method, seed) pairs to run, methods in `cmp.methods` order; a method that trains nothing
+    (the frozen base) once."""
     runs = []
     for method in dict.fromkeys(cmp.methods):
-        seeds = cmp.seeds[:1] if method == "frozen" else list(dict.fromkeys(cmp.seeds))
+        seeds = list(dict.fromkeys(cmp.seeds)) if METHODS[method].trains else cmp.seeds[:1]
         runs += [(method, s) for s in seeds]
     return runs
 

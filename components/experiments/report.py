@@ -499,17 +499,21 @@ def results_block(comparison: dict[str, Any], ablation_rows: Sequence[dict[str, 
     return "\n".join(parts)
 
 
-def write_readme_results(readme_path: str | Path, comparison_json: str | Path,
-                         ablation_csv: str | Path | None = None) -> str:
-    """Replace what lies between the results markers of README.md with the tables built from the
-    comparison report (and the ablation CSV, if given); returns the new block. The README is left
-    untouched when anything is wrong (missing markers, unreadable reports)."""
-    check_markers(readme_path, RESULTS_START, RESULTS_END)
+def write_results(results_path: str | Path, comparison_json: str | Path, ablation_csv: str | Path | None = None,
+                  readme_path: str | Path | None = None) -> tuple[str, list[str]]:
+    """`mrt report`: the tables built from the comparison report (and the ablation CSV, if given)
+    written to `results_path` and, when `readme_path` is given, between its results markers.
+    Returns (the block, the reports it was built from). Nothing is written when anything is wrong
+    (missing markers, unreadable reports)."""
+    if readme_path is not None:
+        check_markers(readme_path, RESULTS_START, RESULTS_END)  # before anything is written
     comparison = read_comparison(comparison_json)
     rows = read_ablation_csv(ablation_csv) if ablation_csv is not None else None
     sources = [str(comparison_json)] + ([str(ablation_csv)] if ablation_csv is not None else [])
     block = results_block(comparison, rows, sources)
-    replace_marked_block(readme_path, RESULTS_START, RESULTS_END, block)
-    return block
+    write_text(results_path, block + "\n")
+    if readme_path is not None:
+        replace_marked_block(readme_path, RESULTS_START, RESULTS_END, block)
+    return block, sources
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from components.core.config import AlignParams, TinyModelParams
+from components.core.files import make_readable, write_text
 from components.model.tokenizer import VICUNA_TEMPLATE, train_bpe_tokenizer
 from components.model.compose import compose_llava, image_processor, llava_processor, set_generation_ids
 
@@ -341,9 +342,7 @@ def save_base(model, processor, out_dir: str | os.PathLike, meta: dict | None = 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     if meta is not None:
-        (out / "base_meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-    from components.core.files import make_readable
-
+        write_text(out / "base_meta.json", json.dumps(meta, indent=2, default=str))
     return make_readable(out)
 
 

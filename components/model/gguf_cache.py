@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from components.core.files import make_readable, write_json
 from components.core.hashing import file_hash
 
 PKG_PREFIX = "pkg:"
@@ -126,9 +127,7 @@ def convert_gguf(
             "source_dir": str(src_dir),
             "convert_s": round(time.time() - t0, 2),
         }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        from components.core.files import make_readable
-
+        write_json(tmp / MARKER, marker)
         make_readable(tmp)
         if is_complete(folder):  # another process finished the same conversion meanwhile
             return folder

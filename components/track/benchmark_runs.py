@@ -6,7 +6,6 @@ code does not import the benchmark's: dvc.yaml's deps follow imports module by m
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,19 +51,6 @@ def _log_benchmark(run: LiveRun, bp: "BenchmarkParams", report: dict) -> None:
     run.metrics(flat_metrics(report))
     run.tags({"mrt.benchmarked": "true", "mrt.benchmark_report": bp.report})
     run.artifact(bp.report, "reports")
-
-
-def log_benchmark(run_id: str, report_path: str | os.PathLike, track: "TrackParams | None" = None) -> dict[str, float]:
-    """Log a benchmark report: `flat_metrics` names plus the report artifact."""
-    track = tracking._track(track)
-    report = tracking._read_json(report_path, "benchmark report")
-    try:
-        metrics = flat_metrics(report)
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{report_path}: benchmark report lacks field {exc}") from None
-    tracking.log_metrics(run_id, metrics, track=track)
-    tracking.log_artifact(run_id, report_path, "reports", track=track)
-    return metrics
 
 
 # Split-level numbers of `*_summary` logged as `<split>/<name>`; per task `<split>/<task>/<field>`.

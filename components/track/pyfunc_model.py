@@ -167,13 +167,6 @@ def signature():
     )
 
 
-def input_example():
-    """A one-row request (for docs and serving checks; not logged, see log_pyfunc)."""
-    import pandas as pd
-
-    return pd.DataFrame({"prompt": ["What color is the image?"], "image": [""]})
-
-
 def pip_requirements() -> list[str]:
     """REQUIREMENTS pinned to the versions installed here, as an index knows them: the local build
     label is dropped (a CPU wheel's `2.13.0+cpu` is `torch==2.13.0` on the index). Explicit
@@ -239,9 +232,9 @@ def resolve_base(ref: dict[str, Any], adapter_dir: str | os.PathLike | None = No
     """The base folder to load for `ref`: $MRT_BASE_DIR when set (and then only it), else the
     recorded path, else the recorded absolute path. A full fine-tune needs no base (its folder is
     the whole model). Raises BaseModelError naming what was expected and every place looked at."""
-    from components.evaluation.inference import detect_kind
+    from components.evaluation.outputs import output_kind
 
-    if adapter_dir is not None and detect_kind(adapter_dir) == "full":
+    if output_kind(adapter_dir).whole_model:
         return str(adapter_dir)
     override = os.environ.get(BASE_DIR_ENV)
     tried = [override] if override else [ref.get("base_dir"), ref.get("abs_path")]
@@ -313,11 +306,12 @@ def log_pyfunc(run_id: str, base_dir: str | os.PathLike, adapter_dir: str | os.P
         artifacts = {}
         fp = base_fingerprint
         if adapter_dir is not None:
-            from components.evaluation.inference import detect_kind
+            from components.evaluation.outputs import output_kind
 
-            detect_kind(adapter_dir)  # fails early, naming the folder, when it is not a training output
+            # fails early, naming the folder, when it is not a training output
+            kind = output_kind(adapter_dir)
             artifacts[ARTIFACT_ADAPTER] = str(stage_adapter(adapter_dir, tmp))
-            fp = fp or _recorded_fingerprint(Path(adapter_dir))
+            fp = fp or kind.recorded_fingerprint(Path(adapter_dir))
         if not fp:  # the bare base: its own fingerprint (loads it once)
             from components.model.backbone import load_base
             from components.editors import model_fingerprint
@@ -337,24 +331,6 @@ def log_pyfunc(run_id: str, base_dir: str | os.PathLike, adapter_dir: str | os.P
         with warnings.catch_warnings():  # the two choices above are deliberate (see the docstring)
             warnings.filterwarnings("ignore", message=".*(type hints|input example was not provided).*")
             return _log(Model, name, run_id, model_id, entry, artifacts, model_config, [str(code)])
-
-
-def _recorded_fingerprint(adapter_dir: Path) -> str | None:
-    """The base fingerprint a training output recorded (editor_config.json, frozen.json), if any."""
-    import json
-
-    from components.evaluation.inference import FROZEN_MARKER
-
-    for name in ("editor_config.json", FROZEN_MARKER):
-        f = adapter_dir / name
-        if f.is_file():
-            try:
-                fp = json.loads(f.read_text(encoding="utf-8")).get("base_fingerprint")
-            except (ValueError, AttributeError):
-                fp = None
-            if fp:
-                return str(fp)
-    return None
 
 
 def _log(Model, name, run_id, model_id, entry, artifacts, model_config, code_paths):

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from components.core.files import replace_folder, write_json
 from components.track import tracking
 from components.track.tracking import call, client
 from components.track.store_init import ensure_local_store, local_store_path
@@ -830,14 +831,6 @@ def validation_status(path: str | os.PathLike) -> tuple[bool, str]:
     return False, f"{p}: field 'success' missing or not a boolean"
 
 
-def _write_atomic(path: str | os.PathLike, obj: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-
-
 def promote(params: "Params", run_id: str | None = None, params_file: str = "params.yaml") -> Decision:
     """Register the benchmarked candidate and move `champion` if the gate passes.
 
@@ -914,7 +907,7 @@ def promote(params: "Params", run_id: str | None = None, params_file: str = "par
             call(track, "tag the gate result", client(track).set_model_version_tag, track.registered_model,
                  str(version), DECISION_TAG, "promoted" if decision.promote else "rejected")
         decision.model_name, decision.model_uri, decision.run_id = track.registered_model, model_uri, run_id
-        _write_atomic(pp.report, decision.to_dict())  # the registry already holds the outcome
+        write_json(pp.report, decision.to_dict())  # the registry already holds the outcome
         _record(track, run_id, decision)
         if own_run:
             tracking.end_run(run_id, "FINISHED", track=track)
@@ -991,12 +984,6 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
 
 
-def resolve_model(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> tuple[str, str | None]:
-    """(base_dir, adapter_dir) of a registered version for `components.evaluation.inference` (see resolve_version)."""
-    found = resolve_version(uri, cache_dir, track)
-    return found["base_dir"], found["adapter_dir"]
-
-
 def resolve_version(uri: str, cache_dir: str = "models/registry-cache", track: "TrackParams | None" = None) -> dict[str, Any]:
     """Download a registered version (editors/adapter + base reference; once per version) and find
     its base: {version, base_dir, adapter_dir, fingerprint}. The alias is resolved to a version
@@ -1022,22 +1009,10 @@ def resolve_version(uri: str, cache_dir: str = "models/registry-cache", track: "
         raise
     dest = Path(cache_dir) / name / f"v{mv.version}"
     if not (dest / ".complete").is_file():
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        tmp.mkdir(parents=True)
-        try:
+        with replace_folder(dest) as tmp:
             call(track, f"download {name} v{mv.version}", download_artifacts,
                  artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
             (tmp / ".complete").write_text(json.dumps({"uri": uri, "version": int(mv.version)}), encoding="utf-8")
-            if dest.exists():
-                import shutil
-
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     mlmodel = next(dest.rglob("MLmodel"), None)
     if mlmodel is None:
         raise ValueError(f"{uri}: downloaded version {mv.version} has no MLmodel file ({dest})")

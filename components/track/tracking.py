@@ -458,29 +458,6 @@ def training_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_training(
-    run_id: str,
-    report_path: str | os.PathLike,
-    curve_path: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike | None = None,
-    track: "TrackParams | None" = None,
-) -> dict[str, float]:
-    """Record a training that already ran (a cached stage): the report's metrics, the report and
-    loss-curve files and the editors/adapter folder (without checkpoints) as artifacts. The curve is
-    not replayed as metrics: step metrics are logged live, while training runs
-    (`components.track.stage_runs.tracked_train`), with the time each step ended. Returns the metrics."""
-    track = _track(track)
-    report = _read_json(report_path, "training report")
-    metrics = training_metrics(report)
-    log_metrics(run_id, metrics, track=track)
-    log_artifact(run_id, report_path, "reports", track=track)
-    if curve_path is not None and Path(curve_path).is_file():
-        log_artifact(run_id, curve_path, "reports", track=track)
-    if out_dir is not None and Path(out_dir).is_dir():
-        _log_model_folder(run_id, Path(out_dir), track)
-    return metrics
-
-
 def _log_model_folder(run_id: str, folder: Path, track: "TrackParams") -> None:
     """The trained output without its resumable checkpoints (large, and not part of the model)."""
     for child in sorted(folder.iterdir()):

@@ -33,12 +33,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from components.train import checkpoints as ckpts
+from components.train.methods import method_of
 from components.data.batching import ChatFormatter, Encoded, collate, pad_token_id
 from components.core.config import TrainParams
+from components.core.files import write_json
 from components.core.threads import set_threads
 
 CHECKPOINTS = "checkpoints"
-KEEP_CHECKPOINTS = ckpts.KEEP
 # The code whose change changes what training produces (a checkpoint of other code is not resumed).
 TRAINING_CODE = ("train/training.py", "data/batching.py", "model/backbone.py", "model/tokenizer.py", "editors")
 TEXT_EVAL_MAX_NEW_TOKENS = 8  # text-only answers are a word, a number, yes/no or a letter
@@ -167,13 +168,9 @@ def _fingerprint_hash(fp: dict) -> str:
     return ckpts.fingerprint_hash(fp)
 
 
-def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    return ckpts.listed(ckpt_dir)
-
-
 def save_checkpoint(ckpt_dir: Path, step: int, named: dict, optimizer, scheduler, fp_hash: str, losses,
                     parts: dict | None = None) -> Path:
-    """Write step-N atomically and durably and prune to the last KEEP_CHECKPOINTS (checkpoints.save)."""
+    """Write step-N atomically and durably and prune to the last checkpoints.KEEP (checkpoints.save)."""
     return ckpts.save(ckpt_dir, step, named, optimizer, scheduler, fp_hash, losses, parts)
 
 
@@ -659,12 +656,6 @@ def data_image_size(loaded, override: int | None = None) -> int:
     return int(size) if size else TINY_IMAGE_SIZE_FALLBACK
 
 
-def _write_json(path, obj) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-
-
 def _count(model, extra=None) -> tuple[int, int]:
     seen = {}
     for mod in (model, extra):
@@ -686,52 +677,8 @@ def _count(model, extra=None) -> tuple[int, int]:
 # stage two: train (mrt | lora | full | frozen)
 # ---------------------------------------------------------------------------------------------
 def prepare_method(model, p: TrainParams):
-    """Freeze/unfreeze for `p.method`; returns (model_to_train, extra_module_or_None)."""
-    method = p.method
-    if method == "mrt":
-        from components.editors import attach
-
-        model.requires_grad_(False)
-        model.eval()  # the backbone's dropout stays off: it is frozen, editors only
-        editors = attach(model, p.editors)
-        editors.train()
-        return model, editors
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model.requires_grad_(False)
-        cfg = LoraConfig(
-            r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout, target_modules=p.lora.target_modules
-        )
-        peft_model = get_peft_model(model, cfg)
-        peft_model.train()
-        return peft_model, None
-    if method == "full":
-        model.requires_grad_(False)
-        model.model.language_model.requires_grad_(True)
-        model.model.multi_modal_projector.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-        model.train()
-        model.model.vision_tower.eval()
-        return model, None
-    raise ValueError(f"train.method {method!r}: expected mrt, lora, full or frozen")
-
-
-def save_trained(model, extra, processor, p: TrainParams, base_fingerprint: str) -> None:
-    out = Path(p.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if p.method == "mrt":
-        from components.editors import save_editors
-
-        save_editors(extra, out, p.base_dir, base_fingerprint)
-    elif p.method == "lora":
-        model.save_pretrained(str(out))
-    elif p.method == "full":
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-    from components.core.files import make_readable
-
-    make_readable(out)
+    """Freeze/unfreeze for `p.method` (methods.py); returns (model_to_train, extra_module_or_None)."""
+    return method_of(p).prepare(model, p)
 
 
 def graph_vision_layers(model, extra=None):
@@ -765,7 +712,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
     """Train `p.method` on the base in p.base_dir with the train split; evaluate on held-out tasks.
     `on_step(step, loss, lr)` is called after every optimiser step (live tracking)."""
     from components.model.backbone import load_base
-    from components.evaluation.inference import FROZEN_MARKER, evaluate_exact_match, pick_per_task
+    from components.evaluation.inference import evaluate_exact_match, pick_per_task
 
     set_threads()
     t0 = time.time()
@@ -776,14 +723,13 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
     heldout = pick_per_task(_split(data.rows, "heldout"), p.eval_per_task)
     out = Path(p.out_dir)
 
-    if p.method == "frozen":
-        out.mkdir(parents=True, exist_ok=True)
-        marker = {"method": "frozen", "base_dir": p.base_dir, "base_fingerprint": base_fp}
-        (out / FROZEN_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        trainable, total = 0, _count(model)[1]
+    method = method_of(p)
+    if not method.trains:
+        run_model, extra = prepare_method(model, p)
+        trainable, total = _count(run_model, extra)
+        method.save(run_model, extra, processor, p, base_fp)
         result = LoopResult(steps=0, losses=[], wall_s=0.0, resumed_from=None)
         _write_curve(p.curve, [])
-        run_model, extra = model, None
         graph_stats = None
     else:
         train_rows = _split(data.rows, "train")
@@ -837,7 +783,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
             # Under `accelerate launch` every rank ends with the same weights: only the main process
             # saves, evaluates and writes the report (the others would redo the work and race on files).
             return {"method": p.method, "process_index": state.process_index, "steps": result.steps}
-        save_trained(run_model, extra, processor, p, base_fp)
+        method.save(run_model, extra, processor, p, base_fp)
         ckpts.discard(out / CHECKPOINTS)  # finished: a later run with other inputs must not resume from it
 
     if extra is not None:
@@ -863,7 +809,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
         "heldout_n": ev["n"],
         "heldout_examples": ev["examples"][:10],
     }
-    _write_json(p.report, report)
+    write_json(p.report, report)
     return report
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.core.files import write_text
 from components.evaluation.metrics.text import mme_yes_no
 
 PERCEPTION_SUBTASKS = (
@@ -317,17 +318,5 @@ def write_mme_results(rows_with_predictions: Iterable[Any], out_dir: str | Path)
             for it in items:
                 gt = "Yes" if it.answer.strip().lower() == "yes" else "No"
                 lines.append("\t".join((name, _clean(it.question), gt, _clean(it.prediction))) + "\n")
-        path = out / f"{sub}.txt"
-        tmp = path.with_suffix(".txt.tmp")
-        tmp.write_text("".join(lines), encoding="utf-8", newline="\n")
-        tmp.replace(path)
-        written[sub] = path
+        written[sub] = write_text(out / f"{sub}.txt", "".join(lines))
     return written
-
-
-def flat_mme_metrics(result: Mapping[str, Any], prefix: str = "mme/") -> dict[str, float]:
-    """``mme/perception``, ``mme/cognition``, ``mme/total`` and ``mme/<subtask>`` (score), for MLflow."""
-    flat = {f"{prefix}{k}": float(result[k]) for k in ("perception", "cognition", "total")}
-    for name, scores in result["subtasks"].items():
-        flat[f"{prefix}{name}"] = float(scores["score"])
-    return flat

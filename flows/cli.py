@@ -337,13 +337,18 @@ def deploy_cmd(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> N
     where = f"work pool {dp.work_pool!r}" if dp.work_pool else "this process (Ctrl-C to stop)"
     typer.echo(f"deployment mrt-pipeline/{dp.name} on the Prefect server {url}: cron '{dp.cron}' ({dp.timezone}), "
                f"params {dp.params_file}, runs on {where}")
+    stopped = (f"stopped serving mrt-pipeline/{dp.name}: no more scheduled runs from this process "
+               "(the deployment stays registered on the server)")
+
+    def forced() -> None:
+        typer.echo(stopped + "; Prefect's shutdown did not finish in time and was cut short")
+
     try:
-        dep_id = deploy(dp)  # serving: returns once Ctrl-C / SIGTERM stopped it (Prefect catches the signal)
+        dep_id = deploy(dp, forced)  # serving: returns once Ctrl-C / SIGTERM stopped it
     except KeyboardInterrupt:  # Ctrl-C before serving began (while registering)
         dep_id = None
     if dp.work_pool is None:
-        typer.echo(f"stopped serving mrt-pipeline/{dp.name}: no more scheduled runs from this process "
-                   "(the deployment stays registered on the server)")
+        typer.echo(stopped)
     elif dep_id:
         typer.echo(f"registered deployment {dep_id}; start a worker: prefect worker start --pool {dp.work_pool}")
 

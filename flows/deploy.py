@@ -21,7 +21,7 @@ within seconds, otherwise DVC reruns exactly the stale stages.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from components.core.config import DeployParams
 
@@ -81,16 +81,50 @@ def register(dp: DeployParams, source: str | Path | None = None) -> str:
     return str(build_deployment(dp, source).apply())
 
 
-def serve(dp: DeployParams) -> None:  # pragma: no cover - blocks until interrupted
-    """Register the deployment and run its scheduled runs in this process until Ctrl-C / SIGTERM."""
+SHUTDOWN_GRACE_S = 30.0  # after Ctrl-C, how long Prefect may take to pause the schedule and close
+
+
+def serve(dp: DeployParams, on_forced_stop: Callable[[], None] | None = None) -> None:  # pragma: no cover - blocks
+    """Register the deployment and run its scheduled runs in this process until Ctrl-C / SIGTERM.
+
+    Ctrl-C raises KeyboardInterrupt at once (Prefect then shuts its runner down), instead of asyncio's
+    default of cancelling the main task, which a task that outlives its cancellation can leave hanging.
+    If the shutdown takes longer than SHUTDOWN_GRACE_S, or on a second Ctrl-C, the process leaves
+    anyway (after `on_forced_stop`): one Ctrl-C always stops `mrt deploy`."""
+    import os
+    import signal
+    import sys
+    import threading
+
     from prefect import serve as prefect_serve
 
-    prefect_serve(build_deployment(dp))
+    def leave() -> None:
+        if on_forced_stop is not None:
+            on_forced_stop()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    def on_sigint(signum, frame):
+        if getattr(on_sigint, "fired", False):
+            leave()
+        on_sigint.fired = True
+        timer = threading.Timer(SHUTDOWN_GRACE_S, leave)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    try:
+        prefect_serve(build_deployment(dp))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
-def deploy(dp: DeployParams) -> str | None:
+def deploy(dp: DeployParams, on_forced_stop: Callable[[], None] | None = None) -> str | None:
     """`mrt deploy`: serve (work_pool null; blocks, returns None) or register on the pool (returns the id)."""
     if dp.work_pool is None:
-        serve(dp)
+        serve(dp, on_forced_stop)
         return None
     return register(dp)

@@ -95,7 +95,7 @@ def test_mrt_deploy_says_where_it_serves_and_stops_cleanly_on_ctrl_c(monkeypatch
     import flows.deploy
     from flows.cli import app
 
-    def interrupted(dp):
+    def interrupted(dp, on_forced_stop=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(flows.deploy, "deploy", interrupted)
@@ -150,3 +150,40 @@ def test_mrt_deploy_serves_until_sigint_and_exits_without_a_traceback(prefect_ha
     assert proc.returncode == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert "stopped serving mrt-pipeline/mrt-sigint-test" in out
+
+
+def test_one_ctrl_c_stops_serving_even_when_the_shutdown_hangs(tmp_path):
+    """Prefect's shutdown that never ends (a task outliving its cancellation) must not keep `mrt deploy`
+    alive: after SHUTDOWN_GRACE_S the process leaves, saying so, with exit code 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import sys, time, types\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import prefect, flows.deploy as d\n"
+        "def hanging_serve(*a, **k):\n"
+        "    print('serving', flush=True)\n"
+        "    try:\n"
+        "        time.sleep(600)\n"
+        "    except KeyboardInterrupt:\n"
+        "        while True:\n"
+        "            time.sleep(0.1)  # a shutdown that never finishes\n"
+        "prefect.serve = hanging_serve\n"
+        "d.build_deployment = lambda dp: None\n"
+        "d.SHUTDOWN_GRACE_S = 1.0\n"
+        "d.serve(types.SimpleNamespace(), lambda: print('forced stop', flush=True))\n"
+        "print('returned normally')\n", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "serving"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "forced stop" in out and "returned normally" not in out, out

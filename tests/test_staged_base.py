@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from components.core.config import load_params
+from components.core.hashing import file_hash
 from components.align.staged import (
     MANIFEST,
     SHIPPED_DIR,
-    sha256_file,
     spec_from_params,
     spec_mismatch,
     verify_shipped,
@@ -30,7 +30,7 @@ MAX_SHIPPED_BYTES = 10 * 1024 * 1024
 def test_shipped_files_match_their_manifest_and_size_cap():
     manifest = verify_shipped(SHIPPED_DIR)
     weights = SHIPPED_DIR / "model.safetensors"
-    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(weights)
+    assert manifest["files"]["model.safetensors"]["sha256"] == file_hash(weights)
     assert weights.stat().st_size <= MAX_SHIPPED_BYTES  # the package stays small
     assert manifest["command"].startswith("mrt align")
 
@@ -68,7 +68,7 @@ def _align(data_dir: Path, tmp: Path, *overrides: str):
 def test_align_copies_the_verified_shipped_base(data64, tmp_path):
     rep = _align(data64, tmp_path)
     assert rep["source"] == "shipped" and rep["recipe"] == "staged"
-    assert sha256_file(tmp_path / "base" / "model.safetensors") == sha256_file(SHIPPED_DIR / "model.safetensors")
+    assert file_hash(tmp_path / "base" / "model.safetensors") == file_hash(SHIPPED_DIR / "model.safetensors")
     assert (tmp_path / "base" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     saved = json.loads((tmp_path / "align.json").read_text())
     assert saved["caption_eval_n"] == 4 and saved["text_exact_match"] is not None

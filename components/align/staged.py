@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from components.core.files import replace_folder, write_json
+from components.core.hashing import file_hash
 
 # OpenAI CLIP normalisation, as CLIPImageProcessor applies it (the saved processor does the same).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -800,16 +801,6 @@ def resolve_shipped(ref: str) -> Path:
     return SHIPPED_DIR if ref == "builtin" else Path(ref)
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(folder: Path) -> dict:
     mf = folder / MANIFEST
     if not mf.is_file():
@@ -835,7 +826,7 @@ def verify_shipped(folder: Path) -> dict:
         size = f.stat().st_size
         if size != meta.get("bytes"):
             raise ValueError(f"{f}: {size} bytes, but {folder / MANIFEST} field 'files.{name}.bytes' says {meta.get('bytes')}")
-        digest = sha256_file(f)
+        digest = file_hash(f)
         if digest != meta.get("sha256"):
             raise ValueError(f"{f}: sha256 {digest[:16]}… does not match {folder / MANIFEST} field "
                              f"'files.{name}.sha256' ({str(meta.get('sha256'))[:16]}…): the shipped base was modified")
@@ -855,7 +846,7 @@ def write_manifest(folder: Path, spec: StagedSpec, report: dict, command: str, e
     files = {}
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.name != MANIFEST:
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": file_hash(f)}
     manifest = {"name": "tiny-llava-staged", "format": 1, "files": files, "spec": asdict(spec), "command": command,
                 "report": report, **(extra or {})}
     write_json(folder / MANIFEST, manifest)

@@ -152,31 +152,23 @@ class _EmbeddedWriter:
         return recs
 
     def heldout_task(self, t: TaskType) -> list[dict]:
-        rng = stream(self.p.seed, t.task_name)
+        """A held-out task type (MNIST digits of the held-out pool)."""
         ctx = TaskContext(mnist_pool=self.heldout_pool, mnist_labels=self.labels)
-        recs = []
-        for i, target in enumerate(balanced_targets(rng, t.outcomes, self.p.heldout_per_task)):
-            rid = f"{t.task_name}_{i:05d}"
-
-            def draw(target=target):
-                ex = make_example(t, rng, target, ctx)
-                return ex.scene, ex
-
-            ex, data = self._unseen(draw, rid)
-            rel = f"{t.task_name}/{rid}.png"
-            self._image(rel, data)
-            recs.append(make_record(rid, t.task_name, ex.instruction, ex.answer, rel))
-            self.advance(t.task_name)
-        return recs
+        return self._unseen_task(t, t.task_name, ctx, self.p.heldout_per_task, t.task_name)
 
     def heldin_task(self, t: TaskType) -> list[dict]:
         """A training task type on unseen images, from a stream of its own (the training split's
         records and images are unchanged by it)."""
-        rng = stream(self.p.seed, f"heldin/{t.task_name}")
-        ctx = TaskContext()
+        key = f"heldin/{t.task_name}"
+        return self._unseen_task(t, key, TaskContext(), self.p.heldin_per_task, f"{t.task_name}_heldin")
+
+    def _unseen_task(self, t: TaskType, stream_key: str, ctx: TaskContext, count: int, id_prefix: str) -> list[dict]:
+        """`count` records of task `t`, answers balanced over its outcomes, each on an image no other
+        split holds; the random stream is keyed by `stream_key`."""
+        rng = stream(self.p.seed, stream_key)
         recs = []
-        for i, target in enumerate(balanced_targets(rng, t.outcomes, self.p.heldin_per_task)):
-            rid = f"{t.task_name}_heldin_{i:05d}"
+        for i, target in enumerate(balanced_targets(rng, t.outcomes, count)):
+            rid = f"{id_prefix}_{i:05d}"
 
             def draw(target=target):
                 ex = make_example(t, rng, target, ctx)
@@ -186,7 +178,7 @@ class _EmbeddedWriter:
             rel = f"{t.task_name}/{rid}.png"
             self._image(rel, data)
             recs.append(make_record(rid, t.task_name, ex.instruction, ex.answer, rel))
-            self.advance(f"heldin/{t.task_name}")
+            self.advance(stream_key)
         return recs
 
     def mme_subtask(self, subtask: str) -> int:

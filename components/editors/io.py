@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from components.core.config import EditorParams
+from components.core.hashing import file_hash
 
 from .dispatch import attach
 from .hooks import Editors
@@ -97,14 +98,6 @@ def model_fingerprint(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_synced(path: Path, data: bytes) -> None:
     """Write and fsync, so that the os.replace that follows never exposes a half-written file.
     Plain open(): the process umask applies (safetensors' own writer creates 0600 files)."""
@@ -248,7 +241,7 @@ def load_editors(model: nn.Module, path: str | os.PathLike, base_fingerprint: st
                     f"{layers!r} on this model"
                 )
         _check_tensors(weights_path, tensors, editors.state_dict())
-        actual_sha = _sha256_file(weights_path)
+        actual_sha = file_hash(weights_path)
         if actual_sha != config["weights_sha256"]:
             raise EditorFileError(
                 f"{weights_path}: contents do not match {CONFIG_NAME} (sha256 {actual_sha}, recorded in its "

@@ -241,17 +241,16 @@ def checkpoint_files(folder: Path) -> dict[str, str]:
 
 def write_base_link(out_dir: str | os.PathLike, source: str, source_dir: Path, dtype: str, meta: dict) -> Path:
     """`out_dir` as a link to a checkpoint folder instead of a copy: base_link.json (the folder, the dtype
-    to load it in, its files) and base_meta.json. `load_base(out_dir)` follows it."""
-    from components.core.files import write_json
+    to load it in, its files) and base_meta.json. `load_base(out_dir)` follows it. The folder is
+    replaced whole (a previous copy or link goes), and only once both files are written."""
+    from components.core.files import replace_folder, write_json
 
     out = Path(out_dir)
-    if out.exists():
-        for f in out.iterdir():  # a previous copy or link: the folder holds one base only
-            if f.is_file() or f.is_symlink():
-                f.unlink()
-    write_json(out / BASE_LINK, {"source": source, "source_dir": str(Path(source_dir).resolve()), "dtype": dtype,
-                                 "files": checkpoint_files(Path(source_dir))})
-    write_json(out / "base_meta.json", meta)
+    link = {"source": source, "source_dir": str(Path(source_dir).resolve()), "dtype": dtype,
+            "files": checkpoint_files(Path(source_dir))}
+    with replace_folder(out) as stage:
+        write_json(stage / BASE_LINK, link)
+        write_json(stage / "base_meta.json", meta)
     return out
 
 

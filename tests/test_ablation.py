@@ -35,7 +35,7 @@ def _same_except(a: EditorParams, b: EditorParams, groups: set[str]) -> bool:
 # the grid
 # ---------------------------------------------------------------------------------------------
 def test_default_grid_has_the_planned_arms_in_order():
-    arms = expand_grid(AblateParams(), BASE)
+    arms = expand_grid(AblateParams(group_seeds=[]), BASE)
     assert [a.name for a in arms] == DEFAULT_NAMES
     assert all(a.seed == 0 for a in arms)
     assert _arm(arms, "all").editors == BASE
@@ -80,14 +80,26 @@ def test_seeds_multiply_arms_and_full_grid_extends_default():
     assert len(arms) == 3 * len(DEFAULT_NAMES)
     assert len({a.key for a in arms}) == len(arms)
     assert [a.seed for a in arms[:3]] == [0, 1, 2] and arms[0].name == arms[2].name == "all"
-    full = [a.name for a in expand_grid(AblateParams(grid="full"), BASE)]
+    full = [a.name for a in expand_grid(AblateParams(grid="full", group_seeds=[]), BASE)]
     assert set(DEFAULT_NAMES) < set(full) and len(full) == len(set(full))
     assert {"depth-even", "len-10", "rank-x4", "rank-v2-m8"} <= set(full)
 
 
+def test_group_arms_run_the_group_seeds_too():
+    arms = expand_grid(AblateParams(seeds=[0], group_seeds=[0, 1, 2]), BASE)
+    seeds = {}
+    for a in arms:
+        seeds.setdefault(a.name, []).append(a.seed)
+    assert list(seeds) == DEFAULT_NAMES
+    for name, s in seeds.items():
+        group_arm = name == "all" or name.startswith(("only-", "no-"))
+        assert s == ([0, 1, 2] if group_arm else [0]), name
+    assert len({a.key for a in arms}) == len(arms)
+
+
 def test_arms_filter_keeps_grid_order_and_names_unknown_arms():
     arms = expand_grid(AblateParams(arms=["len-2", "all"], seeds=[3]), BASE)
-    assert [(a.name, a.seed) for a in arms] == [("all", 3), ("len-2", 3)]
+    assert [(a.name, a.seed) for a in arms] == [("all", 3), ("all", 0), ("all", 1), ("all", 2), ("len-2", 3)]
     with pytest.raises(ParamsError) as err:
         expand_grid(AblateParams(arms=["all", "only-vision"]), BASE)
     msg = str(err.value)

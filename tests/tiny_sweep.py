@@ -32,7 +32,7 @@ def bench_params(root: Path, data: Path, base: Path) -> BenchmarkParams:
 
 
 def ablate_params(root: Path, **kw) -> AblateParams:
-    base = dict(steps=2, seeds=[0], workers=1, threads_per_worker=1, out_dir=str(root / "arms"), per_task=2,
+    base = dict(steps=2, seeds=[0], group_seeds=[], workers=1, threads_per_worker=1, out_dir=str(root / "arms"), per_task=2,
                 report_csv=str(root / "reports" / "ablation.csv"), report_md=str(root / "reports" / "ablation.md"),
                 plot=str(root / "reports" / "ablation.png"))
     base.update(kw)

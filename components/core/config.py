@@ -335,6 +335,9 @@ class AblateParams(_Section):
     arms: list[str] = Field(default_factory=list)  # run only these arm names; empty = the whole grid
     steps: int = Field(150, ge=1)  # half of train.steps: sized so the whole `mrt run` fits ~10 min on 2 cores
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # More seeds for the group arms (all, only-*, no-*): whether removing a group matters is only
+    # readable against the seed spread. [] = those arms run `seeds` only, like the others.
+    group_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     workers: int = Field(2, ge=1)  # arms in parallel (local process pool)
     threads_per_worker: int = Field(1, ge=1)
     out_dir: str = "models/ablation"

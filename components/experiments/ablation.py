@@ -50,6 +50,8 @@ DEFAULT_RANK_FACTORS = (0.5, 2.0)
 FULL_RANK_FACTORS = (0.5, 2.0, 4.0)
 FULL_RANK_GRID = (2, 4, 6, 8)  # visual rank x multimodal (projector, prefix, suffix) rank, as in the paper
 
+GROUP_FAMILIES = ("reference", "only", "leave-one-out")  # the arms that add or remove whole groups
+
 LOG_NAME = "log.txt"
 EXTRA_POOL_ATTEMPTS = 1  # re-runs, in a process of its own, of a job caught in a broken pool
 
@@ -155,7 +157,8 @@ def placement_variants(grid: str, base: EditorParams) -> list[tuple[str, str, Ed
 
 
 def expand_grid(p: AblateParams, base: EditorParams) -> list[Arm]:
-    """The arms to run: every placement of `p.grid` (or those named in `p.arms`) x every seed in `p.seeds`.
+    """The arms to run: every placement of `p.grid` (or those named in `p.arms`) x every seed in `p.seeds`,
+    and the group arms (reference, only-*, no-*) also x `p.group_seeds`.
 
     Order is the grid's (reference, only-*, no-*, depth-*, len-*, rank-*), seeds innermost. A name in
     `p.arms` that the grid does not hold is an error listing the valid names.
@@ -170,11 +173,12 @@ def expand_grid(p: AblateParams, base: EditorParams) -> list[Arm]:
         )
     wanted = set(p.arms)
     seeds = list(dict.fromkeys(p.seeds))  # a repeated seed would train twice into one folder
+    group_seeds = list(dict.fromkeys([*p.seeds, *p.group_seeds]))
     return [
         Arm(name, editors, seed, family)
         for name, family, editors in variants
         if not wanted or name in wanted
-        for seed in seeds
+        for seed in (group_seeds if family in GROUP_FAMILIES else seeds)
     ]
 
 
@@ -540,6 +544,7 @@ def _run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkPara
         "grid": ablate.grid,
         "steps": ablate.steps,
         "seeds": list(ablate.seeds),
+        "group_seeds": list(dict.fromkeys([*ablate.seeds, *ablate.group_seeds])),
         "workers": ablate.workers,
         "executor": ablate.executor,
         "threads_per_worker": ablate.threads_per_worker,

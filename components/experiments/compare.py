@@ -46,6 +46,13 @@ def _collapsed(bm: dict[str, Any], split: str) -> list[str]:
     return list(_summary_field(bm, split, "collapsed_tasks") or [])
 
 
+def _acc_plus_mean(bm: dict[str, Any]) -> float | None:
+    """Mean over MME subtasks of acc+ (both questions of an image right, in %): what a constant answer
+    cannot reach (it scores acc 50 / acc+ 0 on every subtask)."""
+    values = [s.get("acc_plus") for s in (bm.get("mme") or {}).values() if s.get("acc_plus") is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _run_entry(seed: int, result: dict[str, Any], folder: Path) -> dict[str, Any]:
     tr, bm = result.get("train") or {}, result.get("benchmark") or {}
     model = bm.get("model") or {}
@@ -59,6 +66,7 @@ def _run_entry(seed: int, result: dict[str, Any], folder: Path) -> dict[str, Any
         "heldin_chance_corrected_mean": _summary_field(bm, "heldin", "chance_corrected_mean"),
         "mme_total": bm.get("mme_total"),
         "mme_perception": bm.get("mme_perception"),
+        "mme_acc_plus_mean": _acc_plus_mean(bm),
         "collapsed": {"heldout": _collapsed(bm, "heldout"), "heldin": _collapsed(bm, "heldin"),
                       "mme": list(bm.get("mme_collapsed") or [])},
         "heldout": bm.get("heldout") or {},
@@ -120,6 +128,7 @@ def summarize(runs: Sequence[tuple[str, int]], results: Sequence[dict[str, Any]]
             "heldin_chance_corrected_mean": mean_std(r["heldin_chance_corrected_mean"] for r in ok),
             "mme_total": mean_std(r["mme_total"] for r in ok),
             "mme_perception": mean_std(r["mme_perception"] for r in ok),
+            "mme_acc_plus_mean": mean_std(r.get("mme_acc_plus_mean") for r in ok),
             "per_task": {t: mean_std(r["heldout"].get(t) for r in ok) for t in tasks},
             "heldin_per_task": {t: mean_std(r["heldin"].get(t) for r in ok) for t in heldin_tasks},
             # per split, task → in how many of the successful seeds the answers collapsed to one value

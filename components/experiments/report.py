@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from components.core.files import write_bytes, write_text
+from components.experiments.bars import bar_rows, separation
 from components.core.markdown import ReportError, check_markers, fmt_int, fmt_pm, mean_std, md_table, produced_by, replace_marked_block, utc_now
 
 RESULTS_START = "<!-- results:start -->"
@@ -172,6 +173,9 @@ def ablation_baselines(rows: Sequence[dict[str, Any]]) -> str:
             f"MME {num('mme_majority_total', 1)}.")
 
 
+APART_HEAD = "apart (> 2 SD)"  # |Δ vs all| beyond twice the larger seed SD (both arms ≥ 2 seeds); — otherwise
+
+
 def ablation_table(rows: Sequence[dict[str, Any]], *, detailed: bool = True) -> str:
     aggs = aggregate_arms(rows)
     ref = next((a for a in aggs if a["arm"] == "all"), None)
@@ -183,22 +187,26 @@ def ablation_table(rows: Sequence[dict[str, Any]], *, detailed: bool = True) -> 
             return "—"
         return f"{round(m - ref_mean, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000" from float noise
 
+    def apart(a: dict[str, Any]) -> str:
+        sep = None if a is ref or ref is None else separation(a, ref)
+        return "—" if sep is None else ("yes" if sep["apart"] else "no")
+
     if detailed:
         header = ["arm", "groups", "layers", "ranks", "lengths", "trainable params", "held-out mean", "Δ vs all",
-                  "held-out chance-corr.", "held-in mean", "MME total", "collapsed (out · in · MME)", "wall s",
-                  "status"]
+                  APART_HEAD, "held-out chance-corr.", "held-in mean", "MME total", "collapsed (out · in · MME)",
+                  "wall s", "status"]
         body = [[a["arm"], a["groups"], a["layers"] or "—", a["ranks"] or "—", a["lengths"] or "—",
-                 fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a),
+                 fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a), apart(a),
                  fmt_pm(a["heldout_chance_corrected_mean"], 3), fmt_pm(a["heldin_mean"], 3),
                  fmt_pm(a["mme_total"], 1), _collapsed_cell(a["collapsed"]), fmt_pm(a["wall_s"], 0), _status(a)]
                 for a in aggs]
-        return md_table(header, body, "lllllrrrrrrrrl")
-    header = ["arm", "groups", "trainable params", "held-out mean", "Δ vs all", "held-out chance-corr.",
+        return md_table(header, body, "lllllrrrlrrrrrl")
+    header = ["arm", "groups", "trainable params", "held-out mean", "Δ vs all", APART_HEAD, "held-out chance-corr.",
               "held-in mean", "MME total", "collapsed (out · in · MME)"]
-    body = [[a["arm"], a["groups"], fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a),
+    body = [[a["arm"], a["groups"], fmt_int(a["trainable_params"]), fmt_pm(a["heldout_mean"], 3), delta(a), apart(a),
              fmt_pm(a["heldout_chance_corrected_mean"], 3), fmt_pm(a["heldin_mean"], 3),
              fmt_pm(a["mme_total"], 1), _collapsed_cell(a["collapsed"])] for a in aggs]
-    return md_table(header, body, "llrrrrrrr")
+    return md_table(header, body, "llrrrlrrrr")
 
 
 def _failures(items: Iterable[tuple[str, str]]) -> str:
@@ -219,7 +227,8 @@ def ablation_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> s
         "",
         "Held-out mean: exact match / option letter over the held-out tasks (zero-shot); "
         + ("mean ± sample std over seeds. " if len(seeds) > 1 else "")
-        + "Δ vs all: difference to the reference placement (`train.editors`). " + READING_NOTE,
+        + "Δ vs all: difference to the reference placement (`train.editors`); apart: |Δ| is larger than "
+        "twice the larger seed standard deviation of the two arms (— when either ran one seed). " + READING_NOTE,
         "",
         ablation_table(rows),
         "",
@@ -496,6 +505,9 @@ def results_block(comparison: dict[str, Any], ablation_rows: Sequence[dict[str, 
         note = ablation_baselines(ablation_rows)
         if note:
             parts += ["", note]
+    parts += ["", "What this benchmark must show, checked on the reports above (`components/experiments/bars.py`):", "",
+              md_table(["bar", "measured", "met"],
+                       bar_rows(comparison, aggregate_arms(ablation_rows) if ablation_rows else None), "lll")]
     return "\n".join(parts)
 
 

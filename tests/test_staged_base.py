@@ -112,9 +112,10 @@ def test_staged_build_runs_three_stages_at_toy_sizes(tmp_path):
                       lm_layers=2, lm_heads=2, lm_intermediate=64, vocab_size=300, clip_text_hidden=16,
                       clip_text_layers=1, clip_steps=2, clip_batch=4, lm_steps=2, lm_batch=4, proj_steps=2,
                       proj_batch=4, eval_retrieval=4, eval_probe_train=12, eval_probe_test=6, eval_text_per_type=1,
-                      eval_captions=2, eval_image_per_type=1, tokenizer_rows=100, workers=0)
+                      eval_captions=2, eval_image_per_type=1, tokenizer_rows=100, workers=0, tower_steps=0)
     work = tmp_path / "work"
     rep = build(spec, tmp_path / "base", device="cpu", work_dir=work)
+    assert "stage_one_tower" not in rep
     assert {"vision", "language", "stage_one"} <= set(rep)
     assert 0.0 <= rep["vision"]["retrieval_acc"] <= 1.0 and "color" in rep["vision"]["probe"]
     assert "vf_count_all" in rep["language"]["text_per_type"] and "caption_copy" in rep["language"]["text_per_type"]
@@ -129,3 +130,24 @@ def test_staged_build_runs_three_stages_at_toy_sizes(tmp_path):
     for k, v in lm.model.state_dict().items():
         assert torch.equal(model.model.language_model.state_dict()[k], v), k
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
+
+
+def test_stage_one_b_trains_tower_and_projector_only(tmp_path):
+    """`--stages tower`: continuing from a composed base, the tower and the projector change, the LM
+    does not; the report has the tower's probe and the stage-one scores."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from components.align.staged import SHIPPED_DIR, StagedSpec, build
+    from components.model.backbone import load_base
+
+    spec = StagedSpec(tower_steps=2, proj_batch=4, tower_lr=1e-3, eval_probe_train=12, eval_probe_test=6,
+                      eval_captions=2, eval_image_per_type=1, workers=0)
+    rep = build(spec, tmp_path / "base", device="cpu", stages="tower", work_dir=tmp_path / "work", start=SHIPPED_DIR)
+    r = rep["stage_one_tower"]
+    assert r["steps"] == 2 and "shape" in r["probe"] and 0.0 <= r["caption_exact_match"] <= 1.0
+    before = LlavaForConditionalGeneration.from_pretrained(str(SHIPPED_DIR), dtype=torch.float32).state_dict()
+    after, _ = load_base(tmp_path / "base")
+    after = after.state_dict()
+    changed = {k.split(".")[1] for k, v in after.items() if not torch.equal(v.float(), before[k].float())}
+    assert changed == {"vision_tower", "multi_modal_projector"}

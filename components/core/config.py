@@ -130,7 +130,7 @@ class StagedParams(_Section):
     proj_lr: float = Field(2e-3, gt=0)
     proj_budget_s: float = Field(0.0, ge=0)
     # stage one b: the tower trains beside the projector on the same captions (0 steps = off)
-    tower_steps: int = Field(1046, ge=0)
+    tower_steps: int = Field(4000, ge=0)
     tower_lr: float = Field(3e-4, gt=0)
     tower_budget_s: float = Field(0.0, ge=0)
     workers: int = Field(7, ge=0)  # data-drawing processes per stage (part of the recipe: one stream each)

@@ -348,20 +348,13 @@ def _autocast(device):
 
 
 def _fit(name: str, params, loss_fn, data, steps: int, lr: float, warmup_ratio: float, budget_s: float = 0.0):
-    """AdamW, linear warmup then cosine to zero, grad clip 1.0 (`params`: tensors, or param groups with
-    their own "lr"; `lr` is the default). With `budget_s` the planned step count
+    """AdamW, linear warmup then cosine to zero, grad clip 1.0. With `budget_s` the planned step count
     is cut, after 25 steps, to what fits in the budget at the measured pace (the schedule follows).
     Returns (losses, steps run, wall seconds)."""
     import torch
 
-    groups = list(params)
-    if groups and not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
-    for g in groups:
-        g.setdefault("lr", lr)
-        g["base_lr"] = g["lr"]
-    params = [q for g in groups for q in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     planned = steps
     losses: list[float] = []
     t0 = time.time()
@@ -371,7 +364,7 @@ def _fit(name: str, params, loss_fn, data, steps: int, lr: float, warmup_ratio: 
         warm = max(1, math.ceil(warmup_ratio * planned))
         f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, planned - warm)))
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * f
+            g["lr"] = lr * f
         loss = loss_fn(next(data))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -659,14 +652,15 @@ def compose(spec: StagedSpec, clip, lm, tok):
     return model, processor
 
 
-def train_projector(spec: StagedSpec, model, tok_dir: str, device) -> dict:
-
+def _train_on_captions(name: str, spec: StagedSpec, model, modules, steps: int, lr: float, budget_s: float,
+                       tok_dir: str, device) -> dict:
+    """Caption turns of fresh images with only `modules` trainable (the rest of the LLaVA frozen)."""
     model.to(device)
     model.requires_grad_(False)
-    proj = model.model.multi_modal_projector
-    proj.requires_grad_(True)
     model.eval()
-    proj.train()
+    for m in modules:
+        m.requires_grad_(True)
+        m.train()
     data = _loader("caption", spec, spec.proj_batch, tok_dir)
 
     def loss_fn(b):
@@ -674,44 +668,28 @@ def train_projector(spec: StagedSpec, model, tok_dir: str, device) -> dict:
         with _autocast(device):
             return model(**{k: v.to(device) for k, v in b.items() if k != "pixels"}, pixel_values=pix).loss
 
-    losses, steps, wall = _fit("projector", proj.parameters(), loss_fn, data, spec.proj_steps, spec.proj_lr,
-                               spec.warmup_ratio, spec.proj_budget_s)
+    params = [p for m in modules for p in m.parameters()]
+    losses, done, wall = _fit(name, params, loss_fn, data, steps, lr, spec.warmup_ratio, budget_s)
     model.eval()
     model.requires_grad_(True)
-    return {"steps": steps, "batch": spec.proj_batch, "images_seen": steps * spec.proj_batch,
+    return {"steps": done, "batch": spec.proj_batch, "images_seen": done * spec.proj_batch, "lr": lr,
             "loss_first": losses[0] if losses else None, "loss_final": float(np.mean(losses[-20:])) if losses else None,
             "train_wall_s": round(wall, 1)}
+
+
+def train_projector(spec: StagedSpec, model, tok_dir: str, device) -> dict:
+    """Stage one: only the projector learns to write image content into the frozen LM's input space."""
+    return _train_on_captions("projector", spec, model, [model.model.multi_modal_projector], spec.proj_steps,
+                              spec.proj_lr, spec.proj_budget_s, tok_dir, device)
 
 
 def train_tower(spec: StagedSpec, model, tok_dir: str, device) -> dict:
-    """Stage one b: the same caption turns, now with the vision tower trainable beside the projector
-    (LM frozen). Contrastive pretraining leaves what a caption needs but a batch of random scenes
-    never contrasts (a star vs a triangle in one cell) weakly encoded; the captioning loss through
-    the frozen LM asks for exactly what the LM must read. Off by default, as in LLaVA's stage one."""
-    model.to(device)
-    model.requires_grad_(False)
-    tower, proj = model.model.vision_tower, model.model.multi_modal_projector
-    tower.requires_grad_(True)
-    proj.requires_grad_(True)
-    model.eval()
-    tower.train()
-    proj.train()
-    data = _loader("caption", spec, spec.proj_batch, tok_dir)
-
-    def loss_fn(b):
-        pix = to_pixels(b["pixels"], device)
-        with _autocast(device):
-            return model(**{k: v.to(device) for k, v in b.items() if k != "pixels"}, pixel_values=pix).loss
-
-    groups = [{"params": list(tower.parameters()), "lr": spec.tower_lr},
-              {"params": list(proj.parameters()), "lr": spec.tower_lr}]
-    losses, steps, wall = _fit("tower", groups, loss_fn, data, spec.tower_steps, spec.tower_lr, spec.warmup_ratio,
-                               spec.tower_budget_s)
-    model.eval()
-    model.requires_grad_(True)
-    return {"steps": steps, "batch": spec.proj_batch, "images_seen": steps * spec.proj_batch, "lr": spec.tower_lr,
-            "loss_first": losses[0] if losses else None, "loss_final": float(np.mean(losses[-20:])) if losses else None,
-            "train_wall_s": round(wall, 1)}
+    """Stage one b: the same caption turns with the vision tower trainable beside the projector (LM
+    frozen). A contrastive batch of random scenes is told apart by colour and position long before
+    shape, so the tower encodes shape weakly; the captioning loss through the frozen LM asks for
+    every word the LM must read. `tower_steps` 0 skips it (LLaVA's stage one alone)."""
+    return _train_on_captions("tower", spec, model, [model.model.vision_tower, model.model.multi_modal_projector],
+                              spec.tower_steps, spec.tower_lr, spec.tower_budget_s, tok_dir, device)
 
 
 def evaluate_stage_one(spec: StagedSpec, model, processor, device) -> dict:

@@ -272,3 +272,12 @@ def test_a_failing_arm_is_recorded_and_the_others_finish(tiny_setup, tmp_path):
     assert rows[0]["heldout_mean"] is None and rows[1]["heldout_mean"] is not None
     md = Path(ab.report_md).read_text()
     assert "`all/seed-0`" in md and "| all |" in md
+
+
+def test_markdown_names_the_group_arms_seeds():
+    rows = [{"arm": "all", "seed": s, "family": "reference", "status": "ok", "heldout_mean": v}
+            for s, v in ((0, 0.5), (1, 0.52), (2, 0.51))]
+    md = ablation_markdown(rows, {"grid": "default", "steps": 3, "seeds": [0], "group_seeds": [0, 1, 2]})
+    assert "seeds [0] (group arms: [0, 1, 2])" in md and "mean ± sample std over seeds" in md
+    plain = ablation_markdown(rows[:1], {"grid": "default", "steps": 3, "seeds": [0], "group_seeds": [0]})
+    assert "seeds [0]," in plain and "group arms" not in plain and "mean ± sample std" not in plain

@@ -151,3 +151,12 @@ def test_stage_one_b_trains_tower_and_projector_only(tmp_path):
     after = after.state_dict()
     changed = {k.split(".")[1] for k, v in after.items() if not torch.equal(v.float(), before[k].float())}
     assert changed == {"vision_tower", "multi_modal_projector"}
+
+
+def test_stage_one_b_without_a_composed_base_names_the_folder(tmp_path):
+    from components.align.staged import StagedSpec, build
+
+    with pytest.raises(FileNotFoundError, match=r"--start.*'.*nowhere'.*config\.json"):
+        build(StagedSpec(), tmp_path / "base", device="cpu", stages="tower", start=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--start"):
+        build(StagedSpec(), tmp_path / "base", device="cpu", stages="tower")

@@ -774,7 +774,10 @@ def build(spec: StagedSpec, out_dir: str | os.PathLike, device: str | None = Non
     work = Path(work_dir) if work_dir else out.parent / f".{out.name}.stages"
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"
-    if stages == "tower" and start is not None:  # the composed base's own tokenizer
+    if stages == "tower":  # the composed base's own tokenizer
+        if start is None or not (Path(start) / "config.json").is_file():
+            raise FileNotFoundError(f"--stages tower continues from a composed base folder (--start); "
+                                    f"{start!r} holds no config.json")
         _load_tokenizer(str(start)).save_pretrained(str(tok_dir))
     if not (tok_dir / "tokenizer.json").is_file():
         t0 = time.time()
@@ -815,8 +818,6 @@ def build(spec: StagedSpec, out_dir: str | os.PathLike, device: str | None = Non
     if stages == "tower":  # stage one b alone, on a composed base (`start`)
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        if start is None:
-            raise ValueError("--stages tower needs --start: the composed base folder to continue from")
         model = LlavaForConditionalGeneration.from_pretrained(str(start), dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(str(start))
         report["start"] = str(start)

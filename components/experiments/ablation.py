@@ -156,6 +156,12 @@ def placement_variants(grid: str, base: EditorParams) -> list[tuple[str, str, Ed
     return distinct
 
 
+def arm_seeds(p: AblateParams) -> tuple[list[int], list[int]]:
+    """(seeds of every arm, seeds of the group arms): `seeds`, and `seeds` + `group_seeds`, each
+    without repeats (a repeated seed would train twice into one folder)."""
+    return list(dict.fromkeys(p.seeds)), list(dict.fromkeys([*p.seeds, *p.group_seeds]))
+
+
 def expand_grid(p: AblateParams, base: EditorParams) -> list[Arm]:
     """The arms to run: every placement of `p.grid` (or those named in `p.arms`) x every seed in `p.seeds`,
     and the group arms (reference, only-*, no-*) also x `p.group_seeds`.
@@ -172,8 +178,7 @@ def expand_grid(p: AblateParams, base: EditorParams) -> list[Arm]:
             f"and this train.editors placement; valid arms: {', '.join(names)}"
         )
     wanted = set(p.arms)
-    seeds = list(dict.fromkeys(p.seeds))  # a repeated seed would train twice into one folder
-    group_seeds = list(dict.fromkeys([*p.seeds, *p.group_seeds]))
+    seeds, group_seeds = arm_seeds(p)
     return [
         Arm(name, editors, seed, family)
         for name, family, editors in variants
@@ -543,8 +548,8 @@ def _run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkPara
     meta = {
         "grid": ablate.grid,
         "steps": ablate.steps,
-        "seeds": list(ablate.seeds),
-        "group_seeds": list(dict.fromkeys([*ablate.seeds, *ablate.group_seeds])),
+        "seeds": arm_seeds(ablate)[0],
+        "group_seeds": arm_seeds(ablate)[1],
         "workers": ablate.workers,
         "executor": ablate.executor,
         "threads_per_worker": ablate.threads_per_worker,

@@ -55,7 +55,7 @@ def bar_rows(comparison: dict[str, Any], ablation_aggs: Sequence[dict[str, Any]]
     rows.append([f"held-in accuracy of MRT ≥ {HELDIN_MIN}", _pm(m, s, n), _verdict(None if m is None else m >= HELDIN_MIN)])
 
     m, s, n = _stat(mrt, "heldout_chance_corrected_mean")
-    rows.append([f"held-out chance-corrected mean of MRT ≥ {HELDOUT_CC_MIN}", _pm(m, s, n),
+    rows.append([f"held-out chance-corrected mean of MRT ≥ {HELDOUT_CC_MIN:.2f}", _pm(m, s, n),
                  _verdict(None if m is None else m >= HELDOUT_CC_MIN)])
 
     collapsed = sorted(((mrt or {}).get("collapsed") or {}).get("heldout") or {})

@@ -214,19 +214,25 @@ def _failures(items: Iterable[tuple[str, str]]) -> str:
     return ("\n\nFailed runs (the others are unaffected):\n\n" + "\n".join(lines)) if lines else ""
 
 
+def _seeds_text(seeds: Sequence[int], group_seeds: Sequence[int]) -> str:
+    """"seeds [0]", or "seeds [0] (group arms: [0, 1, 2])" when the group arms ran more."""
+    return f"seeds {list(seeds)}" + (f" (group arms: {list(group_seeds)})" if list(group_seeds) != list(seeds) else "")
+
+
 def ablation_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """ablation.md: what was swept, how, and the per-arm table (mean ± std over seeds)."""
     seeds = meta.get("seeds", [])
+    group_seeds = meta.get("group_seeds") or seeds
     lines = [
         "# Editor placement ablation",
         "",
-        f"Grid `{meta.get('grid')}`, {meta.get('steps')} training steps per arm, seeds {seeds}, "
+        f"Grid `{meta.get('grid')}`, {meta.get('steps')} training steps per arm, {_seeds_text(seeds, group_seeds)}, "
         f"{meta.get('per_task') or 'all'} records per held-out task; base `{meta.get('base_dir')}`, "
         f"data `{meta.get('data_dir')}`; {meta.get('workers')} worker(s) × {meta.get('threads_per_worker')} "
         f"thread(s), sweep wall time {meta.get('wall_s')} s. Written by {produced_by('ablate')} on {utc_now()}.",
         "",
         "Held-out mean: exact match / option letter over the held-out tasks (zero-shot); "
-        + ("mean ± sample std over seeds. " if len(seeds) > 1 else "")
+        + ("mean ± sample std over seeds. " if len(group_seeds) > 1 else "")
         + "Δ vs all: difference to the reference placement (`train.editors`); apart: |Δ| is larger than "
         "twice the larger seed standard deviation of the two arms (— when either ran one seed). " + READING_NOTE,
         "",
@@ -278,7 +284,7 @@ def write_ablation_plot(path: str | Path, rows: Sequence[dict[str, Any]], meta: 
     ax.set_xlim(0, top * 1.45)
     ax.set_xlabel("held-out mean (zero-shot)")
     ax.set_title(f"Editor placement ablation — grid {meta.get('grid', '?')}, {meta.get('steps', '?')} steps, "
-                 f"seeds {meta.get('seeds', '?')}", fontsize=10)
+                 + _seeds_text(meta.get("seeds", []), meta.get("group_seeds") or meta.get("seeds", [])), fontsize=10)
     return _save_png(fig, path)
 
 

@@ -261,7 +261,7 @@ def test_a_failing_arm_is_recorded_and_the_others_finish(tiny_setup, tmp_path):
     from tiny_sweep import SMALL_EDITORS, ablate_params, bench_params, train_params
 
     data, base = tiny_setup
-    tp = train_params(tmp_path, data, base)
+    tp = train_params(tmp_path, data, base, lr={"mrt": 0.002, "lora": 0.0001})
     # Visual layer 7 does not exist in the 2-layer tiny tower: every arm with visual editors fails.
     tp = tp.model_copy(update={"editors": SMALL_EDITORS.model_copy(update={"visual": SMALL_EDITORS.visual.model_copy(
         update={"layers": [7]})})})
@@ -272,6 +272,7 @@ def test_a_failing_arm_is_recorded_and_the_others_finish(tiny_setup, tmp_path):
     assert rows[0]["heldout_mean"] is None and rows[1]["heldout_mean"] is not None
     md = Path(ab.report_md).read_text()
     assert "`all/seed-0`" in md and "| all |" in md
+    assert "training steps per arm at learning rate 0.002," in md  # the arms train MRT: its own rate
 
 
 def test_markdown_names_the_group_arms_seeds():

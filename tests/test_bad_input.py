@@ -187,7 +187,7 @@ CASES = [
     # --- params.yaml ----------------------------------------------------------------------------------
     Case("params-out-of-range", "train", "params.yaml: `train.lr: -0.1` (out of range)",
          "exit 2; names the file, the key and the bound", _params_value("train", lr=-0.1),
-         exit_code=EXIT_BAD_PARAMS, needles=("params.yaml", "train.lr", "greater than 0")),
+         exit_code=EXIT_BAD_PARAMS, needles=("params.yaml", "train.lr", "> 0")),
     Case("params-wrong-type", "train", "params.yaml: `train.batch_size: sixteen` (wrong type)",
          "exit 2; names the key and the expected type", _params_value("train", batch_size="sixteen"),
          exit_code=EXIT_BAD_PARAMS, needles=("params.yaml", "train.batch_size", "int")),

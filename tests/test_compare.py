@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -164,7 +165,8 @@ def test_compare_two_methods_two_seeds_end_to_end(tiny_setup, tmp_path):
 
     data, base = tiny_setup
     cmp = compare_params(tmp_path, methods=["mrt", "lora"], seeds=[0, 1])
-    s = run_compare(cmp, train_params(tmp_path, data, base, steps=3), bench_params(tmp_path, data, base), report=None)
+    train = train_params(tmp_path, data, base, steps=3, lr={"mrt": 1e-3, "lora": 4e-3})
+    s = run_compare(cmp, train, bench_params(tmp_path, data, base), report=None)
     saved = json.loads(Path(cmp.report).read_text())
     assert saved["methods"].keys() == {"mrt", "lora"} and saved["seeds"] == [0, 1] and saved["steps"] == 2
     for name, m in saved["methods"].items():
@@ -176,9 +178,16 @@ def test_compare_two_methods_two_seeds_end_to_end(tiny_setup, tmp_path):
     curves = [(Path(cmp.out_dir) / "mrt" / f"seed-{k}" / "train_curve.csv").read_text() for k in (0, 1)]
     assert curves[0] != curves[1]  # the seeds really differ
     assert (Path(cmp.out_dir) / "lora" / "seed-1" / "adapter_config.json").is_file()
-    assert json.loads((Path(cmp.out_dir) / "lora" / "seed-1" / "train.json").read_text())["steps"] == cmp.steps
+    lora_run = json.loads((Path(cmp.out_dir) / "lora" / "seed-1" / "train.json").read_text())
+    assert lora_run["steps"] == cmp.steps and lora_run["lr"] == 4e-3
     assert "| MRT |" in Path(cmp.table).read_text() and Path(cmp.plot).read_bytes()[:4] == b"\x89PNG"
     assert s["methods"]["mrt"]["heldout_mean"] == saved["methods"]["mrt"]["heldout_mean"]
+    # each method trains at its own learning rate, and the report says which
+    assert saved["methods"]["mrt"]["lr"] == 1e-3 and saved["methods"]["lora"]["lr"] == 4e-3
+    peak = {m: max(float(r["lr"]) for r in csv.DictReader((Path(cmp.out_dir) / m / "seed-0" / "train_curve.csv").open()))
+            for m in ("mrt", "lora")}
+    assert peak["lora"] == pytest.approx(4 * peak["mrt"]) and 0 < peak["mrt"] <= 1e-3
+    assert "at learning rates MRT 0.001, LoRA 0.004" in Path(cmp.table).read_text()
 
 
 def test_the_comparison_plot_draws_each_scores_floors(tmp_path):

@@ -127,3 +127,25 @@ def test_cli_params_defaults_prints_what_params_yaml_resolves_to(tmp_path):
     fresh.write_text(res.output)
     assert load_params(fresh).to_dict() == load_params("params.yaml").to_dict()
     assert yaml.safe_load(res.output) == load_params("params.yaml").to_dict()
+
+
+def test_learning_rate_is_one_number_or_one_per_method():
+    one = load_params("params.yaml", ["train.lr=0.002", "train.method=lora"]).train
+    assert one.learning_rate == 0.002
+    per = load_params("params.yaml", ["train.lr={mrt: 0.003, lora: 0.0006, full: 0.0001}"]).train
+    assert [per.model_copy(update={"method": m}).learning_rate for m in ("mrt", "lora", "full")] == [0.003, 0.0006, 0.0001]
+    nested = load_params("params.yaml", ["train.lr={mrt: 0.003, lora: 0.0006, full: 0.0001}", "train.lr.lora=0.001"]).train
+    assert nested.lr == {"mrt": 0.003, "lora": 0.001, "full": 0.0001}
+
+
+@pytest.mark.parametrize("value, expect", [
+    ("{lora: 0.001}", r"lr has no entry for method 'mrt'.*lr\.mrt"),
+    ("{mrt: 0.001, adam: 0.1}", r"train\.lr.*keys mrt, lora, full.*adam"),
+    ("{mrt: -0.001}", r"train\.lr.*for mrt must be a finite number > 0"),
+    ("{mrt: .nan}", r"train\.lr.*for mrt must be a finite number > 0"),
+    ("inf", r"train\.lr.*finite number > 0"),
+    ("fast", r"train\.lr.*must be a number, got 'fast'"),
+])
+def test_bad_learning_rates_are_named(value, expect):
+    with pytest.raises(ParamsError, match=expect):
+        load_params("params.yaml", [f"train.lr={value}"])

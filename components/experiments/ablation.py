@@ -548,6 +548,7 @@ def _run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkPara
     meta = {
         "grid": ablate.grid,
         "steps": ablate.steps,
+        "lr": train.model_copy(update={"method": "mrt"}).learning_rate,
         "seeds": arm_seeds(ablate)[0],
         "group_seeds": arm_seeds(ablate)[1],
         "workers": ablate.workers,

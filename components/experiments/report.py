@@ -226,7 +226,8 @@ def ablation_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> s
     lines = [
         "# Editor placement ablation",
         "",
-        f"Grid `{meta.get('grid')}`, {meta.get('steps')} training steps per arm, {_seeds_text(seeds, group_seeds)}, "
+        f"Grid `{meta.get('grid')}`, {meta.get('steps')} training steps per arm"
+        + (f" at learning rate {meta['lr']:g}" if meta.get("lr") else "") + f", {_seeds_text(seeds, group_seeds)}, "
         f"{meta.get('per_task') or 'all'} records per held-out task; base `{meta.get('base_dir')}`, "
         f"data `{meta.get('data_dir')}`; {meta.get('workers')} worker(s) × {meta.get('threads_per_worker')} "
         f"thread(s), sweep wall time {meta.get('wall_s')} s. Written by {produced_by('ablate')} on {utc_now()}.",
@@ -390,9 +391,12 @@ def per_task_table(summary: dict[str, Any], split: str = "heldout") -> str:
 
 def comparison_provenance(summary: dict[str, Any]) -> str:
     seeds = summary.get("seeds", [])
+    rates = {m: e["lr"] for m, e in summary["methods"].items() if e.get("lr")}
+    lr = ("" if not rates else f" at learning rate {next(iter(rates.values())):g}" if len(set(rates.values())) == 1
+          else " at learning rates " + ", ".join(f"{METHOD_LABELS.get(m, m)} {v:g}" for m, v in rates.items()))
     return (f"Produced by `{summary.get('produced_by', 'mrt compare')}` on {summary.get('created', '?')}: "
             f"{len(summary['methods'])} methods on the same base, data and batches, {summary.get('steps')} "
-            f"training steps, seeds {seeds}; mean ± sample std over seeds"
+            f"training steps{lr}, seeds {seeds}; mean ± sample std over seeds"
             + (" (the frozen base has no training, so it is benchmarked once)." if "frozen" in summary["methods"]
                else "."))
 

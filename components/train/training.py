@@ -749,7 +749,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
         spec = LoopSpec(
             steps=p.steps,
             batch_size=p.batch_size,
-            lr=p.lr,
+            lr=p.learning_rate,
             seed=p.seed,
             warmup_ratio=p.warmup_ratio,
             weight_decay=p.weight_decay,
@@ -797,6 +797,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
         "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1),
         "steps": result.steps,
+        "lr": p.learning_rate if p.method != "frozen" else None,
         "resumed_from": result.resumed_from,
         "loss_first": result.losses[0] if result.losses else None,
         "loss_final": float(np.mean(result.losses[-10:])) if result.losses else None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from components.experiments.bars import bar_rows, separation
-from components.experiments.report import aggregate_arms
+from components.experiments.report import ablation_table, aggregate_arms
 
 
 def _stat(*values):
@@ -56,14 +56,22 @@ def test_separation_needs_two_seeds_and_twice_the_larger_sd():
     assert not near["apart"]
 
 
-def _rows(arm, family, values):
-    return [{"arm": arm, "family": family, "seed": i, "status": "ok", "heldout_mean": v} for i, v in enumerate(values)]
+def _rows(arm, family, values, heldin=None):
+    return [{"arm": arm, "family": family, "seed": i, "status": "ok", "heldout_mean": v,
+             "heldin_mean": None if heldin is None else heldin[i]} for i, v in enumerate(values)]
 
 
 def test_ablation_bar_counts_group_arms_apart_from_all():
     rows = (_rows("all", "reference", [0.50, 0.52, 0.51]) + _rows("only-visual", "only", [0.40, 0.41, 0.42])
             + _rows("no-prefix", "leave-one-out", [0.51, 0.50, 0.52]) + _rows("len-2", "length", [0.1]))
     bar = bar_rows(_comparison(), aggregate_arms(rows))[-1]
-    assert bar[2] == "yes" and bar[1] == "1 of 2 arms apart (only-visual)"
+    assert bar[2] == "yes" and bar[1] == "held-out: 1 of 2 arms apart (only-visual)"
+    # held-in is reported beside held-out; the verdict stays on held-out
+    rows_in = (_rows("all", "reference", [0.50, 0.52, 0.51], heldin=[0.60, 0.61, 0.62])
+               + _rows("no-prefix", "leave-one-out", [0.51, 0.50, 0.52], heldin=[0.50, 0.51, 0.52]))
+    bar_in = bar_rows(_comparison(), aggregate_arms(rows_in))[-1]
+    assert bar_in[2] == "no" and bar_in[1] == "held-out: 0 of 1 arms apart; held-in: 1 of 1 (no-prefix)"
+    table = ablation_table(rows_in, detailed=False)
+    assert "apart > 2 SD (out · in)" in table and "| no · yes |" in table
     one_seed = _rows("all", "reference", [0.5]) + _rows("only-visual", "only", [0.3])
     assert bar_rows(_comparison(), aggregate_arms(one_seed))[-1][2] == "not measured"

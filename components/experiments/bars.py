@@ -88,12 +88,18 @@ def bar_rows(comparison: dict[str, Any], ablation_aggs: Sequence[dict[str, Any]]
                  f"{p_mrt:,} {'<' if p_mrt < p_lora else '≥'} {p_lora:,} parameters", _verdict(ok)])
 
     ref = next((a for a in ablation_aggs or () if a.get("arm") == "all"), None)
-    seps = [(a["arm"], separation(a, ref)) for a in ablation_aggs or ()
-            if ref is not None and a.get("family") in ("only", "leave-one-out")]
-    measured = [(name, sep) for name, sep in seps if sep is not None]
-    apart = [name for name, sep in measured if sep["apart"]]
-    rows.append([f"ablation group arms (only-*, no-*) apart from `all` by more than {SEPARATION_SDS:.0f} seed SDs "
-                 "where they differ", "not measured (group arms ran one seed)" if not measured else
-                 f"{len(apart)} of {len(measured)} arms apart" + (f" ({', '.join(apart)})" if apart else ""),
-                 _verdict(None if not measured else bool(apart))])
+    groups = [a for a in ablation_aggs or () if ref is not None and a.get("family") in ("only", "leave-one-out")]
+
+    def apart_on(key: str) -> tuple[list[str], int]:
+        measured = [(a["arm"], sep) for a in groups if (sep := separation(a, ref, key)) is not None]
+        return [name for name, sep in measured if sep["apart"]], len(measured)
+
+    apart, n = apart_on("heldout_mean")
+    apart_in, n_in = apart_on("heldin_mean")
+    said = (f"held-out: {len(apart)} of {n} arms apart" + (f" ({', '.join(apart)})" if apart else "")
+            + (f"; held-in: {len(apart_in)} of {n_in}" + (f" ({', '.join(apart_in)})" if apart_in else "")
+               if n_in else ""))
+    rows.append([f"ablation group arms (only-*, no-*) apart from `all` on held-out by more than "
+                 f"{SEPARATION_SDS:.0f} seed SDs where they differ",
+                 "not measured (group arms ran one seed)" if not n else said, _verdict(None if not n else bool(apart))])
     return rows

@@ -173,7 +173,8 @@ def ablation_baselines(rows: Sequence[dict[str, Any]]) -> str:
             f"MME {num('mme_majority_total', 1)}.")
 
 
-APART_HEAD = "apart (> 2 SD)"  # |Δ vs all| beyond twice the larger seed SD (both arms ≥ 2 seeds); — otherwise
+# |Δ vs all| beyond twice the larger seed SD (both arms ≥ 2 seeds; — otherwise), on held-out · held-in
+APART_HEAD = "apart > 2 SD (out · in)"
 
 
 def ablation_table(rows: Sequence[dict[str, Any]], *, detailed: bool = True) -> str:
@@ -188,8 +189,8 @@ def ablation_table(rows: Sequence[dict[str, Any]], *, detailed: bool = True) -> 
         return f"{round(m - ref_mean, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000" from float noise
 
     def apart(a: dict[str, Any]) -> str:
-        sep = None if a is ref or ref is None else separation(a, ref)
-        return "—" if sep is None else ("yes" if sep["apart"] else "no")
+        seps = [None if a is ref or ref is None else separation(a, ref, key) for key in ("heldout_mean", "heldin_mean")]
+        return " · ".join("—" if sep is None else ("yes" if sep["apart"] else "no") for sep in seps)
 
     if detailed:
         header = ["arm", "groups", "layers", "ranks", "lengths", "trainable params", "held-out mean", "Δ vs all",
@@ -235,7 +236,8 @@ def ablation_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> s
         "Held-out mean: exact match / option letter over the held-out tasks (zero-shot); "
         + ("mean ± sample std over seeds. " if len(group_seeds) > 1 else "")
         + "Δ vs all: difference to the reference placement (`train.editors`); apart: |Δ| is larger than "
-        "twice the larger seed standard deviation of the two arms (— when either ran one seed). " + READING_NOTE,
+        "twice the larger seed standard deviation of the two arms, on the held-out mean · on the held-in mean "
+        "(— when either ran one seed). " + READING_NOTE,
         "",
         ablation_table(rows),
         "",

@@ -85,7 +85,7 @@ class StagedSpec:
     proj_lr: float = 2e-3
     # stage one b (0 steps = off, as LLaVA's stage one): the tower trains too, on the same captions
     tower_steps: int = 4000
-    tower_lr: float = 3e-4
+    tower_lr: float = 1e-3
     warmup_ratio: float = 0.03
     # wall-clock caps per stage (0 = none): the step count is cut to what fits, measured after a few steps
     clip_budget_s: float = 0.0

@@ -131,7 +131,7 @@ class StagedParams(_Section):
     proj_budget_s: float = Field(0.0, ge=0)
     # stage one b: the tower trains beside the projector on the same captions (0 steps = off)
     tower_steps: int = Field(4000, ge=0)
-    tower_lr: float = Field(3e-4, gt=0)
+    tower_lr: float = Field(1e-3, gt=0)
     tower_budget_s: float = Field(0.0, ge=0)
     workers: int = Field(7, ge=0)  # data-drawing processes per stage (part of the recipe: one stream each)
     tokenizer_rows: int = Field(20000, ge=10)
@@ -286,7 +286,7 @@ class TrainParams(_Section):
     # do not share a best step size (the defaults: each method's best held-in rate on the shipped
     # base, docs/experiments.md). `learning_rate` is the one the chosen method trains with.
     lr: float | dict[Literal["mrt", "lora", "full"], float] = Field(
-        default_factory=lambda: {"mrt": 1.5e-3, "lora": 3e-3, "full": 6e-4})
+        default_factory=lambda: {"mrt": 3e-3, "lora": 1.5e-3, "full": 6e-4})
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
         editors = attach(model, cfg.train.editors)
         params = [p for p in editors.parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in params)
-        opt = torch.optim.Adam(params, lr=cfg.train.lr)
+        opt = torch.optim.Adam(params, lr=cfg.train.learning_rate)
 
         def mrt_step():
             loss = model(**batch).loss

@@ -134,6 +134,8 @@ def test_learning_rate_is_one_number_or_one_per_method():
     assert one.learning_rate == 0.002
     per = load_params("params.yaml", ["train.lr={mrt: 0.003, lora: 0.0006, full: 0.0001}"]).train
     assert [per.model_copy(update={"method": m}).learning_rate for m in ("mrt", "lora", "full")] == [0.003, 0.0006, 0.0001]
+    assert [per.rate_for(m) for m in ("mrt", "lora", "full", "frozen")] == [0.003, 0.0006, 0.0001, None]
+    assert one.rate_for("frozen") is None and one.rate_for("full") == 0.002
     nested = load_params("params.yaml", ["train.lr={mrt: 0.003, lora: 0.0006, full: 0.0001}", "train.lr.lora=0.001"]).train
     assert nested.lr == {"mrt": 0.003, "lora": 0.001, "full": 0.0001}
 

@@ -340,12 +340,17 @@ class TrainParams(_Section):
                              f"add lr.{self.method} or give one number for every method")
         return self
 
+    def rate_for(self, method: str) -> float | None:
+        """The learning rate `method` trains with (lr itself when it is one number); None for the
+        frozen base, which trains nothing."""
+        if method == "frozen":
+            return None
+        return self.lr[method] if isinstance(self.lr, dict) else self.lr
+
     @property
-    def learning_rate(self) -> float:
-        """The learning rate of `method` (lr itself when it is one number)."""
-        if isinstance(self.lr, dict):
-            return self.lr.get(self.method, 0.0) if self.method == "frozen" else self.lr[self.method]
-        return self.lr
+    def learning_rate(self) -> float | None:
+        """The learning rate of this section's own `method`."""
+        return self.rate_for(self.method)
 
 
 Perturbation = Literal["noise", "blur", "jitter"]

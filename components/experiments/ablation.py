@@ -545,12 +545,13 @@ def _run_ablation(ablate: AblateParams, train: TrainParams, bench: BenchmarkPara
     results = runner(jobs, report) if runner else run_jobs(jobs, ablate.workers, ablate.threads_per_worker, report)
     wall = time.time() - t0
     rows = ablation_rows(arms, results, ablate.out_dir, _model_config(train.base_dir))
+    seeds, group_seeds = arm_seeds(ablate)
     meta = {
         "grid": ablate.grid,
         "steps": ablate.steps,
-        "lr": train.model_copy(update={"method": "mrt"}).learning_rate,
-        "seeds": arm_seeds(ablate)[0],
-        "group_seeds": arm_seeds(ablate)[1],
+        "lr": train.rate_for("mrt"),
+        "seeds": seeds,
+        "group_seeds": group_seeds,
         "workers": ablate.workers,
         "executor": ablate.executor,
         "threads_per_worker": ablate.threads_per_worker,

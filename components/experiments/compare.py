@@ -187,7 +187,7 @@ def _run_compare(cmp: CompareParams, train: TrainParams, bench: BenchmarkParams,
     results = run_jobs(jobs, cmp.workers, cmp.threads_per_worker, report)
     summary = summarize(runs, results, cmp)
     for method, entry in summary["methods"].items():  # each method's own step size (train.lr may be per method)
-        entry["lr"] = train.model_copy(update={"method": method}).learning_rate if METHODS[method].trains else None
+        entry["lr"] = train.rate_for(method)
     summary.update(base_dir=train.base_dir, data_dir=train.data_dir, workers=cmp.workers,
                    threads_per_worker=cmp.threads_per_worker, wall_s=round(time.time() - t0, 1))
     write_text(cmp.report, json.dumps(summary, indent=2, default=str) + "\n")

@@ -797,7 +797,7 @@ def train(p: TrainParams, on_step: Callable[[int, float, float], None] | None = 
         "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1),
         "steps": result.steps,
-        "lr": p.learning_rate if p.method != "frozen" else None,
+        "lr": p.learning_rate,
         "resumed_from": result.resumed_from,
         "loss_first": result.losses[0] if result.losses else None,
         "loss_final": float(np.mean(result.losses[-10:])) if result.losses else None,
